@@ -1,0 +1,218 @@
+"""The `kdpipe` command line."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+from pathlib import Path
+from typing import Any
+
+from pipeline.errors import KdpipeError, ManifestError
+
+# Hub look-ups without these retry for ~50 s before failing; kdpipe is offline unless told.
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def _add_manifest_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("manifest", help="YAML manifest")
+    p.add_argument("--var", action="append", metavar="NAME=VALUE", help="override a manifest variable")
+    p.add_argument("--workdir", help="override the manifest's workdir")
+    p.add_argument("--only", action="append", metavar="STAGE", help="run only these stages (repeatable)")
+    p.add_argument("--from", dest="start", metavar="STAGE", help="run this stage and its descendants")
+    p.add_argument("--to", dest="stop", metavar="STAGE", help="run this stage and its ancestors")
+
+
+def _graph(args: argparse.Namespace):
+    from pipeline.manifest import parse_var_overrides
+    from pipeline.runner import load_graph
+
+    return load_graph(args.manifest, overrides=parse_var_overrides(args.var), workdir=args.workdir)
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from pipeline.runner import run_graph
+
+    graph = _graph(args)
+    summary = run_graph(graph, only=args.only, start=args.start, stop=args.stop, address=args.address,
+                        progress=not args.no_progress, summary_json=args.summary_json)
+    print(f"\n{'stage':<20} {'status':<8} {'shards':>9} {'rows':>9} {'seconds':>8}  artifact")
+    for s in summary:
+        print(f"{s['name']:<20} {s['status']:<8} {s['shards_run']:>4}/{s['shards_total']:<4} "
+              f"{s['rows']:>9} {s['seconds']:>8.1f}  {s['path']}")
+    runs = Path(graph.manifest.workdir) / "runs" / graph.manifest.name
+    print(f"\nartifacts by stage name: {runs}/<stage>")
+    return 0
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    from pipeline.runner import plan_graph
+
+    graph = _graph(args)
+    for plan in plan_graph(graph, only=args.only, start=args.start, stop=args.stop):
+        print(f"{plan.name:<20} {plan.status:<7} {plan.node.type:<10} {plan.key}  {plan.reason}")
+    return 0
+
+
+def _resolve_target(target: str, workdir: str) -> Path:
+    path = Path(target)
+    if not path.exists():
+        path = Path(workdir) / "runs" / target
+    if not path.exists():
+        raise KdpipeError(f"no artifact at {target!r} (nor {path}); give a path or RUN/STAGE "
+                          "(`kdpipe ls` lists them)")
+    if path.name == "shards":
+        path = path.parent
+    return path.resolve()
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from pipeline.artifact import Artifact
+
+    art = Artifact(_resolve_target(args.target, args.workdir))
+    info: dict[str, Any] = art.manifest if art.is_complete() else {}
+    print(f"artifact: {art.path}")
+    print(f"complete: {art.is_complete()}")
+    if info:
+        print(f"type: {info['type']}   key: {info['key']}   stage: {info.get('run')}/{info.get('stage_name')}")
+        print(f"config: {json.dumps(info['config'], sort_keys=True)}")
+        for role, ins in info.get("inputs", {}).items():
+            print(f"input {role}: " + ", ".join(f"{i['stage']} ({i['key']})" for i in ins))
+        if info.get("summary"):
+            print(f"summary: {json.dumps(info['summary'], sort_keys=True)}")
+    if art.num_shards():
+        print(f"rows: {info.get('rows', '?')} in {art.num_shards()} shard(s)")
+        print("schema:")
+        for field in art.schema():
+            print(f"  {field.name}: {field.type}")
+        md = art.file_metadata()
+        for k in sorted(md):
+            if not k.startswith("kdpipe.config") and k.startswith("kdpipe."):
+                print(f"  metadata {k}: {md[k][:200]}")
+        import pandas as pd
+
+        with pd.option_context("display.max_columns", 20, "display.width", 160, "display.max_colwidth", 60):
+            print(art.read_shard(0).slice(0, args.rows).to_pandas())
+        print(f"\nload it: pandas.read_parquet({str(art.shards_dir)!r})")
+    elif art.files_dir.is_dir():
+        print("files:")
+        for rel, meta in sorted(info.get("files", {}).items()):
+            print(f"  {rel}  ({meta['bytes']} bytes)")
+    return 0
+
+
+def cmd_ls(args: argparse.Namespace) -> int:
+    from pipeline.artifact import Artifact
+
+    runs = Path(args.workdir) / "runs"
+    if not runs.is_dir():
+        print(f"no runs under {runs}")
+        return 0
+    for run in sorted(p for p in runs.iterdir() if p.is_dir()):
+        print(run.name)
+        for alias in sorted(p for p in run.iterdir() if p.is_symlink()):
+            art = Artifact(alias.resolve())
+            status = "complete" if art.is_complete() else "incomplete"
+            rows = art.manifest.get("rows", "") if art.is_complete() else ""
+            print(f"  {alias.name:<20} {art.path.parent.name:<10} {art.key}  {status:<10} {rows}")
+    return 0
+
+
+def cmd_gc(args: argparse.Namespace) -> int:
+    root = Path(args.workdir) / "artifacts"
+    runs = Path(args.workdir) / "runs"
+    keep = {p.resolve() for p in runs.glob("*/*") if p.is_symlink()} if runs.is_dir() else set()
+    freed = 0
+    for art in sorted(root.glob("*/*")) if root.is_dir() else []:
+        if art.resolve() in keep:
+            continue
+        size = sum(f.stat().st_size for f in art.rglob("*") if f.is_file())
+        freed += size
+        print(f"{'would remove' if args.dry_run else 'removing'} {art} ({size / 1e6:.1f} MB)")
+        if not args.dry_run:
+            shutil.rmtree(art)
+    print(f"{'would free' if args.dry_run else 'freed'} {freed / 1e6:.1f} MB")
+    return 0
+
+
+def cmd_schema(args: argparse.Namespace) -> int:
+    from pipeline.schema import manifest_json_schema
+
+    print(json.dumps(manifest_json_schema(), indent=2))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="kdpipe", description="Offline teacher labeling for knowledge distillation")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("run", help="run a manifest (cached stages are reused)")
+    _add_manifest_args(p)
+    p.add_argument("--address", help="Ray cluster address (default: embedded local Ray)")
+    p.add_argument("--summary-json", metavar="PATH", help="write a per-stage summary as JSON")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("plan", help="show what would run and why")
+    _add_manifest_args(p)
+    p.set_defaults(func=cmd_plan)
+
+    p = sub.add_parser("inspect", help="schema, rows, metadata and first rows of an artifact")
+    p.add_argument("target", help="artifact path, or RUN/STAGE")
+    p.add_argument("--workdir", default="data")
+    p.add_argument("-n", "--rows", type=int, default=5)
+    p.set_defaults(func=cmd_inspect)
+
+    p = sub.add_parser("ls", help="list runs and their artifacts")
+    p.add_argument("--workdir", default="data")
+    p.set_defaults(func=cmd_ls)
+
+    p = sub.add_parser("gc", help="delete artifacts no run alias points to")
+    p.add_argument("--workdir", default="data")
+    p.add_argument("--dry-run", action="store_true")
+    p.set_defaults(func=cmd_gc)
+
+    p = sub.add_parser("schema", help="print the manifest JSON Schema (for editor completion)")
+    p.set_defaults(func=cmd_schema)
+
+    for extra in EXTRA_COMMANDS:
+        extra(sub)
+    return parser
+
+
+def _extra_commands() -> list:
+    """Commands that live beside the stages they serve (report, predict, verify)."""
+    import importlib
+
+    out = []
+    for module in ("pipeline.verify", "pipeline.report", "pipeline.predict"):
+        try:
+            out.append(importlib.import_module(module).add_parser)
+        except ModuleNotFoundError as e:
+            if e.name != module:
+                raise
+    return out
+
+
+EXTRA_COMMANDS = _extra_commands()
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except ManifestError as e:
+        for problem in e.problems:
+            print(f"error: {problem}", file=sys.stderr)
+        return e.exit_code
+    except KdpipeError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print("interrupted; finished shards are kept, rerun to resume", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,273 @@
+"""Runs a plan on Ray. The only module that imports Ray.
+
+Why Ray tasks and actors rather than Ray Data: the engine owns shard identity (deterministic
+names derived from the input's shards, not from worker count), per-shard completion markers and
+resume; Ray Data's writers pick their own file names and blocks. Model stages still follow the
+Ray Data shape: a callable class whose `setup` loads the model once per actor.
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+from pipeline.artifact import Artifact, completed_shards, file_checksums, write_json, write_shard
+from pipeline.errors import StageFailed
+from pipeline.graph import Graph
+from pipeline.plan import StagePlan, alias_path
+from pipeline.stage import Stage, StageContext
+
+MAX_SHARD_ATTEMPTS = 3
+
+
+def _enter_worker(cwd: str, num_cpus: float) -> None:
+    """Relative paths in configs mean the driver's working directory; give threads their CPUs."""
+    if os.path.isdir(cwd):
+        os.chdir(cwd)
+    threads = max(1, int(num_cpus))
+    os.environ["OMP_NUM_THREADS"] = str(threads)
+    try:
+        import torch
+
+        torch.set_num_threads(threads)
+    except ImportError:
+        pass
+
+
+def init_ray(*, address: str | None, num_cpus: int | None, temp_dir: Path | None = None) -> bool:
+    """Connect to a cluster, or start embedded local Ray. Returns True if this call started it."""
+    import ray
+
+    if ray.is_initialized():
+        return False
+    kwargs: dict[str, Any] = {"include_dashboard": False, "log_to_driver": True,
+                              "logging_level": "WARNING"}
+    if address:
+        kwargs["address"] = address
+    else:
+        # An embedded session is reachable only from this machine: no token auth needed.
+        os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+        kwargs["num_cpus"] = num_cpus or os.cpu_count()
+        if temp_dir is not None:
+            kwargs["_temp_dir"] = str(temp_dir)
+    os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
+    ray.init(**kwargs)
+    return True
+
+
+def _provenance(plan: StagePlan, graph: Graph) -> dict[str, str]:
+    return {
+        "kdpipe.stage": plan.node.type,
+        "kdpipe.stage_name": plan.name,
+        "kdpipe.run": graph.manifest.name,
+        "kdpipe.key": plan.key,
+        "kdpipe.code_version": type(plan.node.stage).code_version,
+        "kdpipe.config": json.dumps(plan.node.stage.config.model_dump(mode="json"), sort_keys=True),
+        "kdpipe.inputs": json.dumps(plan.key_parts["inputs"], sort_keys=True),
+    }
+
+
+def make_context(plan: StagePlan, graph: Graph, upstream_dirs: dict[str, Path]) -> StageContext:
+    inputs = {role: [Artifact(upstream_dirs[name].resolve()) for name in names]
+              for role, names in plan.node.inputs.items()}
+    art_dir = plan.art_dir.resolve()
+    res = plan.node.stage.resources()
+    return StageContext(
+        stage_name=plan.name,
+        out_dir=art_dir / "files",
+        scratch_dir=art_dir / "scratch",
+        inputs=inputs,
+        seed=graph.manifest.seed,
+        num_cpus=max(1, int(res.get("num_cpus", 1))),
+        workdir=Path(graph.manifest.workdir).resolve(),
+    )
+
+
+class _ShardWorkerImpl:
+    """Ray actor body for map stages: setup once, then one shard per call."""
+
+    def __init__(self, stage: Stage, ctx: StageContext, provenance: dict[str, str], cwd: str):
+        _enter_worker(cwd, ctx.num_cpus)
+        self.stage, self.ctx = stage, ctx
+        stage.setup(ctx)
+        self.metadata = {**provenance, **{f"kdpipe.{k}": v for k, v in stage.metadata().items()}}
+
+    def process(self, index: int, input_path: str, art_dir: str) -> dict[str, Any]:
+        import pyarrow.parquet as pq
+        import ray
+
+        table = pq.read_table(input_path)
+        start = time.perf_counter()
+        out = self.stage.process(table, self.ctx, shard_index=index)
+        compute = time.perf_counter() - start
+        stats = write_shard(Path(art_dir), index, out, self.metadata)
+        stats.update(input_rows=table.num_rows, compute_seconds=round(compute, 4),
+                     node_id=ray.get_runtime_context().get_node_id())
+        return stats
+
+
+def _run_source_impl(stage: Stage, ctx: StageContext, provenance: dict[str, str], cwd: str,
+                     art_dir: str, done: list[int]) -> list[dict[str, Any]]:
+    import ray
+
+    _enter_worker(cwd, ctx.num_cpus)
+    table = stage.read(ctx)
+    per = max(1, stage.rows_per_shard())
+    metadata = {**provenance, **{f"kdpipe.{k}": v for k, v in stage.metadata().items()}}
+    stats = []
+    n_shards = max(1, -(-table.num_rows // per))
+    for index in range(n_shards):
+        if index in done:
+            continue
+        part = table.slice(index * per, per)
+        s = write_shard(Path(art_dir), index, part, metadata)
+        s["node_id"] = ray.get_runtime_context().get_node_id()
+        stats.append(s)
+    return stats
+
+
+def _run_task_impl(stage: Stage, ctx: StageContext, cwd: str) -> dict[str, Any]:
+    _enter_worker(cwd, ctx.num_cpus)
+    ctx.out_dir.mkdir(parents=True, exist_ok=True)
+    ctx.scratch_dir.mkdir(parents=True, exist_ok=True)
+    return stage.run(ctx) or {}
+
+
+class Executor:
+    def __init__(self, graph: Graph, *, progress: Callable[..., Any] | None = None):
+        self.graph = graph
+        self.progress = progress
+        self.cwd = os.getcwd()
+
+    def run_stage(self, plan: StagePlan, upstream_dirs: dict[str, Path]) -> dict[str, Any]:
+        import ray
+
+        stage = plan.node.stage
+        ctx = make_context(plan, self.graph, upstream_dirs)
+        plan.art_dir.mkdir(parents=True, exist_ok=True)
+        provenance = _provenance(plan, self.graph)
+        res = stage.resources()
+        start = time.perf_counter()
+        if stage.kind == "source":
+            done = completed_shards(plan.art_dir)
+            task = ray.remote(_run_source_impl).options(max_retries=MAX_SHARD_ATTEMPTS, **res)
+            stats = ray.get(task.remote(stage, ctx, provenance, self.cwd, str(plan.art_dir.resolve()), list(done)))
+            shards, extra = self._merge(done, stats), {}
+            ran = len(stats)
+        elif stage.kind == "map":
+            shards, ran = self._run_map(plan, stage, ctx, provenance, res)
+            extra = stage.summarize(shards, ctx)
+        else:
+            task = ray.remote(_run_task_impl).options(max_retries=MAX_SHARD_ATTEMPTS, **res)
+            extra = ray.get(task.remote(stage, ctx, self.cwd))
+            shards, ran = [], 1
+        seconds = time.perf_counter() - start
+        self._write_manifest(plan, shards, extra, seconds, upstream_dirs)
+        return {"shards_run": ran, "shards_total": len(shards) if shards else (1 if stage.kind == "task" else 0),
+                "rows": sum(s["rows"] for s in shards), "seconds": round(seconds, 3), "shards": shards}
+
+    @staticmethod
+    def _merge(done: dict[int, dict[str, Any]], new: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        merged = dict(done)
+        merged.update({s["index"]: s for s in new})
+        return [merged[i] for i in sorted(merged)]
+
+    def _run_map(self, plan: StagePlan, stage: Stage, ctx: StageContext, provenance: dict[str, str],
+                 res: dict[str, float]) -> tuple[list[dict[str, Any]], int]:
+        import ray
+
+        data = ctx.input("data")
+        in_paths = data.shard_paths()
+        done = completed_shards(plan.art_dir)
+        pending = [i for i in range(len(in_paths)) if i not in done]
+        if not pending:
+            return self._merge(done, []), 0
+        concurrency = getattr(stage.config, "concurrency", None)
+        if not concurrency:
+            total_cpus = ray.cluster_resources().get("CPU", 1)
+            concurrency = max(1, int(total_cpus // max(res.get("num_cpus", 1), 1e-6)))
+        concurrency = max(1, min(int(concurrency), len(pending)))
+        worker_cls = ray.remote(_ShardWorkerImpl).options(max_restarts=MAX_SHARD_ATTEMPTS,
+                                                          max_task_retries=MAX_SHARD_ATTEMPTS, **res)
+        art_dir = str(plan.art_dir.resolve())
+        actors = [worker_cls.remote(stage, ctx, provenance, self.cwd) for _ in range(concurrency)]
+        queue = list(pending)
+        attempts: dict[int, int] = {}
+        in_flight: dict[Any, tuple[int, Any]] = {}
+        results: list[dict[str, Any]] = []
+        bar = self.progress(total=len(in_paths), initial=len(done), desc=plan.name, unit="shard") \
+            if self.progress else None
+        rows = 0
+        t0 = time.perf_counter()
+
+        def submit(actor: Any) -> None:
+            index = queue.pop(0)
+            ref = actor.process.remote(index, str(in_paths[index]), art_dir)
+            in_flight[ref] = (index, actor)
+
+        try:
+            for actor in actors:
+                if queue:
+                    submit(actor)
+            while in_flight:
+                ready, _ = ray.wait(list(in_flight), num_returns=1)
+                index, actor = in_flight.pop(ready[0])
+                try:
+                    stats = ray.get(ready[0])
+                except ray.exceptions.RayActorError:
+                    attempts[index] = attempts.get(index, 0) + 1
+                    if attempts[index] >= MAX_SHARD_ATTEMPTS:
+                        raise
+                    actor = worker_cls.remote(stage, ctx, provenance, self.cwd)
+                    queue.insert(0, index)
+                    submit(actor)
+                    continue
+                results.append(stats)
+                rows += stats["rows"]
+                if bar is not None:
+                    bar.update(1)
+                    bar.set_postfix(rows_per_s=f"{rows / max(time.perf_counter() - t0, 1e-9):.0f}")
+                if queue:
+                    submit(actor)
+        except ray.exceptions.RayTaskError as e:
+            raise StageFailed(f"stage {plan.name!r} failed on a shard: {e.cause!r}") from e
+        finally:
+            if bar is not None:
+                bar.close()
+            for actor in actors:
+                ray.kill(actor)
+        return self._merge(done, results), len(results)
+
+    def _write_manifest(self, plan: StagePlan, shards: list[dict[str, Any]], extra: dict[str, Any],
+                        seconds: float, upstream_dirs: dict[str, Path]) -> None:
+        art = Artifact(plan.art_dir)
+        manifest = {
+            "type": plan.node.type,
+            "key": plan.key,
+            "run": self.graph.manifest.name,
+            "stage_name": plan.name,
+            "code_version": type(plan.node.stage).code_version,
+            "config": plan.node.stage.config.model_dump(mode="json"),
+            "key_parts": plan.key_parts,
+            "inputs": {role: [{"stage": n, "key": upstream_dirs[n].name, "path": str(upstream_dirs[n])}
+                              for n in names] for role, names in plan.node.inputs.items()},
+            "rows": sum(s["rows"] for s in shards),
+            "shards": [{k: s[k] for k in ("index", "rows", "bytes", "sha256")} for s in shards],
+            "files": file_checksums(art.files_dir),
+            "summary": extra,
+            "seconds": round(seconds, 3),
+            "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        }
+        write_json(art.manifest_path, manifest)
+
+
+def update_alias(workdir: Path, run_name: str, stage_name: str, art_dir: Path) -> None:
+    link = alias_path(workdir, run_name, stage_name)
+    link.parent.mkdir(parents=True, exist_ok=True)
+    target = os.path.relpath(art_dir.resolve(), link.parent.resolve())
+    tmp = link.with_name(f".{link.name}.tmp-{os.getpid()}")
+    tmp.unlink(missing_ok=True)
+    os.symlink(target, tmp)
+    os.replace(tmp, link)

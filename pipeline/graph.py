@@ -1,0 +1,198 @@
+"""Manifest -> validated stage graph. Everything here runs before Ray starts and touches nothing
+on disk except reading inputs; every problem is collected and reported with its manifest path."""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+from pathlib import Path
+
+from pydantic import ValidationError
+
+from pipeline.errors import ManifestError
+from pipeline.manifest import Manifest, pydantic_problems
+from pipeline.registry import get_stage_class, stage_types
+from pipeline.stage import Problem, Stage
+
+
+@dataclasses.dataclass
+class Node:
+    index: int
+    name: str
+    type: str
+    stage: Stage
+    inputs: dict[str, list[str]]  # role -> upstream stage names
+
+    @property
+    def loc(self) -> str:
+        return f"stages[{self.index}]"
+
+    def upstream(self) -> list[str]:
+        return [name for names in self.inputs.values() for name in names]
+
+
+@dataclasses.dataclass
+class Graph:
+    manifest: Manifest
+    nodes: dict[str, Node]  # in topological order
+
+    def descendants(self, name: str) -> set[str]:
+        out: set[str] = set()
+        frontier = [name]
+        while frontier:
+            current = frontier.pop()
+            for node in self.nodes.values():
+                if current in node.upstream() and node.name not in out:
+                    out.add(node.name)
+                    frontier.append(node.name)
+        return out
+
+    def ancestors(self, name: str) -> set[str]:
+        out: set[str] = set()
+        frontier = [name]
+        while frontier:
+            for up in self.nodes[frontier.pop()].upstream():
+                if up not in out:
+                    out.add(up)
+                    frontier.append(up)
+        return out
+
+    def select(self, *, only: list[str] | None = None, start: str | None = None,
+               stop: str | None = None) -> list[str]:
+        """Stage names to execute for --only/--from/--to; their ancestors must already be cached
+        or are added by the runner."""
+        names = list(self.nodes)
+        for flag, value in (("--from", start), ("--to", stop), *(("--only", o) for o in only or [])):
+            if value is not None and value not in self.nodes:
+                raise ManifestError([Problem(flag, f"no stage named {value!r}; stages: {', '.join(names)}")])
+        chosen = set(names)
+        if only:
+            chosen = set(only)
+        if start:
+            chosen &= {start} | self.descendants(start)
+        if stop:
+            chosen &= {stop} | self.ancestors(stop)
+        return [n for n in names if n in chosen]
+
+
+def _suggest(word: str, options: list[str]) -> str:
+    close = difflib.get_close_matches(word, options, n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def build_graph(manifest: Manifest) -> Graph:
+    problems: list[Problem] = []
+    nodes: dict[str, Node] = {}
+    seen: dict[str, int] = {}
+    for i, spec in enumerate(manifest.stages):
+        loc = f"stages[{i}]"
+        if spec.name in seen:
+            problems.append(Problem(f"{loc}.name", f"duplicate stage name {spec.name!r} "
+                                    f"(also stages[{seen[spec.name]}]); names must be unique"))
+            continue
+        seen[spec.name] = i
+        try:
+            cls = get_stage_class(spec.type)
+        except KeyError:
+            problems.append(Problem(f"{loc}.type", f"unknown stage type {spec.type!r}"
+                                    f"{_suggest(spec.type, stage_types())}; known: {', '.join(stage_types())}"))
+            continue
+        try:
+            config = cls.Config.model_validate(spec.config)
+        except ValidationError as e:
+            problems.extend(pydantic_problems(e, prefix=f"{loc}.config"))
+            continue
+        inputs = {role: [v] if isinstance(v, str) else list(v) for role, v in spec.inputs.items()}
+        nodes[spec.name] = Node(i, spec.name, spec.type, cls(config=config), inputs)
+
+    all_names = [s.name for s in manifest.stages]
+    for node in nodes.values():
+        roles = type(node.stage).inputs
+        for role, names in node.inputs.items():
+            if role not in roles:
+                takes = ", ".join(roles) or "no inputs"
+                problems.append(Problem(f"{node.loc}.inputs.{role}", f"stage type {node.type!r} has no input "
+                                        f"{role!r}{_suggest(role, list(roles))}; it takes: {takes}"))
+                continue
+            if len(names) > 1 and not roles[role].many:
+                problems.append(Problem(f"{node.loc}.inputs.{role}", "takes one stage name, not a list"))
+            for up in names:
+                if up == node.name:
+                    problems.append(Problem(f"{node.loc}.inputs.{role}", "a stage cannot read its own output"))
+                elif up not in all_names:
+                    problems.append(Problem(f"{node.loc}.inputs.{role}", f"no stage named {up!r}"
+                                            f"{_suggest(up, all_names)}; inputs name stages of this manifest"))
+        for role, spec in roles.items():
+            if spec.required and not node.inputs.get(role):
+                problems.append(Problem(f"{node.loc}.inputs", f"missing required input {role!r} "
+                                        f"({spec.doc or spec.kind}); add `inputs: {{{role}: <stage name>}}`"))
+    if problems:
+        raise ManifestError(problems)
+
+    order = _toposort(nodes, problems)
+    if problems:
+        raise ManifestError(problems)
+    graph = Graph(manifest, {name: nodes[name] for name in order})
+    _check_kinds_and_columns(graph, problems)
+    _check_workdir(manifest, problems)
+    if problems:
+        raise ManifestError(problems)
+    return graph
+
+
+def _toposort(nodes: dict[str, Node], problems: list[Problem]) -> list[str]:
+    order: list[str] = []
+    state: dict[str, int] = {}  # 1 = visiting, 2 = done
+
+    def visit(name: str, path: list[str]) -> None:
+        if state.get(name) == 2:
+            return
+        if state.get(name) == 1:
+            cycle = path[path.index(name):] + [name]
+            problems.append(Problem(f"{nodes[name].loc}.inputs", "cycle: " + " -> ".join(cycle)
+                                    + "; a stage may only read stages that do not read it"))
+            return
+        state[name] = 1
+        for up in nodes[name].upstream():
+            if up in nodes:
+                visit(up, path + [name])
+        state[name] = 2
+        order.append(name)
+
+    for name in nodes:
+        visit(name, [])
+    return order
+
+
+def _check_kinds_and_columns(graph: Graph, problems: list[Problem]) -> None:
+    columns: dict[str, list[str] | None] = {}
+    for node in graph.nodes.values():
+        roles = type(node.stage).inputs
+        input_columns: dict[str, list[list[str] | None]] = {}
+        for role, names in node.inputs.items():
+            for up in names:
+                up_kind = graph.nodes[up].stage.kind
+                want = roles[role].kind
+                if want == "shards" and up_kind == "task":
+                    problems.append(Problem(f"{node.loc}.inputs.{role}", f"{up!r} is a {graph.nodes[up].type!r} "
+                                            "stage producing files, but this input needs table shards"))
+                if want == "files" and up_kind != "task":
+                    problems.append(Problem(f"{node.loc}.inputs.{role}", f"{up!r} produces table shards, "
+                                            "but this input needs a files artifact (e.g. a checkpoint)"))
+                input_columns.setdefault(role, []).append(columns.get(up))
+        for p in node.stage.validate(input_columns=input_columns):
+            problems.append(Problem(f"{node.loc}.{p.loc}", p.message))
+        try:
+            columns[node.name] = node.stage.output_columns(input_columns=input_columns)
+        except Exception:  # a bad config already reported by validate
+            columns[node.name] = None
+
+
+def _check_workdir(manifest: Manifest, problems: list[Problem]) -> None:
+    workdir = Path(manifest.workdir)
+    probe = workdir
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    if probe.exists() and (not probe.is_dir() or not os.access(probe, os.W_OK | os.X_OK)):
+        problems.append(Problem("workdir", f"{str(workdir)!r} is not a writable directory "
+                                f"({str(probe)!r} is not writable); choose another `workdir:`"))

@@ -1,0 +1,28 @@
+"""Stage types by string key, imported lazily so `plan` never pays for torch or spaCy imports
+of stages a manifest does not use."""
+from __future__ import annotations
+
+import importlib
+
+from pipeline.stage import Stage
+
+# type key -> "module:Class". One line per stage module in `stages/`.
+STAGES: dict[str, str] = {
+    "read": "stages.read:ReadStage",
+}
+
+
+def stage_types() -> list[str]:
+    return sorted(STAGES)
+
+
+def get_stage_class(type_key: str) -> type[Stage]:
+    try:
+        target = STAGES[type_key]
+    except KeyError:
+        raise KeyError(type_key) from None
+    module_name, class_name = target.split(":")
+    cls = getattr(importlib.import_module(module_name), class_name)
+    if getattr(cls, "type", None) != type_key:
+        raise TypeError(f"{target} declares type {getattr(cls, 'type', None)!r}, expected {type_key!r}")
+    return cls

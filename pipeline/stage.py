@@ -1,0 +1,162 @@
+"""The stage contract: every stage in `stages/` is a subclass of one of three small classes.
+
+* `SourceStage` reads something outside the store (files, a HF dataset) and returns one table;
+  the engine splits it into deterministic shards of `rows_per_shard` rows.
+* `MapStage` turns each shard of its `data` input into one output shard (same index). `setup`
+  runs once per worker (load a model there); `process` is pure table -> table, so a test can call
+  it on a small `pyarrow.Table` without Ray.
+* `TaskStage` runs once over its whole inputs and writes files (a checkpoint, a table, metrics)
+  into `ctx.out_dir`. `ctx.scratch_dir` survives a crash so long work can resume.
+
+Heavy imports (torch, transformers, spacy) belong inside methods, never at module top level.
+"""
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+if TYPE_CHECKING:
+    import pyarrow as pa
+
+    from pipeline.artifact import Artifact
+
+
+class StageConfig(BaseModel):
+    """Base of every stage's typed config. Unknown keys are errors."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, protected_namespaces=())
+
+
+def throughput(default: Any, **kwargs: Any) -> Any:
+    """A config field that changes speed, never results: left out of the cache key."""
+    return Field(default, json_schema_extra={"throughput": True}, **kwargs)
+
+
+def throughput_fields(config_cls: type[StageConfig]) -> set[str]:
+    return {
+        name
+        for name, field in config_cls.model_fields.items()
+        if isinstance(field.json_schema_extra, dict) and field.json_schema_extra.get("throughput")
+    }
+
+
+@dataclasses.dataclass(frozen=True)
+class InputRole:
+    """One named input of a stage, as written under `inputs:` in the manifest."""
+
+    required: bool = True
+    many: bool = False  # accepts a list of upstream stages (e.g. a teacher ensemble)
+    kind: Literal["shards", "files", "any"] = "shards"
+    doc: str = ""
+
+
+@dataclasses.dataclass(frozen=True)
+class Problem:
+    """A validation finding: where in the manifest, and what to do about it."""
+
+    loc: str
+    message: str
+
+    def __str__(self) -> str:
+        return f"{self.loc}: {self.message}"
+
+
+@dataclasses.dataclass
+class StageContext:
+    """What a running stage may touch. Built by the engine, or by `pipeline.testing` in tests."""
+
+    stage_name: str
+    out_dir: Path
+    scratch_dir: Path
+    inputs: dict[str, list["Artifact"]]
+    seed: int = 0
+    num_cpus: int = 1
+    workdir: Path | None = None
+
+    def input(self, role: str) -> "Artifact":
+        arts = self.inputs.get(role) or []
+        if len(arts) != 1:
+            raise KeyError(f"stage {self.stage_name!r} expected exactly one {role!r} input")
+        return arts[0]
+
+    def optional_input(self, role: str) -> "Artifact | None":
+        arts = self.inputs.get(role) or []
+        return arts[0] if arts else None
+
+
+class Stage:
+    """Common part of the three stage kinds. Subclasses set the class attributes."""
+
+    type: ClassVar[str]
+    kind: ClassVar[Literal["source", "map", "task"]]
+    Config: ClassVar[type[StageConfig]]
+    # Bump when the stage's output for the same config and inputs changes.
+    code_version: ClassVar[str] = "1"
+    inputs: ClassVar[dict[str, InputRole]] = {}
+    # Ray resources per worker; model stages raise this.
+    default_num_cpus: ClassVar[float] = 1
+
+    def __init__(self, *, config: StageConfig):
+        self.config = config
+
+    # --- planning (driver side, before Ray; must be cheap and side-effect free) -----------
+    def validate(self, *, input_columns: dict[str, list[list[str] | None]]) -> list[Problem]:
+        """Config checks that need the outside world (files, installed models) or the columns
+        of upstream artifacts (`None` when an upstream stage cannot tell before running).
+        Locations are relative to the stage: 'config.text_column', 'inputs.data'."""
+        return []
+
+    def output_columns(self, *, input_columns: dict[str, list[list[str] | None]]) -> list[str] | None:
+        """Columns of this stage's shards, for downstream validation; None = unknown/no shards."""
+        return None
+
+    def fingerprint(self) -> dict[str, str]:
+        """Content hashes of everything outside the store the output depends on
+        (source files, model weights), keyed by a readable name for `plan` to report."""
+        return {}
+
+    def resources(self) -> dict[str, float]:
+        num_cpus = getattr(self.config, "num_cpus", None) or self.default_num_cpus
+        return {"num_cpus": float(num_cpus)}
+
+
+class SourceStage(Stage):
+    kind = "source"
+
+    def read(self, ctx: StageContext) -> "pa.Table":
+        raise NotImplementedError
+
+    def rows_per_shard(self) -> int:
+        return int(getattr(self.config, "rows_per_shard", 10_000))
+
+    def metadata(self) -> dict[str, str]:
+        return {}
+
+
+class MapStage(Stage):
+    kind = "map"
+
+    def setup(self, ctx: StageContext) -> None:
+        """Load models and side inputs once per worker."""
+
+    def process(self, table: "pa.Table", ctx: StageContext, *, shard_index: int) -> "pa.Table":
+        raise NotImplementedError
+
+    def metadata(self) -> dict[str, str]:
+        """Extra Parquet key-value metadata (e.g. label names), after setup."""
+        return {}
+
+    def summarize(self, shard_stats: list[dict[str, Any]], ctx: StageContext) -> dict[str, Any]:
+        """Extra fields for manifest.json once every shard is done (e.g. bytes per token)."""
+        return {}
+
+
+class TaskStage(Stage):
+    kind = "task"
+
+    def run(self, ctx: StageContext) -> dict[str, Any]:
+        """Write outputs under ctx.out_dir; return a JSON-able summary stored in manifest.json."""
+        raise NotImplementedError

@@ -1,0 +1,261 @@
+"""`read`: ingest a corpus into shards with columns `id`, `text`, optional `text_pair`, `label`,
+and pass-through columns.
+
+Formats: jsonl, csv, tsv, parquet, text (one example per line), parallel (line-aligned text
+files, one per column, e.g. Multi30k `train.en` + `train.de`), and hf (a `datasets` dataset by
+hub name/config/split/revision, or a local directory). Ids come from `id_column`, else a stable
+hash of (source file name, row number, text), so they survive re-sharding and reordering.
+"""
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field, model_validator
+
+from pipeline.hashing import hash_tree
+from pipeline.stage import Problem, SourceStage, StageConfig, StageContext
+
+FORMATS = ("jsonl", "csv", "tsv", "parquet", "text", "parallel", "hf")
+_SUFFIX_FORMAT = {".jsonl": "jsonl", ".json": "jsonl", ".csv": "csv", ".tsv": "tsv",
+                  ".parquet": "parquet", ".txt": "text"}
+
+
+class ReadError(ValueError):
+    """Bad input found while reading; `loc` is relative to the stage config."""
+
+    def __init__(self, loc: str, message: str):
+        super().__init__(f"{loc}: {message}")
+        self.loc, self.message = loc, message
+
+
+class HFSource(StageConfig):
+    name: str = Field(description="hub dataset id (e.g. 'glue') or a local dataset directory")
+    config: str | None = None
+    split: str = "train"
+    revision: str | None = None
+    trust_remote_code: bool = False
+
+
+class ReadConfig(StageConfig):
+    format: Literal["auto", "jsonl", "csv", "tsv", "parquet", "text", "parallel", "hf"] = "auto"
+    path: str | None = Field(None, description="input file (all formats but parallel and hf)")
+    files: dict[str, str] | None = Field(None, description="parallel: column name -> line-aligned file")
+    hf: HFSource | None = None
+    text_column: str = "text"
+    text_pair_column: str | None = None
+    label_column: str | None = None
+    id_column: str | None = None
+    columns: list[str] = Field(default_factory=list, description="extra columns passed through")
+    label_names: list[str] | None = Field(None, description="names of integer labels 0..n-1, in order")
+    limit: int | None = Field(None, gt=0, description="keep the first N rows (after shuffle)")
+    shuffle: bool = False
+    shuffle_seed: int = 0
+    rows_per_shard: int = Field(10_000, gt=0)
+
+    @model_validator(mode="after")
+    def _source_given(self) -> "ReadConfig":
+        fmt = self.resolved_format()
+        if fmt == "hf" and self.hf is None:
+            raise ValueError("format 'hf' needs `hf: {name: ..., split: ...}`")
+        if fmt == "parallel" and not self.files:
+            raise ValueError("format 'parallel' needs `files: {text: a.en, target: a.de}`")
+        if fmt not in ("hf", "parallel") and not self.path:
+            raise ValueError(f"format {fmt!r} needs `path:`")
+        return self
+
+    def resolved_format(self) -> str:
+        if self.format != "auto":
+            return self.format
+        if self.hf is not None:
+            return "hf"
+        if self.files:
+            return "parallel"
+        suffix = Path(self.path or "").suffix.lower()
+        return _SUFFIX_FORMAT.get(suffix, "text")
+
+
+def stable_id(source: str, row: int, text: str) -> str:
+    return hashlib.sha256(f"{source}\0{row}\0{text}".encode()).hexdigest()[:16]
+
+
+def _decode(path: Path, loc: str) -> str:
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = data[: e.start].count(b"\n") + 1
+        raise ReadError(loc, f"{path} is not UTF-8 (byte {data[e.start]:#04x} at line {line}); "
+                        "re-encode it, e.g. `iconv -f latin1 -t utf-8`") from None
+
+
+def _read_records(cfg: ReadConfig) -> tuple[list[dict[str, Any]], str]:
+    """All rows as dicts, plus the source name used for stable ids."""
+    fmt = cfg.resolved_format()
+    if fmt == "hf":
+        return _read_hf(cfg.hf), cfg.hf.name.rstrip("/").split("/")[-1]
+    if fmt == "parallel":
+        columns: dict[str, list[str]] = {}
+        for col, file in cfg.files.items():
+            path = Path(file)
+            if not path.is_file():
+                raise ReadError(f"config.files.{col}", f"file not found: {file}")
+            columns[col] = _decode(path, f"config.files.{col}").splitlines()
+        lengths = {col: len(lines) for col, lines in columns.items()}
+        if len(set(lengths.values())) > 1:
+            raise ReadError("config.files", f"files are not line-aligned: line counts {lengths}")
+        n = next(iter(lengths.values()))
+        rows = [{col: columns[col][i] for col in columns} for i in range(n)]
+        return rows, "+".join(Path(f).name for f in cfg.files.values())
+    path = Path(cfg.path)
+    if not path.is_file():
+        raise ReadError("config.path", f"file not found: {cfg.path} (paths are relative to the "
+                        "directory you run kdpipe from)")
+    if fmt == "parquet":
+        import pyarrow.parquet as pq
+
+        return pq.read_table(path).to_pylist(), path.name
+    text = _decode(path, "config.path")
+    if fmt == "text":
+        rows = [{"text": line} for line in text.splitlines()]
+    elif fmt == "jsonl":
+        rows = []
+        for i, line in enumerate(text.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ReadError("config.path", f"{path}:{i}: invalid JSON ({e.msg})") from None
+            if not isinstance(obj, dict):
+                raise ReadError("config.path", f"{path}:{i}: each line must be a JSON object")
+            rows.append(obj)
+    else:
+        # GLUE TSVs carry unbalanced quotes: tab files are read without quote handling.
+        quoting = csv.QUOTE_NONE if fmt == "tsv" else csv.QUOTE_MINIMAL
+        reader = csv.DictReader(io.StringIO(text), delimiter="\t" if fmt == "tsv" else ",", quoting=quoting)
+        rows = [dict(r) for r in reader]
+        if reader.fieldnames is None:
+            raise ReadError("config.path", f"{path} is empty: expected a header line and rows")
+    return rows, path.name
+
+
+def _read_hf(src: HFSource) -> list[dict[str, Any]]:
+    import datasets
+
+    local = Path(src.name)
+    if local.is_dir() and (local / "dataset_info.json").exists() and (local / "state.json").exists():
+        ds = datasets.load_from_disk(str(local))
+    elif local.is_dir() and (local / "dataset_dict.json").exists():
+        ds = datasets.load_from_disk(str(local))[src.split]
+    else:
+        kwargs: dict[str, Any] = {"split": src.split, "revision": src.revision}
+        ds = datasets.load_dataset(src.name, src.config, **kwargs)
+    return ds.to_list()
+
+
+def _coerce_labels(values: list[Any]) -> list[Any]:
+    """TSV/CSV labels arrive as strings: make them ints when they all are."""
+    try:
+        return [int(v) for v in values]
+    except (TypeError, ValueError):
+        return [str(v) for v in values]
+
+
+class ReadStage(SourceStage):
+    type = "read"
+    Config = ReadConfig
+    code_version = "1"
+
+    config: ReadConfig
+
+    def fingerprint(self) -> dict[str, str]:
+        cfg = self.config
+        fmt = cfg.resolved_format()
+        if fmt == "parallel":
+            return {f"source file {f}": hash_tree(f) for f in cfg.files.values() if Path(f).is_file()}
+        if fmt == "hf":
+            local = Path(cfg.hf.name)
+            return {f"dataset {cfg.hf.name}": hash_tree(local)} if local.exists() else {}
+        return {f"source file {cfg.path}": hash_tree(cfg.path)} if Path(cfg.path).is_file() else {}
+
+    def output_columns(self, *, input_columns) -> list[str]:
+        cfg = self.config
+        cols = ["id", "text"]
+        if cfg.text_pair_column:
+            cols.append("text_pair")
+        if cfg.label_column:
+            cols.append("label")
+        extra = list(cfg.columns)
+        if cfg.resolved_format() == "parallel":
+            extra += [c for c in cfg.files if c != cfg.text_column]
+        return cols + [c for c in extra if c not in cols]
+
+    def validate(self, *, input_columns) -> list[Problem]:
+        if self.config.resolved_format() == "hf" and not Path(self.config.hf.name).exists():
+            return []  # a hub dataset: checked when it is loaded
+        try:
+            self.build_table()
+        except ReadError as e:
+            return [Problem(e.loc, e.message)]
+        return []
+
+    def metadata(self) -> dict[str, str]:
+        md = {"source_format": self.config.resolved_format()}
+        if self.config.label_names:
+            md["label_names"] = json.dumps(self.config.label_names)
+        return md
+
+    def read(self, ctx: StageContext):
+        return self.build_table()
+
+    def build_table(self):
+        import pyarrow as pa
+
+        cfg = self.config
+        records, source = _read_records(cfg)
+        if not records:
+            raise ReadError("config.path", "the corpus is empty: no rows to read")
+        available = set(records[0])
+        wanted = {"config.text_column": cfg.text_column, "config.text_pair_column": cfg.text_pair_column,
+                  "config.label_column": cfg.label_column, "config.id_column": cfg.id_column}
+        wanted.update({f"config.columns[{i}]": c for i, c in enumerate(cfg.columns)})
+        for loc, col in wanted.items():
+            if col is not None and col not in available:
+                raise ReadError(loc, f"column {col!r} not in the input; it has: {', '.join(sorted(map(str, available)))}")
+        if cfg.shuffle:
+            import random
+
+            random.Random(cfg.shuffle_seed).shuffle(records)
+        if cfg.limit:
+            records = records[: cfg.limit]
+        texts = ["" if r.get(cfg.text_column) is None else str(r[cfg.text_column]) for r in records]
+        if cfg.id_column:
+            ids = [str(r[cfg.id_column]) for r in records]
+            if len(set(ids)) != len(ids):
+                dup = next(i for i in ids if ids.count(i) > 1)
+                raise ReadError("config.id_column", f"ids must be unique; {dup!r} repeats")
+        else:
+            ids = [stable_id(source, i, t) for i, t in enumerate(texts)]
+        columns: dict[str, Any] = {"id": pa.array(ids, pa.string()), "text": pa.array(texts, pa.string())}
+        if cfg.text_pair_column:
+            columns["text_pair"] = pa.array([str(r[cfg.text_pair_column] or "") for r in records], pa.string())
+        if cfg.label_column:
+            labels = [r[cfg.label_column] for r in records]
+            if any(v is None or v == "" for v in labels):
+                row = next(i for i, v in enumerate(labels) if v is None or v == "")
+                raise ReadError("config.label_column", f"row {row} has no label")
+            labels = _coerce_labels(labels)
+            if cfg.label_names and isinstance(labels[0], int):
+                bad = sorted({v for v in labels if not 0 <= v < len(cfg.label_names)})
+                if bad:
+                    raise ReadError("config.label_names", f"labels {bad[:5]} are outside 0..{len(cfg.label_names) - 1}")
+            columns["label"] = pa.array(labels)
+        extra = [c for c in self.output_columns(input_columns={}) if c not in columns]
+        for col in extra:
+            columns[col] = pa.array([r.get(col) for r in records])
+        return pa.table(columns)
