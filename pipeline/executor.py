@@ -158,6 +158,7 @@ class Executor:
             ran = len(stats)
         elif stage.kind == "map":
             shards, ran = self._run_map(plan, stage, ctx, provenance, res)
+            shards = stage.finalize(shards, ctx)
             extra = stage.summarize(shards, ctx)
         else:
             task = ray.remote(_run_task_impl).options(max_retries=MAX_SHARD_ATTEMPTS, **res)

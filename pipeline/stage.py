@@ -149,6 +149,12 @@ class MapStage(Stage):
         """Extra Parquet key-value metadata (e.g. label names), after setup."""
         return {}
 
+    def finalize(self, shard_stats: list[dict[str, Any]], ctx: StageContext) -> list[dict[str, Any]]:
+        """Optional post-pass on the driver once every shard is done (e.g. whole-artifact dedup).
+        It may rewrite shards with `pipeline.artifact.write_shard` and returns their stats. Runs
+        again on resume, so it must be idempotent."""
+        return shard_stats
+
     def summarize(self, shard_stats: list[dict[str, Any]], ctx: StageContext) -> dict[str, Any]:
         """Extra fields for manifest.json once every shard is done (e.g. bytes per token)."""
         return {}
