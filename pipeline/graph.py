@@ -52,7 +52,7 @@ class Graph:
         frontier = [name]
         while frontier:
             for up in self.nodes[frontier.pop()].upstream():
-                if up not in out:
+                if up not in out and up in self.nodes:
                     out.add(up)
                     frontier.append(up)
         return out
@@ -117,6 +117,11 @@ def build_graph(manifest: Manifest) -> Graph:
             if len(names) > 1 and not roles[role].many:
                 problems.append(Problem(f"{node.loc}.inputs.{role}", "takes one stage name, not a list"))
             for up in names:
+                if up.startswith("@"):
+                    problem = _check_external(manifest, up)
+                    if problem:
+                        problems.append(Problem(f"{node.loc}.inputs.{role}", problem))
+                    continue
                 if up == node.name:
                     problems.append(Problem(f"{node.loc}.inputs.{role}", "a stage cannot read its own output"))
                 elif up not in all_names:
@@ -138,6 +143,26 @@ def build_graph(manifest: Manifest) -> Graph:
     if problems:
         raise ManifestError(problems)
     return graph
+
+
+def external_artifact(manifest: Manifest, ref: str):
+    """`@RUN/STAGE`: an artifact another manifest already produced in the same workdir."""
+    from pipeline.artifact import Artifact
+
+    run, _, stage = ref[1:].partition("/")
+    return Artifact((Path(manifest.workdir) / "runs" / run / stage).resolve())
+
+
+def _check_external(manifest: Manifest, ref: str) -> str | None:
+    run, _, stage = ref[1:].partition("/")
+    from pipeline.manifest import NAME_RE
+
+    if not (NAME_RE.match(run) and NAME_RE.match(stage)) or ".." in ref:
+        return f"{ref!r} is not a valid reference; use @RUN/STAGE (a run name and a stage name)"
+    if not external_artifact(manifest, ref).is_complete():
+        return (f"{ref!r}: no complete artifact for stage {stage!r} of run {run!r} in workdir "
+                f"{manifest.workdir!r}; run that manifest first")
+    return None
 
 
 def _toposort(nodes: dict[str, Node], problems: list[Problem]) -> list[str]:
@@ -171,10 +196,15 @@ def _check_kinds_and_columns(graph: Graph, problems: list[Problem]) -> None:
         input_columns: dict[str, list[list[str] | None]] = {}
         for role, names in node.inputs.items():
             for up in names:
-                up_kind = graph.nodes[up].stage.kind
+                if up.startswith("@"):
+                    art = external_artifact(graph.manifest, up)
+                    up_kind, up_type = ("map" if art.num_shards() else "task"), art.manifest.get("type")
+                    columns.setdefault(up, art.columns())
+                else:
+                    up_kind, up_type = graph.nodes[up].stage.kind, graph.nodes[up].type
                 want = roles[role].kind
                 if want == "shards" and up_kind == "task":
-                    problems.append(Problem(f"{node.loc}.inputs.{role}", f"{up!r} is a {graph.nodes[up].type!r} "
+                    problems.append(Problem(f"{node.loc}.inputs.{role}", f"{up!r} is a {up_type!r} "
                                             "stage producing files, but this input needs table shards"))
                 if want == "files" and up_kind != "task":
                     problems.append(Problem(f"{node.loc}.inputs.{role}", f"{up!r} produces table shards, "

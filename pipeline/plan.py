@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.artifact import Artifact, completed_shards
-from pipeline.graph import Graph, Node
+from pipeline.graph import Graph, Node, external_artifact
 from pipeline.hashing import hash_obj
 from pipeline.stage import throughput_fields
 
@@ -98,6 +98,9 @@ def make_plan(graph: Graph, *, selected: list[str] | None = None, verify: bool =
     keys: dict[str, str] = {}
     plans: list[StagePlan] = []
     for node in graph.nodes.values():
+        for ref in node.upstream():
+            if ref.startswith("@"):
+                keys[ref] = external_artifact(manifest, ref).key
         parts = key_parts_for(node, keys)
         key = hash_obj(parts)[:KEY_LENGTH]
         keys[node.name] = key

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.artifact import write_json
-from pipeline.graph import Graph, build_graph
+from pipeline.graph import Graph, build_graph, external_artifact
 from pipeline.lock import WorkdirLock
 from pipeline.manifest import Manifest, load_manifest
 from pipeline.plan import StagePlan, make_plan
@@ -43,7 +43,8 @@ def run_graph(graph: Graph, *, only: list[str] | None = None, start: str | None 
     with WorkdirLock(workdir):
         # Plan under the lock: a concurrent run may have finished stages meanwhile.
         plans = make_plan(graph, selected=selected)
-        dirs: dict[str, Path] = {}
+        dirs: dict[str, Path] = {ref: external_artifact(manifest, ref).path
+                                 for node in graph.nodes.values() for ref in node.upstream() if ref.startswith("@")}
         executor = None
         for plan in plans:
             dirs[plan.name] = plan.art_dir

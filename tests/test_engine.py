@@ -220,3 +220,16 @@ def test_sigkill_mid_stage_then_resume_equals_uninterrupted_run(tmp_path):
         b = pq.read_table(tmp_path / "clean" / "runs" / "t" / stage / "shards").sort_by("id")
         assert a.num_rows == b.num_rows and len(set(a.column("id").to_pylist())) == a.num_rows
         assert a.equals(b)
+
+
+@pytest.mark.ray
+def test_input_from_another_run_by_reference(tmp_path, sentiment_tsv, ray_session):
+    run(manifest(tmp_path, sentiment_tsv))
+    other = {"name": "other", "workdir": str(tmp_path / "wd"),
+             "stages": [{"name": "tenth", "type": "split", "inputs": {"data": "@t/read"}, "config": {"fraction": 0.1}}]}
+    first = run(other)
+    assert first["tenth"]["status"] == "ran" and first["tenth"]["shards_total"] == 4
+    assert run(other)["tenth"]["status"] == "cached"
+    missing = {**other, "stages": [{**other["stages"][0], "inputs": {"data": "@nope/read"}}]}
+    with pytest.raises(ManifestError, match="run that manifest first"):
+        build_graph(parse_manifest(missing))
