@@ -143,6 +143,35 @@ def cmd_schema(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_stages(args: argparse.Namespace) -> int:
+    from pipeline.registry import get_stage_class, stage_types
+    from pipeline.stage import throughput_fields
+
+    for type_key in [args.type] if args.type else stage_types():
+        try:
+            cls = get_stage_class(type_key)
+        except KeyError:
+            raise KdpipeError(f"unknown stage type {type_key!r}; known: {', '.join(stage_types())}") from None
+        doc = (cls.__module__ and sys.modules[cls.__module__].__doc__ or cls.__doc__ or "").strip()
+        print(f"{type_key} ({cls.kind} stage, code version {cls.code_version})")
+        if args.type:
+            print("\n" + doc + "\n")
+        else:
+            print(f"  {doc.splitlines()[0] if doc else ''}")
+        for role, spec in cls.inputs.items():
+            need = "required" if spec.required else "optional"
+            print(f"  input {role}: {spec.kind}, {need}{', many' if spec.many else ''}  {spec.doc}")
+        if args.type:
+            fast = throughput_fields(cls.Config)
+            for name, field in cls.Config.model_fields.items():
+                default = "required" if field.is_required() else repr(field.default)
+                note = " [throughput: not in cache key]" if name in fast else ""
+                desc = f"  {field.description}" if field.description else ""
+                print(f"  config.{name} = {default}{note}{desc}")
+        print()
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="kdpipe", description="Offline teacher labeling for knowledge distillation")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -172,6 +201,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workdir", default="data")
     p.add_argument("--dry-run", action="store_true")
     p.set_defaults(func=cmd_gc)
+
+    p = sub.add_parser("stages", help="list stage types, or show one's inputs and config fields")
+    p.add_argument("type", nargs="?")
+    p.set_defaults(func=cmd_stages)
 
     p = sub.add_parser("schema", help="print the manifest JSON Schema (for editor completion)")
     p.set_defaults(func=cmd_schema)
