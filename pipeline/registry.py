@@ -9,6 +9,7 @@ from pipeline.stage import Stage
 # type key -> "module:Class". One line per stage module in `stages/`.
 STAGES: dict[str, str] = {
     "read": "stages.read:ReadStage",
+    "label": "stages.label:LabelStage",
     "pos_tag": "stages.pos_tag:PosTagStage",
     "unigram": "stages.unigram:UnigramStage",
     "augment": "stages.augment:AugmentStage",

@@ -1,0 +1,458 @@
+"""`label`: run one teacher (or an ensemble) over a column of the data and store its outputs.
+
+Tasks and columns (ARCHITECTURE.md, "label" rows); with several teachers every output column
+gets a `_<teacher>` suffix, so one labeling serves any later mean/weighted combination:
+
+* classification: `logits` fixed_size_list<float32|float16, C>, optional `probs` = softmax(z/T)
+* token_classification: `words` list<str>, `token_logits` list<fixed_size_list<float, C>>,
+  the logits of each word's first sub-token (NaN for words cut off by max_length)
+* seq2seq: n-best `hyp_text`, `hyp_ids` (EOS kept, decoder start dropped), `hyp_scores`
+  (generate's length-penalised sequence scores); with `topk: k`, the teacher's top-k next-token
+  log-probs along the best hypothesis (`topk_ids` int32, `topk_logprobs` float16)
+
+Speed: each shard is tokenized once, sorted by length and cut into batches by a padded-token
+budget; one model per Ray actor; output rows come back in input order.
+"""
+from __future__ import annotations
+
+import json
+from typing import Any, Literal
+
+from pydantic import Field, model_validator
+
+from pipeline.hashing import hash_obj
+from pipeline.stage import InputRole, MapStage, Problem, StageConfig, StageContext, throughput
+from stages.teachers import (Task, TeacherSpec, check_teacher, cuda_visible, default_name, label_names,
+                             length_batches, load_teacher, pad_batch, pick_device, pick_dtype,
+                             quiet_transformers, read_config, resolve_teacher, teacher_fingerprint)
+
+
+class LabelConfig(StageConfig):
+    task: Task = "classification"
+    teacher: str | None = Field(None, description="checkpoint directory or cached hub id")
+    revision: str | None = Field(None, description="hub revision of `teacher`")
+    teachers: list[TeacherSpec] | None = Field(None, description="an ensemble: one output column set each")
+    allow_new_head: bool = Field(False, description="accept a checkpoint without the task head (seeded "
+                                 "random head; for benchmarks, not for distillation)")
+    trust_remote_code: bool = False
+    text_column: str = Field("text", description="what the teacher reads (e.g. the English side)")
+    text_pair_column: str | None = Field(None, description="second sentence (classification only)")
+    words_column: str | None = Field(None, description="token_classification: list<str> column; "
+                                     "default: whitespace split of text_column")
+    max_length: int | None = Field(None, gt=0, description="input truncation; default: the model's limit")
+    logits_dtype: Literal["float32", "float16"] = "float32"
+    temperature: float | None = Field(None, gt=0, description="also store probs = softmax(logits / T)")
+    num_beams: int = Field(4, ge=1)
+    num_return_sequences: int = Field(1, ge=1)
+    length_penalty: float = 1.0
+    max_new_tokens: int = Field(64, gt=0)
+    topk: int = Field(0, ge=0, description="seq2seq word-level KD targets per position; 0 = off")
+    # Weights dtype on CUDA (CPU always runs float32). Part of the key: it changes the numbers.
+    dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
+    device: str = throughput("auto", description="auto | cpu | cuda[:i]")
+    token_budget: int = throughput(8192, gt=0, description="padded tokens per batch")
+    batch_size: int = throughput(256, gt=0, description="most rows per batch")
+    num_cpus: float | None = throughput(None, gt=0)
+    num_gpus: float | None = throughput(None, ge=0, description="per actor; default 1 when a GPU is present")
+    concurrency: int | None = throughput(None, gt=0, description="actors (one model each)")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "LabelConfig":
+        if self.teacher is not None and self.teachers:
+            raise ValueError("give either `teacher` or `teachers`, not both")
+        if self.revision is not None and self.teacher is None:
+            raise ValueError("`revision` belongs to `teacher`; in `teachers` give each entry its own revision")
+        if self.teachers:
+            names = [t.name for t in self.teachers]
+            if len(set(names)) != len(names):
+                raise ValueError(f"teacher names must be unique, got {names}")
+        if self.num_return_sequences > self.num_beams:
+            raise ValueError(f"num_return_sequences ({self.num_return_sequences}) must be <= num_beams ({self.num_beams})")
+        if self.task != "classification" and (self.temperature is not None or self.text_pair_column):
+            raise ValueError("temperature and text_pair_column apply to task: classification only")
+        if self.task != "seq2seq" and self.topk:
+            raise ValueError("topk applies to task: seq2seq only")
+        if self.task != "token_classification" and self.words_column:
+            raise ValueError("words_column applies to task: token_classification only")
+        return self
+
+    def teacher_specs(self) -> list[TeacherSpec]:
+        if self.teacher is not None:
+            return [TeacherSpec(name=default_name(self.teacher), path=self.teacher, revision=self.revision)]
+        return list(self.teachers or [])
+
+
+TASK_COLUMNS = {"classification": ["logits"], "token_classification": ["token_logits"],
+                "seq2seq": ["hyp_text", "hyp_ids", "hyp_scores"]}
+
+
+class LabelStage(MapStage):
+    """Teacher inference (classification, token classification, seq2seq) into Parquet."""
+
+    type = "label"
+    Config = LabelConfig
+    code_version = "1"
+    inputs = {
+        "data": InputRole(doc="rows to label: id + the teacher's text column"),
+        "teacher": InputRole(required=False, many=True, kind="files",
+                             doc="checkpoint artifacts holding files/model/ (fine-tuned teachers)"),
+    }
+    config: LabelConfig
+
+    # --- planning -------------------------------------------------------------------------
+    def validate(self, *, input_columns) -> list[Problem]:
+        cfg = self.config
+        from_inputs = len(input_columns.get("teacher") or [])
+        sources = int(bool(cfg.teacher_specs())) + int(from_inputs > 0)
+        if sources != 1:
+            what = "two teacher sources" if sources else "no teacher"
+            return [Problem("config.teacher", f"{what}: give exactly one of `teacher: <dir or hub id>`, "
+                                              "`teachers: [{name, path}]`, or `inputs: {teacher: <stage>}`")]
+        problems: list[Problem] = []
+        specs = cfg.teacher_specs()
+        names: dict[str, list[str]] = {}
+        for i, spec in enumerate(specs):
+            loc = "config.teacher" if cfg.teacher is not None else f"config.teachers[{i}].path"
+            found = check_teacher(spec.path, revision=spec.revision, task=cfg.task, allow_new_head=cfg.allow_new_head,
+                                  trust_remote_code=cfg.trust_remote_code, loc=loc)
+            problems += found
+            local = resolve_teacher(spec.path, spec.revision)
+            if not found and local is not None and cfg.task != "seq2seq":
+                names[spec.name] = label_names(read_config(local))
+        if len({json.dumps(v) for v in names.values()}) > 1:
+            detail = "; ".join(f"{k}: {v}" for k, v in names.items())
+            problems.append(Problem("config.teachers", f"ensemble teachers disagree on labels ({detail}); "
+                                                       "label with teachers of one label set"))
+        for columns in input_columns.get("data") or []:
+            if columns is None:
+                continue
+            for field in ("text_column", "text_pair_column", "words_column"):
+                col = getattr(cfg, field)
+                if col is not None and col not in columns:
+                    problems.append(Problem(f"config.{field}", f"column {col!r} not in the input; it has: "
+                                                               f"{', '.join(columns)}"))
+            if "id" not in columns:
+                problems.append(Problem("inputs.data", "the input has no `id` column; label a read/augment output"))
+        return problems
+
+    def _teacher_names(self, count_from_inputs: int) -> list[str] | None:
+        specs = self.config.teacher_specs()
+        if specs:
+            return [s.name for s in specs]
+        return [""] if count_from_inputs == 1 else None  # names of upstream stages: known at run time
+
+    def output_columns(self, *, input_columns) -> list[str] | None:
+        names = self._teacher_names(len(input_columns.get("teacher") or []))
+        if names is None:
+            return None
+        cfg = self.config
+        base = list(TASK_COLUMNS[cfg.task])
+        if cfg.temperature is not None:
+            base.append("probs")
+        if cfg.topk:
+            base += ["topk_ids", "topk_logprobs"]
+        cols = ["id"] + (["words"] if cfg.task == "token_classification" else [])
+        return cols + [c + _suffix(n, len(names)) for n in names for c in base]
+
+    def fingerprint(self) -> dict[str, str]:
+        return {f"teacher {s.name}": teacher_fingerprint(s.path, s.revision) for s in self.config.teacher_specs()}
+
+    def resources(self) -> dict[str, float]:
+        res = super().resources()
+        gpus = self.config.num_gpus
+        if gpus is None and self.config.device != "cpu" and cuda_visible():
+            gpus = 1.0
+        if gpus:
+            res["num_gpus"] = float(gpus)
+        return res
+
+    # --- worker ---------------------------------------------------------------------------
+    def setup(self, ctx: StageContext) -> None:
+        import torch
+
+        quiet_transformers()
+        cfg = self.config
+        self.device = pick_device(cfg.device)
+        self.dtype = pick_dtype(self.device, cfg.dtype)
+        sources: list[tuple[str, Any, str | None]] = []
+        for spec in cfg.teacher_specs():
+            local = resolve_teacher(spec.path, spec.revision)
+            if local is None:
+                raise FileNotFoundError(f"teacher {spec.path!r} not found locally or in the HF cache")
+            sources.append((spec.name, local, spec.revision))
+        for i, art in enumerate(ctx.inputs.get("teacher") or []):
+            name = art.manifest.get("stage_name") or f"teacher{i}"
+            sources.append((name, art.files_dir / "model", None))
+        self.teachers = []
+        for name, local, revision in sources:
+            # A seeded new head: every actor (and every rerun) builds the same one.
+            seed = int(hash_obj([ctx.seed, name])[:8], 16) if cfg.allow_new_head else None
+            model, tok = load_teacher(local, task=cfg.task, device=self.device, dtype=self.dtype, revision=revision,
+                                      trust_remote_code=cfg.trust_remote_code, head_seed=seed)
+            self.teachers.append((name, model, tok))
+        self.label_names = None
+        if cfg.task != "seq2seq":
+            sets = {json.dumps(label_names(m.config.to_dict())) for _, m, _ in self.teachers}
+            if len(sets) > 1:
+                raise ValueError(f"ensemble teachers disagree on labels: {sorted(sets)}")
+            self.label_names = json.loads(next(iter(sets)))
+            self._check_data_labels(ctx)
+        torch.set_grad_enabled(False)
+
+    def _check_data_labels(self, ctx: StageContext) -> None:
+        data = ctx.optional_input("data")
+        known = data.file_metadata().get("kdpipe.label_names") if data is not None else None
+        if self.config.task == "classification" and known and len(json.loads(known)) != len(self.label_names):
+            raise ValueError(f"the teacher has {len(self.label_names)} labels {self.label_names} but the data has "
+                             f"{len(json.loads(known))} {json.loads(known)}; use a teacher fine-tuned on these labels")
+
+    def metadata(self) -> dict[str, str]:
+        cfg = self.config
+        names = [n for n, _, _ in self.teachers]
+        n = len(names)
+        md = {"task": cfg.task, "teachers": json.dumps(names), "device": self.device,
+              "dtype": str(self.dtype).removeprefix("torch.")}
+        if self.label_names is not None:
+            md["label_names"] = json.dumps(self.label_names)
+        if cfg.task == "classification":
+            md["logit_columns"] = json.dumps(["logits" + _suffix(t, n) for t in names])
+            md["temperature"] = json.dumps(cfg.temperature)
+            md["logits_dtype"] = cfg.logits_dtype
+        elif cfg.task == "token_classification":
+            md["logit_columns"] = json.dumps(["token_logits" + _suffix(t, n) for t in names])
+            md["logits_dtype"] = cfg.logits_dtype
+        else:
+            md.update(num_beams=str(cfg.num_beams), num_return_sequences=str(cfg.num_return_sequences),
+                      length_penalty=str(cfg.length_penalty), max_new_tokens=str(cfg.max_new_tokens),
+                      topk=str(cfg.topk))
+        return md
+
+    def process(self, table, ctx: StageContext, *, shard_index: int):
+        import pyarrow as pa
+
+        cfg = self.config
+        texts = _strings(table, cfg.text_column)
+        columns: dict[str, Any] = {"id": table.column("id")}
+        words = None
+        if cfg.task == "token_classification":
+            words = (table.column(cfg.words_column).to_pylist() if cfg.words_column
+                     else [t.split() for t in texts])
+            words = [[str(w) for w in (ws or [])] for ws in words]
+            columns["words"] = pa.array(words, pa.list_(pa.string()))
+        for name, model, tok in self.teachers:
+            if cfg.task == "classification":
+                pairs = _strings(table, cfg.text_pair_column) if cfg.text_pair_column else None
+                out = classify(model, tok, texts, pairs, cfg=cfg, device=self.device)
+            elif cfg.task == "token_classification":
+                out = tag_words(model, tok, words, cfg=cfg, device=self.device)
+            else:
+                out = translate(model, tok, texts, cfg=cfg, device=self.device)
+            suffix = _suffix(name, len(self.teachers))
+            columns.update({col + suffix: arr for col, arr in out.items()})
+        return pa.table(columns)
+
+    # --- after all shards -----------------------------------------------------------------
+    def summarize(self, shard_stats: list[dict[str, Any]], ctx: StageContext) -> dict[str, Any]:
+        """Label metadata for manifest.json, and on-disk bytes per row for each output column
+        (per target token for top-k), read from the Parquet footers."""
+        import pyarrow.parquet as pq
+
+        shards = sorted((ctx.out_dir.parent / "shards").glob("*.parquet"))
+        if not shards:
+            return {}
+        col_bytes: dict[str, int] = {}
+        leaf_values: dict[str, int] = {}
+        rows = 0
+        for path in shards:
+            meta = pq.ParquetFile(path).metadata
+            rows += meta.num_rows
+            for g in range(meta.num_row_groups):
+                rg = meta.row_group(g)
+                for c in range(rg.num_columns):
+                    chunk = rg.column(c)
+                    top = chunk.path_in_schema.split(".")[0]
+                    col_bytes[top] = col_bytes.get(top, 0) + chunk.total_compressed_size
+                    leaf_values[top] = leaf_values.get(top, 0) + chunk.num_values
+        file_md = {k.decode(): v.decode() for k, v in (pq.read_schema(shards[0]).metadata or {}).items()}
+        keep = ("task", "label_names", "teachers", "logit_columns", "temperature", "logits_dtype", "num_beams",
+                "num_return_sequences", "topk", "device", "dtype")
+        md = {k: file_md[f"kdpipe.{k}"] for k in keep if f"kdpipe.{k}" in file_md}
+        summary: dict[str, Any] = {"label": md, "rows": rows,
+                                   "bytes_per_row": {c: round(b / max(rows, 1), 2) for c, b in col_bytes.items()}}
+        k = self.config.topk
+        if k:
+            ids_cols = [c for c in col_bytes if c.startswith("topk_ids")]
+            tokens = sum(leaf_values[c] for c in ids_cols) / k
+            topk_bytes = sum(b for c, b in col_bytes.items() if c.startswith(("topk_ids", "topk_logprobs")))
+            summary["topk_tokens"] = int(tokens)
+            summary["topk_bytes_per_token"] = round(topk_bytes / max(tokens, 1), 2)
+        return summary
+
+
+def _suffix(teacher: str, count: int) -> str:
+    return f"_{teacher}" if count > 1 else ""
+
+
+def _strings(table, column: str) -> list[str]:
+    return ["" if v is None else str(v) for v in table.column(column).to_pylist()]
+
+
+# --- the model calls: texts in, pyarrow columns out (rows in input order) -------------------
+def _max_length(model, tok, cfg: LabelConfig) -> int:
+    limit = getattr(model.config, "max_position_embeddings", None) or 512
+    if tok.model_max_length and tok.model_max_length < 1_000_000:
+        limit = min(limit, tok.model_max_length)
+    return min(cfg.max_length, limit) if cfg.max_length else limit
+
+
+def _fixed(values, width: int, np_dtype: str):
+    """(rows, width) numpy -> fixed_size_list<np_dtype, width>; plain Arrow, not a Ray tensor."""
+    import pyarrow as pa
+
+    flat = pa.array(values.astype(np_dtype, copy=False).reshape(-1))
+    return pa.FixedSizeListArray.from_arrays(flat, width)
+
+
+def _ragged_fixed(per_row: list, width: int, np_dtype: str):
+    """List of (n_i, width) arrays -> list<fixed_size_list<np_dtype, width>>."""
+    import numpy as np
+    import pyarrow as pa
+
+    offsets = np.zeros(len(per_row) + 1, dtype=np.int32)
+    offsets[1:] = np.cumsum([len(a) for a in per_row])
+    values = np.concatenate(per_row) if per_row else np.zeros((0, width))
+    return pa.ListArray.from_arrays(pa.array(offsets, pa.int32()), _fixed(values.reshape(-1, width), width, np_dtype))
+
+
+def classify(model, tok, texts: list[str], pairs: list[str] | None, *, cfg: LabelConfig, device: str) -> dict[str, Any]:
+    import numpy as np
+    import torch
+
+    enc = tok(texts, pairs, truncation=True, max_length=_max_length(model, tok, cfg), return_attention_mask=False)
+    lengths = [len(x) for x in enc["input_ids"]]
+    logits = np.zeros((len(texts), model.config.num_labels), dtype=np.float32)
+    with torch.inference_mode():
+        for rows in length_batches(lengths, token_budget=cfg.token_budget, batch_size=cfg.batch_size):
+            batch = pad_batch(enc, rows, pad_id=tok.pad_token_id or 0, device=device)
+            logits[rows] = model(**batch).logits.float().cpu().numpy()
+    width = logits.shape[1]
+    out = {"logits": _fixed(logits, width, cfg.logits_dtype)}
+    if cfg.temperature is not None:
+        z = logits / cfg.temperature
+        z = np.exp(z - z.max(axis=1, keepdims=True))
+        out["probs"] = _fixed(z / z.sum(axis=1, keepdims=True), width, cfg.logits_dtype)
+    return out
+
+
+def tag_words(model, tok, words: list[list[str]], *, cfg: LabelConfig, device: str) -> dict[str, Any]:
+    """Per-word logits taken at each word's first sub-token."""
+    import numpy as np
+    import torch
+
+    enc = tok(words, is_split_into_words=True, truncation=True, max_length=_max_length(model, tok, cfg),
+              return_attention_mask=False)
+    lengths = [len(x) for x in enc["input_ids"]]
+    width = model.config.num_labels
+    per_row = [np.full((len(ws), width), np.nan, dtype=np.float32) for ws in words]
+    with torch.inference_mode():
+        for rows in length_batches(lengths, token_budget=cfg.token_budget, batch_size=cfg.batch_size):
+            batch = pad_batch(enc, rows, pad_id=tok.pad_token_id or 0, device=device)
+            logits = model(**batch).logits.float().cpu().numpy()
+            for r, i in enumerate(rows):
+                seen: set[int] = set()
+                for pos, word in enumerate(enc.word_ids(i)):
+                    if word is not None and word not in seen:
+                        seen.add(word)
+                        per_row[i][word] = logits[r, pos]
+    return {"token_logits": _ragged_fixed(per_row, width, cfg.logits_dtype)}
+
+
+def _hypothesis(seq: list[int], *, start_id: int | None, eos_id: int | None) -> list[int]:
+    """Generated ids without the decoder start token and without the padding after EOS (EOS
+    kept). Only finished hypotheses are padded, so ids without EOS are all generated."""
+    ids = seq[1:] if seq and seq[0] == start_id else list(seq)
+    if eos_id is not None and eos_id in ids:
+        return ids[: ids.index(eos_id) + 1]
+    return ids
+
+
+def translate(model, tok, texts: list[str], *, cfg: LabelConfig, device: str) -> dict[str, Any]:
+    """Beam search n-best (`generate` with the checkpoint's generation config plus ours), and
+    optionally top-k log-probs of the teacher forced along its best hypothesis."""
+    import numpy as np
+    import pyarrow as pa
+    import torch
+
+    enc = tok(texts, truncation=True, max_length=_max_length(model, tok, cfg), return_attention_mask=False,
+              return_token_type_ids=False)
+    lengths = [len(x) for x in enc["input_ids"]]
+    n, k = cfg.num_return_sequences, cfg.topk
+    start_id = model.generation_config.decoder_start_token_id
+    if start_id is None:
+        start_id = model.config.decoder_start_token_id
+    pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
+    eos_id = model.generation_config.eos_token_id
+    eos_id = eos_id[0] if isinstance(eos_id, list) else eos_id
+    gen_kwargs = dict(num_beams=cfg.num_beams, num_return_sequences=n, length_penalty=cfg.length_penalty,
+                      max_new_tokens=cfg.max_new_tokens, do_sample=False, return_dict_in_generate=True,
+                      output_scores=True)
+    hyp_ids: list[list[list[int]]] = [[] for _ in texts]
+    hyp_scores: list[list[float]] = [[] for _ in texts]
+    top_ids = [np.zeros((0, k), np.int32) for _ in texts]
+    top_lp = [np.zeros((0, k), np.float32) for _ in texts]
+    batches = length_batches(lengths, token_budget=cfg.token_budget, batch_size=cfg.batch_size,
+                             extra_per_row=cfg.max_new_tokens, rows_factor=cfg.num_beams)
+    with torch.inference_mode():
+        for rows in batches:
+            batch = pad_batch(enc, rows, pad_id=pad_id, device=device)
+            out = model.generate(**batch, **gen_kwargs)
+            seqs = out.sequences.cpu().tolist()
+            hyps = [_hypothesis(s, start_id=start_id, eos_id=eos_id) for s in seqs]
+            if cfg.num_beams > 1:
+                scores = out.sequences_scores.float().cpu().tolist()
+            else:  # greedy: length-normalised log-prob, the same scale as beam scores
+                steps = model.compute_transition_scores(out.sequences, out.scores, normalize_logits=True)
+                steps = steps.float().cpu().numpy()
+                scores = [float(steps[j, : len(h)].sum()) / max(len(h), 1) ** cfg.length_penalty
+                          for j, h in enumerate(hyps)]
+            for r, i in enumerate(rows):
+                hyp_ids[i] = hyps[r * n:(r + 1) * n]
+                hyp_scores[i] = scores[r * n:(r + 1) * n]
+            if k:
+                best = [hyp_ids[i][0] for i in rows]
+                ids, lps = _teacher_forced_topk(model, batch, best, k=k, start_id=start_id, pad_id=pad_id)
+                for r, i in enumerate(rows):
+                    top_ids[i], top_lp[i] = ids[r], lps[r]
+    texts_out = [tok.batch_decode(h, skip_special_tokens=True) if h else [] for h in hyp_ids]
+    cols = {"hyp_text": pa.array(texts_out, pa.list_(pa.string())),
+            "hyp_ids": pa.array(hyp_ids, pa.list_(pa.list_(pa.int32()))),
+            "hyp_scores": pa.array(hyp_scores, pa.list_(pa.float32()))}
+    if k:
+        cols["topk_ids"] = _ragged_fixed(top_ids, k, "int32")
+        cols["topk_logprobs"] = _ragged_fixed(top_lp, k, "float16")
+    return cols
+
+
+def _teacher_forced_topk(model, batch: dict[str, Any], targets: list[list[int]], *, k: int, start_id: int,
+                         pad_id: int) -> tuple[list, list]:
+    """For target y: log_softmax of the decoder given (start, y_1..y_{t-1}) at every position t."""
+    import numpy as np
+    import torch
+
+    width = max([len(t) for t in targets] + [1])
+    dec_in = np.full((len(targets), width), pad_id, dtype=np.int64)
+    dec_mask = np.zeros((len(targets), width), dtype=np.int64)
+    for r, t in enumerate(targets):
+        dec_in[r, 0] = start_id
+        dec_in[r, 1:len(t)] = t[:-1]
+        dec_mask[r, : max(len(t), 1)] = 1
+    device = batch["input_ids"].device
+    logits = model(**batch, decoder_input_ids=torch.from_numpy(dec_in).to(device),
+                   decoder_attention_mask=torch.from_numpy(dec_mask).to(device)).logits
+    values, indices = torch.log_softmax(logits.float(), dim=-1).topk(min(k, logits.shape[-1]), dim=-1)
+    values, indices = values.cpu().numpy(), indices.cpu().numpy().astype(np.int32)
+    if values.shape[-1] < k:  # vocab smaller than k: pad with -inf / id -1
+        pad = k - values.shape[-1]
+        values = np.concatenate([values, np.full(values.shape[:2] + (pad,), -np.inf, np.float32)], axis=-1)
+        indices = np.concatenate([indices, np.full(indices.shape[:2] + (pad,), -1, np.int32)], axis=-1)
+    return ([indices[r, : len(t)] for r, t in enumerate(targets)], [values[r, : len(t)] for r, t in enumerate(targets)])

@@ -1,0 +1,238 @@
+"""Teacher checkpoints: where they live, what they hash to, whether they fit a task, how they load.
+
+Shared by `label` and by stages that fine-tune or evaluate Hugging Face checkpoints. A teacher is a
+local checkpoint directory or a hub id (+ revision) already in the local HF cache: kdpipe runs
+offline, so nothing is downloaded here. Checks read `config.json` as plain JSON, so `plan` never
+pays for importing torch or transformers.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field, field_validator
+
+from pipeline.hashing import hash_obj, hash_tree
+from pipeline.stage import Problem, StageConfig
+
+Task = Literal["classification", "token_classification", "seq2seq"]
+HEAD_SUFFIX = {"classification": "ForSequenceClassification",
+               "token_classification": "ForTokenClassification"}
+# Any one of these means the directory carries a tokenizer AutoTokenizer can build.
+TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "vocab.json", "spiece.model", "source.spm",
+                   "sentencepiece.bpe.model", "tokenizer.model")
+NAME_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")
+HUB_ID_RE = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+
+
+class TeacherSpec(StageConfig):
+    name: str = Field(description="short name; column suffix in ensembles (logits_<name>)")
+    path: str = Field(description="local checkpoint directory or hub id (must be in the HF cache)")
+    revision: str | None = Field(None, description="hub revision (branch, tag or commit)")
+
+    @field_validator("name")
+    @classmethod
+    def _column_safe(cls, value: str) -> str:
+        if not NAME_RE.match(value):
+            raise ValueError(f"{value!r} is not a usable column suffix: use letters, digits, '_', '-', '.'")
+        return value
+
+
+def default_name(path: str) -> str:
+    name = re.sub(r"[^A-Za-z0-9_.-]", "_", Path(path.rstrip("/")).name or "teacher")
+    return name.lstrip(".-") or "teacher"
+
+
+def _hub_snapshot(repo_id: str, revision: str | None) -> Path | None:
+    """The cached snapshot folder of a hub model, without network access; None if not cached."""
+    if not HUB_ID_RE.match(repo_id):
+        return None
+    try:
+        from huggingface_hub import try_to_load_from_cache
+    except ImportError:
+        return None
+    found = try_to_load_from_cache(repo_id, "config.json", revision=revision)
+    return Path(found).parent if isinstance(found, str) else None
+
+
+def resolve_teacher(path: str, revision: str | None = None) -> Path | None:
+    """Local directory for a teacher path or cached hub id; None when neither exists."""
+    local = Path(path).expanduser()
+    if local.is_dir():
+        return local
+    return _hub_snapshot(path, revision)
+
+
+def teacher_fingerprint(path: str, revision: str | None = None) -> str:
+    """Hash of every file of the checkpoint (weights, config, tokenizer). A hub id that is not
+    cached hashes to its id and revision, so a later download still changes the key."""
+    local = resolve_teacher(path, revision)
+    if local is None:
+        return hash_obj({"hub_id": path, "revision": revision, "snapshot": None})
+    if Path(path).expanduser().is_dir():
+        return hash_tree(local)
+    return hash_obj({"hub_id": path, "revision": revision, "snapshot": hash_tree(local)})
+
+
+def read_config(local: Path) -> dict[str, Any]:
+    return json.loads((local / "config.json").read_text(encoding="utf-8"))
+
+
+def label_names(config: dict[str, Any]) -> list[str]:
+    """Label names in index order from a config's id2label (keys are strings in JSON)."""
+    id2label = config.get("id2label") or {}
+    if not id2label:
+        return [f"LABEL_{i}" for i in range(int(config.get("num_labels", 2)))]
+    return [str(id2label.get(str(i), id2label.get(i, f"LABEL_{i}"))) for i in range(len(id2label))]
+
+
+def check_teacher(path: str, *, revision: str | None, task: Task, trust_remote_code: bool,
+                  allow_new_head: bool, loc: str) -> list[Problem]:
+    """Everything that can be known about a teacher without loading it."""
+    local = resolve_teacher(path, revision)
+    if local is None:
+        looks_local = path.startswith((".", "/", "~")) or not HUB_ID_RE.match(path)
+        if looks_local:
+            return [Problem(loc, f"teacher directory {path!r} not found (relative paths are relative to "
+                                 f"{os.getcwd()}); give the folder holding config.json and the weights")]
+        return [Problem(loc, f"{path!r} is neither a local directory nor a hub model in the local HF cache; "
+                             "kdpipe works offline: download it first (`hf download "
+                             f"{path}`) or give a local checkpoint directory")]
+    problems: list[Problem] = []
+    if not (local / "config.json").is_file():
+        return [Problem(loc, f"{local} has no config.json; point the teacher at a checkpoint saved with "
+                             "save_pretrained (config.json, model.safetensors, tokenizer files)")]
+    try:
+        config = read_config(local)
+    except ValueError as e:
+        return [Problem(loc, f"{local}/config.json is not valid JSON ({e}); re-save the checkpoint")]
+    if not any((local / f).is_file() for f in TOKENIZER_FILES):
+        problems.append(Problem(loc, f"{local} holds no tokenizer files (one of {', '.join(TOKENIZER_FILES)}); "
+                                     "save the tokenizer next to the model with tokenizer.save_pretrained(dir)"))
+    if not any(local.glob("*.safetensors")) and not any(local.glob("*.bin")):
+        problems.append(Problem(loc, f"{local} holds no weights (*.safetensors); save the model with "
+                                     "model.save_pretrained(dir)"))
+    if config.get("auto_map") and not trust_remote_code and not _known_model_type(config.get("model_type")):
+        problems.append(Problem(loc, f"{local} uses custom code (auto_map, model_type "
+                                     f"{config.get('model_type')!r}); read that code, then set "
+                                     "`trust_remote_code: true` if you trust it"))
+    archs = config.get("architectures") or []
+    if task in HEAD_SUFFIX and not allow_new_head and not any(a.endswith(HEAD_SUFFIX[task]) for a in archs):
+        problems.append(Problem(loc, f"{local} is a {', '.join(archs) or 'model'} checkpoint without a "
+                                     f"*{HEAD_SUFFIX[task]} head, so its {task} logits would come from a random "
+                                     "head; use a fine-tuned teacher (e.g. a finetune stage), or set "
+                                     "`allow_new_head: true` for a seeded random head (benchmarks only)"))
+    if task == "seq2seq" and not config.get("is_encoder_decoder"):
+        problems.append(Problem(loc, f"{local} is not an encoder-decoder model (is_encoder_decoder is not "
+                                     "set in config.json); seq2seq labeling needs e.g. a T5, BART or Marian model"))
+    return problems
+
+
+def _known_model_type(model_type: str | None) -> bool:
+    if not model_type:
+        return False
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
+
+    return model_type in CONFIG_MAPPING_NAMES
+
+
+def cuda_visible() -> bool:
+    """Whether this machine has an NVIDIA GPU, without importing torch (driver-side resources)."""
+    if os.environ.get("CUDA_VISIBLE_DEVICES", None) in ("", "-1"):
+        return False
+    return Path("/proc/driver/nvidia/gpus").is_dir() and any(Path("/proc/driver/nvidia/gpus").iterdir())
+
+
+def pick_device(device: str) -> str:
+    """'auto' -> 'cuda' when torch sees a GPU, else 'cpu'. An explicit 'cuda' without one fails."""
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise RuntimeError(f"device {device!r} requested but torch sees no CUDA device; use device: auto or cpu")
+    return device
+
+
+def pick_dtype(device: str, dtype: str = "auto"):
+    """Weights dtype. CPU is always float32: bf16 runs 5.5x slower on CPUs without bf16 units and
+    fp16 matmuls are not supported well there. On CUDA, auto = bf16 where supported, else fp16."""
+    import torch
+
+    if not device.startswith("cuda"):
+        return torch.float32
+    if dtype == "auto":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[dtype]
+
+
+def load_teacher(local: Path, *, task: Task, device: str, dtype, trust_remote_code: bool = False,
+                 head_seed: int | None = None, revision: str | None = None):
+    """(model in eval mode on `device`, tokenizer). `head_seed` seeds weights missing from the
+    checkpoint (a new classification head) so every worker builds the same head."""
+    import torch
+    import transformers
+
+    auto = {"classification": transformers.AutoModelForSequenceClassification,
+            "token_classification": transformers.AutoModelForTokenClassification,
+            "seq2seq": transformers.AutoModelForSeq2SeqLM}[task]
+    kwargs = {"trust_remote_code": trust_remote_code, "revision": revision}
+    tokenizer = transformers.AutoTokenizer.from_pretrained(str(local), **kwargs)
+    if head_seed is not None:
+        torch.manual_seed(head_seed)
+    model = auto.from_pretrained(str(local), dtype=dtype, **kwargs)
+    model.to(device).eval()
+    return model, tokenizer
+
+
+def quiet_transformers() -> None:
+    """Workers log through Ray to the driver: keep per-load progress bars and init reports out."""
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()
+
+
+def length_batches(lengths: list[int], *, token_budget: int, batch_size: int,
+                   extra_per_row: int = 0, rows_factor: int = 1) -> list[list[int]]:
+    """Row indices grouped into batches of similar length, longest first (an out-of-memory
+    shows on the first batch). A batch's cost is rows x rows_factor x (longest + extra_per_row)
+    padded tokens and stays within `token_budget` (a single over-long row still gets a batch)."""
+    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    batches: list[list[int]] = []
+    current: list[int] = []
+    for i in order:
+        longest = lengths[current[0]] if current else lengths[i]
+        cost = (len(current) + 1) * rows_factor * (longest + extra_per_row)
+        if current and (cost > token_budget or len(current) >= batch_size):
+            batches.append(current)
+            current = []
+        current.append(i)
+    if current:
+        batches.append(current)
+    return batches
+
+
+def pad_batch(encoded: dict[str, list[list[int]]], rows: list[int], *, pad_id: int, device: str) -> dict[str, Any]:
+    """Right-padded tensors (input_ids, attention_mask, token_type_ids if present) for `rows`
+    of a tokenizer output made without padding."""
+    import numpy as np
+    import torch
+
+    ids = [encoded["input_ids"][i] for i in rows]
+    width = max(len(x) for x in ids)
+    input_ids = np.full((len(rows), width), pad_id, dtype=np.int64)
+    mask = np.zeros((len(rows), width), dtype=np.int64)
+    for r, x in enumerate(ids):
+        input_ids[r, : len(x)] = x
+        mask[r, : len(x)] = 1
+    batch = {"input_ids": torch.from_numpy(input_ids).to(device), "attention_mask": torch.from_numpy(mask).to(device)}
+    if "token_type_ids" in encoded:
+        types = np.zeros((len(rows), width), dtype=np.int64)
+        for r, i in enumerate(rows):
+            types[r, : len(encoded["token_type_ids"][i])] = encoded["token_type_ids"][i]
+        batch["token_type_ids"] = torch.from_numpy(types).to(device)
+    return batch
