@@ -22,6 +22,8 @@ import pipeline.executor
 from pipeline.cli import main
 from pipeline.testing import make_artifact
 
+from factories import tiny_bert_classifier, tiny_bert_encoder
+
 
 def _tree_hash(root: Path) -> str:
     """Names, kinds and bytes of everything below root (symlinks by target)."""
@@ -74,6 +76,23 @@ def _split(name: str = "split", data: Any = "read", **config: Any) -> dict:
     return spec
 
 
+def _label(teacher: Path, data: str = "read", **config: Any) -> dict:
+    return {"name": "label", "type": "label", "inputs": {"data": data},
+            "config": {"teacher": str(teacher), **config}}
+
+
+def _tag() -> dict:
+    return {"name": "tag", "type": "pos_tag", "inputs": {"data": "read"}}
+
+
+def _without_tokenizer(tmp: Path) -> Path:
+    d = tiny_bert_classifier(tmp / "notok")
+    for f in d.iterdir():
+        if f.name.startswith(("vocab", "tokenizer", "special_tokens")):
+            f.unlink()
+    return d
+
+
 def _remote_code_model(tmp: Path) -> Path:
     """A local model dir whose config asks for custom code (auto_map, unknown model_type)."""
     d = tmp / "remote_model"
@@ -83,6 +102,8 @@ def _remote_code_model(tmp: Path) -> Path:
         "auto_map": {"AutoConfig": "modeling_evil.EvilConfig",
                      "AutoModelForSequenceClassification": "modeling_evil.EvilForSequenceClassification"}}))
     (d / "modeling_evil.py").write_text("raise SystemExit('remote code must never run')\n")
+    (d / "vocab.txt").write_text("[PAD]\n[UNK]\n")
+    (d / "model.safetensors").write_bytes(b"")
     return d
 
 
@@ -174,6 +195,31 @@ CASES = [
         "name": "teacher", "type": "finetune", "inputs": {"data": "read"},
         "config": {"base_model": str(_remote_code_model(t))}}), "stages[1].config", ("trust_remote_code",),
          missing="stages/finetune.py validate() does not look at auto_map; fails only after Ray starts"),
+    # --- teachers (label stage) -------------------------------------------------------------
+    Case("teacher_path_missing", lambda t: _m(t, _read(t), _label(t / "no_teacher")), "stages[1].config.teacher",
+         ("not found", "config.json")),
+    Case("teacher_without_classification_head", lambda t: _m(t, _read(t), _label(tiny_bert_encoder(t / "enc"))),
+         "stages[1].config.teacher", ("head", "finetune", "allow_new_head")),
+    Case("teacher_tokenizer_missing", lambda t: _m(t, _read(t), _label(_without_tokenizer(t))),
+         "stages[1].config.teacher", ("no tokenizer files", "tokenizer.save_pretrained")),
+    Case("teacher_remote_code_without_trust", lambda t: _m(t, _read(t), _label(_remote_code_model(t))),
+         "stages[1].config.teacher", ("custom code", "trust_remote_code: true")),
+    Case("seq2seq_teacher_not_encoder_decoder", lambda t: _m(t, _read(t), _label(
+        tiny_bert_classifier(t / "cls"), task="seq2seq")), "stages[1].config.teacher", ("encoder-decoder",)),
+    Case("label_text_column_missing", lambda t: _m(t, _read(t), _label(tiny_bert_classifier(t / "cls"),
+                                                                       text_column="sentence")),
+         "stages[1].config.text_column", ("it has: id, text, label",)),
+    Case("teacher_label_count_differs_from_data", lambda t: _m(
+        t, _read(t, label_names=["neg", "pos"]), _label(tiny_bert_classifier(t / "cls3", num_labels=3))),
+         "stages[1]", ("3 labels",),
+         missing="stages/label.py compares label counts in setup() on the workers, after Ray started; "
+                 "validate() only sees column names, not the data's label_names"),
+    Case("mask_token_unknown_to_teacher", lambda t: _m(
+        t, _read(t), _tag(), {"name": "uni", "type": "unigram", "inputs": {"data": "tag"}},
+        {"name": "aug", "type": "augment", "inputs": {"data": "tag", "table": "uni"},
+         "config": {"mask_token": "<mask>"}}, _label(tiny_bert_classifier(t / "cls"), data="aug")),
+         "stages[3].config.mask_token", ("[mask]",),
+         missing="no stage compares augment's mask_token with the labeling teacher's tokenizer"),
     Case("finetune_base_model_missing", lambda t: _m(t, _read(t), {
         "name": "teacher", "type": "finetune", "inputs": {"data": "read"},
         "config": {"base_model": str(t / "no_such_model")}}), "stages[1].config.base_model", ("does not exist",)),
@@ -222,6 +268,7 @@ def test_bad_input_exits_2_with_one_line_and_no_side_effects(case: Case, command
                   pa.table({"id": ["x"], "text": ["earlier run"]}))
     manifest = _write_manifest(tmp_path, case.build(tmp_path))
     before = _tree_hash(tmp_path)
+    capsys.readouterr()  # drop what building the inputs printed (model-saving progress bars)
 
     code = main([command, str(manifest), *case.args])
 
