@@ -234,3 +234,187 @@ def test_config_rejects_inconsistent_settings():
         LabelConfig(teacher="x", teachers=[{"name": "a", "path": "y"}])
     with pytest.raises(ValidationError, match="unique"):
         LabelConfig(teachers=[{"name": "a", "path": "y"}, {"name": "a", "path": "z"}])
+
+
+def test_new_head_is_seeded_so_every_worker_builds_the_same(tmp_path):
+    bare = tiny_bert_encoder(tmp_path / "bare")
+    _, first = _run(tmp_path / "a", _table(), teacher=str(bare), allow_new_head=True)
+    _, second = _run(tmp_path / "b", _table(), teacher=str(bare), allow_new_head=True, batch_size=2)
+    np.testing.assert_allclose(np.array(first.column("logits").to_pylist()),
+                               np.array(second.column("logits").to_pylist()), atol=1e-6)
+
+
+# --- through the engine (Ray) ---------------------------------------------------------------
+def _manifest(tmp_path: Path, read_config: dict, label_config: dict, *, workdir: str = "wd") -> dict:
+    return {"name": "t", "workdir": str(tmp_path / workdir), "stages": [
+        {"name": "read", "type": "read", "config": read_config},
+        {"name": "label", "type": "label", "inputs": {"data": "read"}, "config": label_config}]}
+
+
+def _run_manifest(m: dict) -> dict[str, dict]:
+    from pipeline.graph import build_graph
+    from pipeline.manifest import parse_manifest
+    from pipeline.runner import run_graph
+
+    return {s["name"]: s for s in run_graph(build_graph(parse_manifest(m)), progress=False, log=lambda *a: None)}
+
+
+def _plan(m: dict) -> dict[str, object]:
+    from pipeline.graph import build_graph
+    from pipeline.manifest import parse_manifest
+    from pipeline.plan import make_plan
+
+    return {p.name: p for p in make_plan(build_graph(parse_manifest(m)))}
+
+
+@pytest.mark.ray
+def test_manifest_run_readers_cache_and_teacher_change(tmp_path, sentiment_tsv, ray_session):
+    import shutil
+
+    import datasets
+    import duckdb
+    import pandas as pd
+
+    from pipeline.artifact import Artifact
+
+    teacher = tiny_bert_classifier(tmp_path / "clf", 2, ["negative", "positive"])
+    read = {"path": str(sentiment_tsv), "text_column": "sentence", "label_column": "label",
+            "label_names": ["negative", "positive"], "rows_per_shard": 16}
+    label = {"teacher": str(teacher), "logits_dtype": "float16", "temperature": 2.0, "concurrency": 1}
+    first = _run_manifest(_manifest(tmp_path, read, label))
+    assert first["label"]["status"] == "ran" and first["label"]["rows"] == 40
+    assert first["label"]["shards_total"] == 3
+
+    art = Artifact(first["label"]["path"])
+    read_art = Artifact(first["read"]["path"])
+    for i in range(3):  # every shard keeps its input's rows, in the input's order
+        assert art.read_shard(i, ["id"]).column("id").equals(read_art.read_shard(i, ["id"]).column("id"))
+    md = art.file_metadata()
+    assert json.loads(md["kdpipe.label_names"]) == ["negative", "positive"]
+    assert md["kdpipe.task"] == "classification" and json.loads(md["kdpipe.temperature"]) == 2.0
+    summary = art.manifest["summary"]
+    assert json.loads(summary["label"]["logit_columns"]) == ["logits"]
+    assert 0 < summary["bytes_per_row"]["logits"] < 64
+
+    shards = str(art.shards_dir / "*.parquet")
+    frame = pd.read_parquet(art.shards_dir)
+    assert len(frame) == 40 and len(frame["logits"].iloc[0]) == 2
+    ds = datasets.load_dataset("parquet", data_files=shards, split="train",
+                               cache_dir=str(tmp_path / "hf_cache"))
+    assert ds.num_rows == 40 and len(ds[0]["probs"]) == 2
+    con = duckdb.connect()
+    assert con.execute(f"SELECT count(*), min(len(logits)) FROM read_parquet('{shards}')").fetchone() == (40, 2)
+
+    faster = dict(label, batch_size=4, token_budget=128, concurrency=2)
+    assert _run_manifest(_manifest(tmp_path, read, faster))["label"]["status"] == "cached"
+
+    # Re-saving the teacher with other weights must invalidate the labels, and plan says why.
+    shutil.rmtree(teacher)
+    tiny_bert_classifier(teacher, 2, ["negative", "positive"], seed=7)
+    plan = _plan(_manifest(tmp_path, read, label))
+    assert plan["read"].status == "cached"
+    assert plan["label"].status == "run" and "teacher clf changed" in plan["label"].reason
+
+
+@pytest.mark.ray
+def test_parallel_corpus_seq2seq_manifest_with_topk(tmp_path, models, ray_session):
+    from pipeline.artifact import Artifact
+
+    (tmp_path / "train.en").write_text("\n".join(SRC) + "\n")
+    (tmp_path / "train.de").write_text("\n".join(TGT) + "\n")
+    read = {"format": "parallel", "files": {"en": str(tmp_path / "train.en"), "de": str(tmp_path / "train.de")},
+            "text_column": "en", "rows_per_shard": 4}
+    label = {"task": "seq2seq", "teacher": str(models["s2s"]), "text_column": "de", "num_beams": 3,
+             "num_return_sequences": 2, "max_new_tokens": 6, "topk": 4, "concurrency": 1}
+    result = _run_manifest(_manifest(tmp_path, read, label))["label"]
+    art = Artifact(result["path"])
+    table = art.read_table()
+    assert table.num_rows == len(SRC)
+    assert all(len(h) == 2 for h in table.column("hyp_text").to_pylist())
+    summary = art.manifest["summary"]
+    positions = sum(len(t) for t in table.column("topk_ids").to_pylist())
+    assert summary["topk_tokens"] == positions
+    assert 0 < summary["topk_bytes_per_token"] < 200
+    assert summary["label"]["topk"] == "4"
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_real_minilm_classifier_from_a_manifest(tmp_path, sentiment_tsv, ray_session):
+    import torch
+    from factories import minilm_classifier
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from pipeline.artifact import Artifact
+
+    bare = minilm_dir()
+    assert any("allow_new_head" in p for p in _problems({"teacher": str(bare)}))
+    teacher = minilm_classifier(tmp_path / "minilm-clf", 2, ["negative", "positive"])
+    read = {"path": str(sentiment_tsv), "text_column": "sentence", "label_column": "label",
+            "label_names": ["negative", "positive"], "rows_per_shard": 20}
+    result = _run_manifest(_manifest(tmp_path, read, {"teacher": str(teacher), "concurrency": 1}))["label"]
+    table = Artifact(result["path"]).read_table()
+    assert table.num_rows == 40 and table.schema.field("logits").type == pa.list_(pa.float32(), 2)
+    texts = Artifact(_run_manifest(_manifest(tmp_path, read, {"teacher": str(teacher)}))["read"]["path"]).read_table()
+    tok = AutoTokenizer.from_pretrained(teacher)
+    model = AutoModelForSequenceClassification.from_pretrained(teacher).eval()
+    with torch.inference_mode():
+        direct = model(**tok(texts.column("text").to_pylist()[:5], return_tensors="pt", padding=True)).logits
+    np.testing.assert_allclose(np.array(table.column("logits").to_pylist()[:5]), direct.numpy(), atol=1e-4)
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_sigkill_mid_label_then_resume_equals_clean_run(tmp_path):
+    """Kill the driver (and its embedded Ray) while label runs; the rerun labels only the
+    missing shards and the result equals an uninterrupted run."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import pyarrow.parquet as pq
+    import yaml
+
+    repo = Path(__file__).resolve().parent.parent
+    teacher = tiny_bert_classifier(tmp_path / "clf", 2)
+    tsv = tmp_path / "big.tsv"
+    tsv.write_text("sentence\tlabel\n" + "".join(f"{SRC[i % len(SRC)]} {i}\t{i % 2}\n" for i in range(600)))
+    read = {"path": str(tsv), "text_column": "sentence", "label_column": "label", "rows_per_shard": 6}
+    label = {"teacher": str(teacher), "concurrency": 1, "batch_size": 2}
+
+    def write(wd: str) -> Path:
+        path = tmp_path / f"{wd}.yaml"
+        path.write_text(yaml.safe_dump(_manifest(tmp_path, read, label, workdir=wd)))
+        return path
+
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "KDPIPE_RAY_TMPDIR": f"/tmp/kdl{os.getpid()}"}
+    cmd = [sys.executable, "-m", "pipeline.cli", "run", "--no-progress"]
+    crashed = write("crashed")
+    proc = subprocess.Popen(cmd + [str(crashed)], cwd=repo, env=env, start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    done_before = 0
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        dirs = list((tmp_path / "crashed" / "artifacts" / "label").glob("*/completions"))
+        if dirs and len(list(dirs[0].glob("*.json"))) >= 3:
+            done_before = len(list(dirs[0].glob("*.json")))
+            break
+        time.sleep(0.02)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert 3 <= done_before < 100, "label never started writing shards, or finished before the kill"
+
+    summary_path = tmp_path / "resume.json"
+    subprocess.run(cmd + [str(crashed), "--summary-json", str(summary_path)], cwd=repo, env=env, check=True,
+                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    stages = {s["name"]: s for s in json.loads(summary_path.read_text())["stages"]}
+    assert stages["label"]["status"] == "resumed" and stages["label"]["shards_total"] == 100
+    assert stages["label"]["shards_run"] <= 100 - done_before + 1  # one may finish between poll and kill
+
+    subprocess.run(cmd + [str(write("clean"))], cwd=repo, env=env, check=True, stdout=subprocess.DEVNULL,
+                   stderr=subprocess.DEVNULL)
+    a = pq.read_table(tmp_path / "crashed" / "runs" / "t" / "label" / "shards")
+    b = pq.read_table(tmp_path / "clean" / "runs" / "t" / "label" / "shards")
+    assert a.num_rows == 600 and a.equals(b)
