@@ -10,6 +10,9 @@ from pipeline.stage import Stage
 STAGES: dict[str, str] = {
     "read": "stages.read:ReadStage",
     "label": "stages.label:LabelStage",
+    "train": "stages.train:TrainStage",
+    "evaluate": "stages.evaluate:EvaluateStage",
+    "spm": "stages.spm:SpmStage",
     "pos_tag": "stages.pos_tag:PosTagStage",
     "unigram": "stages.unigram:UnigramStage",
     "augment": "stages.augment:AugmentStage",

@@ -1,0 +1,182 @@
+"""`evaluate`: score teachers and students on one gold artifact, and time them on the same inputs.
+
+Inputs: `data` (shards with gold labels; a dev or test set), `models` (many: train artifacts,
+whose files/student is a student directory, and/or checkpoint artifacts whose files/model is an
+HF dir), `teacher` (optional: the reference for speed-up; it is evaluated too).
+
+Metrics by the model's task: accuracy and macro-F1 (classification), BLEU and chrF via sacrebleu
+(seq2seq), token-level micro-F1 over non-"O" tags (token classification). Speed: sentences/s of
+`predict` on the first `speed_rows` inputs at batch 64, after one warm-up batch, in this process,
+so every model is timed on the same inputs, machine and thread count.
+"""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+from pydantic import Field
+
+from pipeline.artifact import write_json
+from pipeline.stage import InputRole, Problem, StageConfig, StageContext, TaskStage, throughput
+
+
+def accuracy(pred: Sequence[Any], gold: Sequence[Any]) -> float:
+    pairs = [(p, g) for p, g in zip(pred, gold) if g is not None and g != -1]
+    return sum(p == g for p, g in pairs) / len(pairs) if pairs else 0.0
+
+
+def macro_f1(pred: Sequence[Any], gold: Sequence[Any]) -> float:
+    """Unweighted mean of per-class F1 over the classes present in gold or predictions."""
+    pairs = [(p, g) for p, g in zip(pred, gold) if g is not None and g != -1]
+    classes = sorted({g for _, g in pairs} | {p for p, _ in pairs}, key=str)
+    scores = []
+    for c in classes:
+        tp = sum(p == c and g == c for p, g in pairs)
+        fp = sum(p == c and g != c for p, g in pairs)
+        fn = sum(p != c and g == c for p, g in pairs)
+        scores.append(0.0 if tp == 0 else 2 * tp / (2 * tp + fp + fn))
+    return sum(scores) / len(scores) if scores else 0.0
+
+
+def token_f1(pred: Sequence[Sequence[str]], gold: Sequence[Sequence[str]], *, outside: str = "O") -> float:
+    """Micro-F1 over tokens whose gold or predicted tag is not `outside`."""
+    tp = fp = fn = 0
+    for p_tags, g_tags in zip(pred, gold):
+        for p, g in zip(p_tags, g_tags):
+            if p != outside and p == g:
+                tp += 1
+            else:
+                fp += p != outside
+                fn += g != outside
+    return 0.0 if tp == 0 else 2 * tp / (2 * tp + fp + fn)
+
+
+def model_dir(art_path: Path) -> Path:
+    """Where the loadable model of an artifact lives (student dir, HF dir, or files/)."""
+    files = Path(art_path) / "files"
+    for sub in ("student", "model"):
+        if (files / sub).is_dir():
+            return files / sub
+    return files
+
+
+class EvaluateConfig(StageConfig):
+    text_column: str = "text"
+    pair_column: str | None = None
+    label_column: str = Field("label", description="gold class (classification) or tag list (tagging)")
+    target_column: str = Field("target", description="reference translation (seq2seq)")
+    limit: int | None = Field(None, gt=0, description="score only the first N rows")
+    speed_rows: int = Field(512, gt=0, description="inputs used to time each model")
+    batch_size: int = throughput(64, gt=0)
+    num_cpus: int = throughput(1, gt=0)
+
+
+class EvaluateStage(TaskStage):
+    type = "evaluate"
+    Config = EvaluateConfig
+    code_version = "1"
+    inputs = {
+        "data": InputRole(required=True, doc="gold artifact (dev or test)"),
+        "models": InputRole(required=True, many=True, kind="files", doc="train and/or checkpoint artifacts"),
+        "teacher": InputRole(required=False, kind="files", doc="reference model for speed-up"),
+    }
+    config: EvaluateConfig
+
+    def validate(self, *, input_columns) -> list[Problem]:
+        cfg = self.config
+        problems = []
+        for cols in input_columns.get("data") or []:
+            if cols is not None and cfg.text_column not in cols:
+                problems.append(Problem("config.text_column", f"data has no column {cfg.text_column!r} "
+                                        f"(it has {', '.join(cols)})"))
+            if cols is not None and cfg.label_column not in cols and cfg.target_column not in cols:
+                problems.append(Problem("inputs.data", f"no gold column: neither {cfg.label_column!r} nor "
+                                        f"{cfg.target_column!r} is in {', '.join(cols)}; set label_column"))
+        return problems
+
+    def run(self, ctx: StageContext) -> dict[str, Any]:
+        from stages.students import load_student
+
+        cfg = self.config
+        data = ctx.input("data")
+        table = data.read_table()
+        if cfg.limit:
+            table = table.slice(0, cfg.limit)
+        texts = [t or "" for t in table[cfg.text_column].to_pylist()]
+        pairs = [t or "" for t in table[cfg.pair_column].to_pylist()] if cfg.pair_column else None
+        teacher_art = ctx.optional_input("teacher")
+        arts = list(ctx.inputs.get("models") or [])
+        if teacher_art is not None and teacher_art.path not in [a.path for a in arts]:
+            arts.insert(0, teacher_art)
+        results = []
+        for art in arts:
+            model = load_student(model_dir(art.path))
+            entry = self._describe(art, teacher_art)
+            entry.update(task=model.task, type=getattr(model, "type", "?"), parameters=model.num_parameters(),
+                         size_bytes=sum(f.stat().st_size for f in model_dir(art.path).rglob("*") if f.is_file()))
+            entry["metrics"] = self._score(model, table, texts, pairs, data)
+            entry["sentences_per_s"] = self._speed(model, texts[: cfg.speed_rows],
+                                                   None if pairs is None else pairs[: cfg.speed_rows])
+            results.append(entry)
+        ref = next((r for r in results if r["is_teacher"]), None)
+        for r in results:
+            r["speedup_vs_teacher"] = round(r["sentences_per_s"] / ref["sentences_per_s"], 3) if ref else None
+        metrics = {"data": data.key, "rows": len(texts), "teacher": ref["name"] if ref else None, "models": results}
+        write_json(ctx.out_dir / "metrics.json", metrics)
+        return {"rows": len(texts), "teacher": metrics["teacher"],
+                "models": {r["name"]: {"metrics": r["metrics"], "speedup_vs_teacher": r["speedup_vs_teacher"]}
+                           for r in results}}
+
+    @staticmethod
+    def _describe(art, teacher_art) -> dict[str, Any]:
+        try:
+            manifest = art.manifest
+        except (OSError, ValueError):
+            manifest = {}
+        labels = (manifest.get("summary") or {}).get("labels")
+        return {"name": manifest.get("stage_name") or art.key, "key": art.key, "stage_type": manifest.get("type"),
+                "is_teacher": teacher_art is not None and art.path == teacher_art.path,
+                "labels_used": [lab.get("stage") or lab.get("key") for lab in labels] if labels is not None else None}
+
+    def _score(self, model, table, texts, pairs, data) -> dict[str, float]:
+        import sacrebleu
+
+        cfg = self.config
+        bs = cfg.batch_size
+        if model.task == "seq2seq":
+            refs = [t or "" for t in table[cfg.target_column].to_pylist()]
+            hyps = model.predict(texts, batch_size=bs)
+            return {"bleu": round(sacrebleu.corpus_bleu(hyps, [refs]).score, 3),
+                    "chrf": round(sacrebleu.corpus_chrf(hyps, [refs]).score, 3)}
+        gold = table[cfg.label_column].to_pylist()
+        if model.task == "token_classification":
+            return {"token_f1": round(token_f1(model.predict(texts, batch_size=bs), gold), 4)}
+        pred = model.predict(texts, pairs, batch_size=bs, return_names=False)
+        gold_idx = _gold_indices(gold, model.label_names, data)
+        return {"accuracy": round(accuracy(pred, gold_idx), 4), "macro_f1": round(macro_f1(pred, gold_idx), 4)}
+
+    def _speed(self, model, texts, pairs) -> float:
+        bs = self.config.batch_size
+        kwargs = {} if pairs is None else {"pairs": pairs}
+        if model.task != "classification":
+            kwargs = {}
+        model.predict(texts[:bs], **({k: v[:bs] for k, v in kwargs.items()}), batch_size=bs)  # warm-up
+        start = time.perf_counter()
+        model.predict(texts, **kwargs, batch_size=bs)
+        return round(len(texts) / max(time.perf_counter() - start, 1e-9), 2)
+
+
+def _gold_indices(gold: list[Any], model_names: list[str] | None, data) -> list[int]:
+    """Gold values as the model's class indices (string labels through its label names)."""
+    if all(isinstance(g, int) for g in gold if g is not None):
+        return [-1 if g is None else g for g in gold]
+    names = model_names
+    if not names:
+        from stages.train_data import _md
+
+        names = _md(data, "label_names")
+    if not names:
+        raise ValueError("gold labels are strings but the model has no label names to map them to")
+    index = {str(n): i for i, n in enumerate(names)}
+    return [index.get(str(g), -2) if g is not None else -1 for g in gold]

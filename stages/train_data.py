@@ -1,0 +1,201 @@
+"""Feeding the train stage from Parquet shards: teacher-logit joins by id, seeded order, batches.
+
+Only one data shard (and the matching rows of each label artifact) is in memory at a time."""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from typing import TYPE_CHECKING, Any, Iterator
+
+if TYPE_CHECKING:
+    from pipeline.artifact import Artifact
+
+
+def _md(art: "Artifact", name: str) -> Any:
+    """A Parquet metadata value (JSON-decoded when it is JSON), with or without `kdpipe.`."""
+    md = art.file_metadata()
+    raw = md.get(f"kdpipe.{name}", md.get(name))
+    if raw is None:
+        return None
+    try:
+        return json.loads(raw)
+    except ValueError:
+        return raw
+
+
+@dataclasses.dataclass
+class LabelSource:
+    artifact: "Artifact"
+    columns: list[str]  # teacher logit columns, e.g. ["logits"] or ["logits_a", "logits_b"]
+    label_names: list[str] | None
+    temperature: float | None
+
+    @property
+    def key(self) -> str:
+        return self.artifact.key
+
+    @property
+    def stage_name(self) -> str | None:
+        try:
+            return self.artifact.manifest.get("stage_name")
+        except (OSError, ValueError):
+            return None
+
+
+def label_sources(artifacts: list["Artifact"]) -> list[LabelSource]:
+    out = []
+    for art in artifacts:
+        task = _md(art, "task")
+        if task not in (None, "classification"):
+            raise ValueError(f"label artifact {art.key} holds {task!r} labels; the train stage "
+                             "distils classification students (seq2seq: use train_seq2seq)")
+        cols = _md(art, "logit_columns") or [c for c in art.columns() or [] if c == "logits" or c.startswith("logits_")]
+        if not cols:
+            raise ValueError(f"label artifact {art.key} has no logits column (columns: {art.columns()})")
+        temperature = _md(art, "temperature")
+        out.append(LabelSource(art, list(cols), _md(art, "label_names"),
+                               float(temperature) if temperature not in (None, "") else None))
+    return out
+
+
+def resolve_label_names(data: "Artifact", sources: list[LabelSource], label_column: str) -> list[str]:
+    """Label names from the teacher labels, else the data's metadata, else the gold integers."""
+    for source in sources:
+        if source.label_names:
+            return [str(n) for n in source.label_names]
+    names = _md(data, "label_names")
+    if names:
+        return [str(n) for n in names]
+    if sources:  # teacher logits without names: their width is the class count
+        import pyarrow.parquet as pq
+
+        field = pq.read_schema(sources[0].artifact.shard_paths()[0]).field(sources[0].columns[0])
+        return [str(i) for i in range(field.type.list_size)]
+    values = set()
+    for table in data.iter_shards(columns=[label_column]):
+        values.update(v for v in table[label_column].to_pylist() if v is not None)
+    if not values:
+        raise ValueError(f"no gold labels in column {label_column!r} and no teacher labels")
+    if all(isinstance(v, int) for v in values):
+        return [str(i) for i in range(max(values) + 1)]
+    return sorted(map(str, values))
+
+
+def gold_indices(values: list[Any], label_names: list[str]) -> list[int]:
+    """Gold labels as class indices; None (no gold) becomes -1."""
+    index = {n: i for i, n in enumerate(label_names)}
+    out = []
+    for v in values:
+        if v is None:
+            out.append(-1)
+        elif isinstance(v, int) and not isinstance(v, bool):
+            out.append(v)
+        elif str(v) in index:
+            out.append(index[str(v)])
+        else:
+            raise ValueError(f"gold label {v!r} is not one of the label names {label_names}")
+    return out
+
+
+def row_order_key(seed: int, epoch: int, row_id: str) -> bytes:
+    return hashlib.blake2b(f"{seed}:{epoch}:{row_id}".encode(), digest_size=8).digest()
+
+
+def logits_matrix(column) -> Any:
+    """fixed_size_list<float> column -> float32 numpy (rows, classes)."""
+    import numpy as np
+
+    arr = column.combine_chunks() if hasattr(column, "combine_chunks") else column
+    width = arr.type.list_size
+    return np.asarray(arr.flatten().to_numpy(zero_copy_only=False), dtype=np.float32).reshape(-1, width)
+
+
+class ShardStream:
+    def __init__(self, *, data: "Artifact", sources: list[LabelSource], label_names: list[str], cfg,
+                 use_gold_on_augmented: bool):
+        self.data, self.sources, self.label_names, self.cfg = data, sources, label_names, cfg
+        self.use_gold_on_augmented = use_gold_on_augmented
+        self.columns = data.columns() or []
+        self.shard_rows = [s["rows"] for s in data.manifest.get("shards", [])] or \
+            [data.read_shard(i, columns=["id"]).num_rows for i in range(data.num_shards())]
+
+    def batches_per_epoch(self) -> int:
+        b = self.cfg.batch_size
+        return sum(-(-n // b) for n in self.shard_rows)
+
+    def _teacher_rows(self, source: LabelSource, ids, shard_index: int):
+        """This shard's teacher logits, row-aligned with `ids`, joined by id."""
+        import pyarrow as pa
+        import pyarrow.compute as pc
+
+        cols = ["id", *source.columns]
+        art = source.artifact
+        table = art.read_shard(shard_index, columns=cols) if art.shard_path(shard_index).is_file() else None
+        pos = pc.index_in(ids, value_set=table["id"]) if table is not None else None
+        if pos is None or pos.null_count:
+            # Shards not aligned with the data: gather this shard's ids from every label shard.
+            parts = [t.filter(pc.is_in(t["id"], value_set=ids)) for t in art.iter_shards(columns=cols)]
+            table = pa.concat_tables(parts)
+            pos = pc.index_in(ids, value_set=table["id"])
+            if pos.null_count:
+                missing = ids.filter(pc.is_null(pos)).to_pylist()
+                raise ValueError(f"{len(missing)} rows of data shard {shard_index} have no teacher labels in "
+                                 f"label artifact {art.key} (e.g. id {missing[0]!r}); label the same data "
+                                 "artifact the student trains on")
+        taken = table.take(pos)
+        return [logits_matrix(taken[c]) for c in source.columns]
+
+    def load_shard(self, index: int, *, epoch: int, seed: int) -> dict[str, Any]:
+        """One shard, joined and in this epoch's seeded row order."""
+        import numpy as np
+
+        cfg = self.cfg
+        want = ["id", cfg.student_column] + [c for c in (cfg.student_pair_column, cfg.label_column, "aug_index")
+                                             if c and c in self.columns]
+        table = self.data.read_shard(index, columns=want)
+        ids = table["id"].combine_chunks()
+        order = sorted(range(table.num_rows), key=lambda i, ids=ids.to_pylist(): row_order_key(seed, epoch, ids[i]))
+        if cfg.label_column in table.column_names:
+            gold = np.array(gold_indices(table[cfg.label_column].to_pylist(), self.label_names), dtype=np.int64)
+        else:
+            gold = np.full(table.num_rows, -1, dtype=np.int64)
+        if not self.use_gold_on_augmented and "aug_index" in table.column_names:
+            aug = table["aug_index"].to_numpy(zero_copy_only=False)
+            gold[aug >= 0] = -1
+        teachers = [m for s in self.sources for m in self._teacher_rows(s, ids, index)]
+        texts = [t or "" for t in table[cfg.student_column].to_pylist()]
+        pairs = [t or "" for t in table[cfg.student_pair_column].to_pylist()] if cfg.student_pair_column else None
+        o = np.array(order, dtype=np.int64)
+        return {"texts": [texts[i] for i in order], "pairs": None if pairs is None else [pairs[i] for i in order],
+                "gold": gold[o], "teachers": [t[o] for t in teachers]}
+
+    def batches(self, *, epoch: int, seed: int, module) -> Iterator[tuple[dict, Any, Any]]:
+        import numpy as np
+        import torch
+
+        from stages.losses import combine_teachers
+
+        rng = np.random.default_rng([seed & 0xFFFFFFFF, epoch])
+        b = self.cfg.batch_size
+        for index in rng.permutation(len(self.shard_rows)):
+            shard = self.load_shard(int(index), epoch=epoch, seed=seed)
+            rows = module.tokenize_rows(shard["texts"], shard["pairs"])
+            for start in range(0, len(rows), b):
+                batch = module.collate(rows[start:start + b])
+                gold = torch.from_numpy(shard["gold"][start:start + b])
+                teacher = None
+                if shard["teachers"]:
+                    ens = self.cfg.ensemble
+                    teacher = combine_teachers([torch.from_numpy(t[start:start + b]) for t in shard["teachers"]],
+                                               mode=ens.mode, weights=ens.weights)
+                yield batch, gold, teacher
+
+
+def read_eval_table(art: "Artifact", cfg, label_names: list[str]) -> dict[str, Any]:
+    """A (small) dev/eval artifact in memory: texts, pairs and gold indices."""
+    cols = [cfg.student_column, cfg.label_column] + ([cfg.student_pair_column] if cfg.student_pair_column else [])
+    table = art.read_table(columns=cols)
+    return {"texts": [t or "" for t in table[cfg.student_column].to_pylist()],
+            "pairs": [t or "" for t in table[cfg.student_pair_column].to_pylist()] if cfg.student_pair_column else None,
+            "gold": gold_indices(table[cfg.label_column].to_pylist(), label_names)}

@@ -1,0 +1,202 @@
+"""The train stage and its students on tiny tables built with pyarrow (no Ray), plus spm."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from pipeline.testing import make_artifact, make_context
+from stages.students import load_student
+from stages.train import TrainStage
+
+POS = ["a warm funny film", "the cast is terrific", "an absolute joy", "smart and beautiful"]
+NEG = ["a dull mess", "the plot makes no sense", "painfully boring", "the worst acting"]
+TINY_BERT = {"model_type": "bert", "hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2,
+             "intermediate_size": 64, "max_position_embeddings": 64}
+LABEL_MD = {"kdpipe.task": "classification", "kdpipe.label_names": '["neg", "pos"]',
+            "kdpipe.logit_columns": '["logits"]'}
+
+
+def corpus(n_repeat: int = 4):
+    texts, labels = [], []
+    for i in range(n_repeat):
+        for j, t in enumerate(POS + NEG):
+            texts.append(f"{t} {i}")
+            labels.append(1 if j < len(POS) else 0)
+    return [f"r{i:03d}" for i in range(len(texts))], texts, labels
+
+
+def teacher_logits(labels, *, strength: float = 2.0):
+    return [[-strength, strength] if y else [strength, -strength] for y in labels]
+
+
+def label_artifact(path: Path, ids, logits, *, rows_per_shard: int, reverse: bool = True, md=LABEL_MD):
+    order = list(range(len(ids)))[::-1] if reverse else list(range(len(ids)))
+    table = pa.table({"id": [ids[i] for i in order],
+                      "logits": pa.array([logits[i] for i in order], pa.list_(pa.float32(), 2))})
+    return make_artifact(path, table, rows_per_shard=rows_per_shard, metadata=md)
+
+
+def student_cfg(kind: str = "bilstm", **kw):
+    base = {"student": {"type": kind, "embedding_dim": 32, "hidden_dim": 32, "mlp_dim": 32, "num_filters": 16,
+                        "dropout": 0.1, **({"hf_config": TINY_BERT} if kind == "transformer" else {})},
+            "epochs": 12, "lr": 3e-3 if kind != "transformer" else 1e-3, "batch_size": 8}
+    base.update(kw)
+    return TrainStage.Config(**base)
+
+
+def metrics_of(ctx):
+    return json.loads((ctx.out_dir / "metrics.json").read_text())
+
+
+@pytest.fixture
+def data_art(tmp_path):
+    ids, texts, labels = corpus()
+    return make_artifact(tmp_path / "data", pa.table({"id": ids, "text": texts, "label": labels}),
+                         rows_per_shard=10, metadata={"kdpipe.label_names": '["neg", "pos"]'})
+
+
+def is_png(path: Path) -> bool:
+    import matplotlib.image
+
+    return path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and matplotlib.image.imread(path).ndim == 3
+
+
+@pytest.mark.slow
+def test_bilstm_distils_from_unaligned_labels_and_round_trips(tmp_path, data_art):
+    ids, texts, labels = corpus()
+    # label shards laid out differently from the data shards (7 vs 10 rows, reversed): join by id
+    labels_art = label_artifact(tmp_path / "labels", ids, teacher_logits(labels), rows_per_shard=7)
+    ctx = make_context(tmp_path, inputs={"data": [data_art], "labels": [labels_art]}, name="kd")
+    summary = TrainStage(config=student_cfg(losses={"ce": 0.0, "mse": 1.0, "kl": 1.0}, temperature=2.0)).run(ctx)
+    history = metrics_of(ctx)["history"]
+    assert history[-1]["loss"] < 0.5 * history[0]["loss"]
+    assert summary["labels"] == [{"key": labels_art.key, "stage": None, "columns": ["logits"]}]
+    student = load_student(ctx.out_dir.parent)  # the artifact directory resolves to files/student
+    assert student.predict(texts) == [["neg", "pos"][y] for y in labels]
+    assert student.num_parameters() == summary["parameters"]
+    assert is_png(ctx.out_dir / "curves.png")
+    # the saved directory alone reproduces the trained model's logits exactly
+    again = load_student(ctx.out_dir / "student")
+    np.testing.assert_array_equal(again.logits(texts), student.logits(texts))
+    assert {p.name for p in (ctx.out_dir / "student").iterdir()} >= {"model.safetensors", "student.json", "vocab.txt"}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["cnn", "transformer"])
+def test_students_overfit_gold_labels(tmp_path, data_art, kind):
+    _, texts, labels = corpus()
+    ctx = make_context(tmp_path, inputs={"data": [data_art]}, name=kind)
+    TrainStage(config=student_cfg(kind)).run(ctx)
+    history = metrics_of(ctx)["history"]
+    assert history[-1]["ce"] < 0.5 * history[0]["ce"]
+    student = load_student(ctx.out_dir / "student")
+    assert student.predict(texts, return_names=False) == labels
+    assert load_student(ctx.out_dir / "student").predict(texts) == student.predict(texts)
+
+
+@pytest.mark.slow
+def test_siamese_pair_student(tmp_path):
+    pairs = [("a man rides a horse", "a person rides an animal", 1), ("a man rides a horse", "the cat sleeps", 0),
+             ("two dogs play", "dogs are playing", 1), ("two dogs play", "a woman reads", 0)] * 4
+    table = pa.table({"id": [f"p{i}" for i in range(len(pairs))], "text": [p[0] for p in pairs],
+                      "text_pair": [p[1] for p in pairs], "label": [p[2] for p in pairs]})
+    data = make_artifact(tmp_path / "pairs", table, rows_per_shard=8)
+    ctx = make_context(tmp_path, inputs={"data": [data]}, name="pair")
+    TrainStage(config=student_cfg(student_pair_column="text_pair", epochs=15)).run(ctx)
+    student = load_student(ctx.out_dir / "student")
+    assert student.predict(table["text"].to_pylist(), table["text_pair"].to_pylist(),
+                           return_names=False) == table["label"].to_pylist()
+    with pytest.raises(ValueError, match="pairs"):
+        student.predict(["a man rides a horse"])
+
+
+def test_missing_teacher_labels_fail_loudly(tmp_path, data_art):
+    ids, _, labels = corpus()
+    partial = label_artifact(tmp_path / "labels", ids[:-3], teacher_logits(labels[:-3]), rows_per_shard=10,
+                             reverse=False)
+    ctx = make_context(tmp_path, inputs={"data": [data_art], "labels": [partial]})
+    with pytest.raises(ValueError, match="no teacher labels"):
+        TrainStage(config=student_cfg(losses={"ce": 0.0, "kl": 1.0}, epochs=1)).run(ctx)
+
+
+def test_augmented_rows_use_only_the_teacher(tmp_path):
+    from stages.train_data import ShardStream, label_sources
+
+    ids, texts, labels = corpus(1)
+    aug = [-1 if i % 2 == 0 else 0 for i in range(len(ids))]
+    data = make_artifact(tmp_path / "aug", pa.table({"id": ids, "text": texts, "label": labels,
+                                                      "aug_index": pa.array(aug, pa.int32())}))
+    labels_art = label_artifact(tmp_path / "labels", ids, teacher_logits(labels), rows_per_shard=3)
+    cfg = student_cfg(losses={"ce": 1.0, "kl": 1.0})
+    stream = ShardStream(data=data, sources=label_sources([labels_art]), label_names=["neg", "pos"], cfg=cfg,
+                         use_gold_on_augmented=False)
+    shard = stream.load_shard(0, epoch=0, seed=1)
+    by_text = dict(zip(shard["texts"], shard["gold"].tolist()))
+    for t, y, a in zip(texts, labels, aug):
+        assert by_text[t] == (y if a < 0 else -1)
+    # the seeded order depends on ids, not on position: another epoch gives another order
+    assert stream.load_shard(0, epoch=1, seed=1)["texts"] != shard["texts"]
+    np.testing.assert_array_equal(shard["teachers"][0].argmax(-1)[shard["gold"] >= 0],
+                                  shard["gold"][shard["gold"] >= 0])
+
+
+@pytest.mark.slow
+def test_resume_after_interruption_matches_uninterrupted_run(tmp_path, data_art):
+    ids, texts, labels = corpus()
+    labels_art = label_artifact(tmp_path / "labels", ids, teacher_logits(labels), rows_per_shard=10)
+    cfg = student_cfg(losses={"ce": 1.0, "kl": 1.0}, anneal=True, epochs=3)
+    inputs = {"data": [data_art], "labels": [labels_art]}
+
+    class Interrupted(Exception):
+        pass
+
+    def stop_after_first(epoch: int) -> None:
+        if epoch == 1:
+            raise Interrupted
+
+    ctx = make_context(tmp_path, inputs=inputs, name="interrupted")
+    with pytest.raises(Interrupted):
+        TrainStage(config=cfg).run(ctx, on_epoch_end=stop_after_first)
+    state = json.loads((ctx.scratch_dir / "state.json").read_text())
+    assert state["epoch"] == 1 and (ctx.scratch_dir / "epoch-1.safetensors").is_file()
+    resumed = TrainStage(config=cfg).run(ctx)
+    assert resumed["resumed_from_epoch"] == 1 and resumed["epochs_run"] == 3
+
+    whole = make_context(tmp_path, inputs=inputs, name="whole")
+    TrainStage(config=cfg).run(whole)
+    a, b = load_student(ctx.out_dir / "student"), load_student(whole.out_dir / "student")
+    np.testing.assert_allclose(a.logits(texts), b.logits(texts), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_spm_tokenizer_artifact_feeds_a_student(tmp_path, data_art):
+    from stages.spm import SpmStage
+
+    _, texts, labels = corpus()
+    spm_ctx = make_context(tmp_path, inputs={"data": [data_art]}, name="spm")
+    spm_ctx.out_dir.mkdir(parents=True)
+    spm_ctx.scratch_dir.mkdir(parents=True)
+    summary = SpmStage(config=SpmStage.Config(vocab_size=60)).run(spm_ctx)
+    assert 10 < summary["vocab_size"] <= 60
+    spm_art = make_artifact(tmp_path / "spm-art", files={"spm.model": (spm_ctx.out_dir / "spm.model").read_bytes()})
+    ctx = make_context(tmp_path, inputs={"data": [data_art], "tokenizer": [spm_art]}, name="spm-student")
+    TrainStage(config=student_cfg(epochs=10)).run(ctx)
+    student = load_student(ctx.out_dir / "student")
+    assert json.loads((ctx.out_dir / "student" / "student.json").read_text())["tokenizer"]["kind"] == "spm"
+    assert len(student.module.tokenizer) == summary["vocab_size"]
+    assert student.predict(texts, return_names=False) == labels
+
+
+def test_validate_reports_fixable_problems(data_art):
+    stage = TrainStage(config=student_cfg("transformer", losses={"ce": 0.0, "kl": 1.0},
+                                          student={"type": "transformer"}))
+    problems = {p.loc: p.message for p in stage.validate(input_columns={"data": [["id", "sentence"]]})}
+    assert "labels" in problems["inputs.labels"]
+    assert "hf_config" in problems["config.student"]
+    assert "'text' missing" in problems["inputs.data"]
+    ok = TrainStage(config=student_cfg())
+    assert ok.validate(input_columns={"data": [["id", "text", "label"]]}) == []
