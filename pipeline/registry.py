@@ -18,6 +18,8 @@ STAGES: dict[str, str] = {
     "augment": "stages.augment:AugmentStage",
     "finetune": "stages.finetune:FinetuneStage",
     "split": "stages.split:SplitStage",
+    "seq2seq_teacher": "stages.seq2seq_teacher:Seq2SeqTeacherStage",
+    "train_seq2seq": "stages.train_seq2seq:TrainSeq2SeqStage",
 }
 
 

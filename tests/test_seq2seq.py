@@ -1,0 +1,318 @@
+"""Sequence-level KD: seq2seq teacher from scratch, students on reference / Seq-KD / Seq-Inter /
+Word-KD targets, the seq2seq student loader, and the multi30k-seqkd manifest end to end."""
+from __future__ import annotations
+
+import itertools
+import json
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+
+SUBJECTS = [("a man", "ein mann"), ("a woman", "eine frau"), ("a dog", "ein hund"), ("a child", "ein kind")]
+VERBS = [("sees", "sieht"), ("likes", "mag"), ("paints", "malt"), ("finds", "findet")]
+OBJECTS = [("the house", "das haus"), ("the car", "das auto"), ("the tree", "den baum"), ("the ball", "den ball")]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_torch_thread():
+    """Tiny models gain nothing from threads, and on a shared machine OpenMP spin-waiting makes
+    two threads ~20x slower than one."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def toy_pairs() -> list[tuple[str, str]]:
+    """64 EN-DE pairs of a tiny, perfectly regular language."""
+    return [(f"{s} {v} {o} .", f"{sd} {vd} {od} .")
+            for (s, sd), (v, vd), (o, od) in itertools.product(SUBJECTS, VERBS, OBJECTS)]
+
+
+def parallel_table():
+    import pyarrow as pa
+
+    pairs = toy_pairs()
+    return pa.table({"id": [f"p{i:03d}" for i in range(len(pairs))], "text": [e for e, _ in pairs],
+                     "de": [d for _, d in pairs]})
+
+
+def tiny_schedule(**kw):
+    return {"epochs": 20, "max_steps": 6, "batch_size": 16, "warmup_steps": 2, "lr": 3e-3, **kw}
+
+
+@pytest.fixture(scope="module")
+def teacher_art(tmp_path_factory):
+    """A seq2seq_teacher artifact trained briefly on the toy corpus (no Ray)."""
+    from pipeline.testing import make_artifact, make_context
+    from stages.seq2seq_teacher import Seq2SeqTeacherStage
+
+    tmp = tmp_path_factory.mktemp("teacher")
+    data = make_artifact(tmp / "data", parallel_table(), rows_per_shard=20)
+    ctx = make_context(tmp, inputs={"data": [data]}, name="teacher")
+    stage = Seq2SeqTeacherStage(config=Seq2SeqTeacherStage.Config(vocab_size=60, train=tiny_schedule(max_steps=30),
+                                                              checkpoint_every=10))
+    summary = stage.run(ctx)
+    from pipeline.testing import make_artifact as _mk
+
+    art = _mk(tmp / "teacher-art", files={str(p.relative_to(ctx.out_dir)): p.read_bytes()
+                                          for p in ctx.out_dir.rglob("*") if p.is_file()})
+    return art, summary
+
+
+def beam_labels(model_dir: Path, ids: list[str], texts: list[str], *, num_beams: int = 3, topk: int = 4):
+    """A label table in the ARCHITECTURE.md seq2seq layout from direct `generate` calls (what
+    the label stage produces), for testing students independently of it."""
+    import pyarrow as pa
+    import torch
+    from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(model_dir))
+    model = AutoModelForSeq2SeqLM.from_pretrained(str(model_dir)).eval()
+    enc = tok(texts, return_tensors="pt", padding=True)
+    with torch.inference_mode():
+        out = model.generate(**enc, num_beams=num_beams, num_return_sequences=num_beams, max_new_tokens=12,
+                             output_scores=True, return_dict_in_generate=True)
+        seqs = out.sequences.view(len(texts), num_beams, -1)
+        best = seqs[:, 0, :]
+        # top-k of the model's own distribution along the best hypothesis (teacher forcing)
+        logits = model(**enc, decoder_input_ids=best[:, :-1]).logits
+        top = torch.log_softmax(logits.float(), -1).topk(topk, dim=-1)
+    hyp_text, hyp_ids, topk_ids, topk_lp = [], [], [], []
+    for i in range(len(texts)):
+        rows = [[t for t in s.tolist()[1:] if t != tok.pad_token_id] for s in seqs[i]]
+        hyp_ids.append(rows)
+        hyp_text.append(tok.batch_decode(seqs[i], skip_special_tokens=True))
+        n = len(rows[0])
+        topk_ids.append(top.indices[i, :n].tolist())
+        topk_lp.append(top.values[i, :n].tolist())
+    scores = out.sequences_scores.view(len(texts), num_beams).tolist()
+    return pa.table({
+        "id": pa.array(ids, pa.string()),
+        "hyp_text": pa.array(hyp_text, pa.list_(pa.string())),
+        "hyp_ids": pa.array(hyp_ids, pa.list_(pa.list_(pa.int32()))),
+        "hyp_scores": pa.array(scores, pa.list_(pa.float32())),
+        "topk_ids": pa.array(topk_ids, pa.list_(pa.list_(pa.int32(), topk))),
+        "topk_logprobs": pa.array(topk_lp, pa.list_(pa.list_(pa.float16(), topk))),
+    })
+
+
+# --- teacher ----------------------------------------------------------------------------------
+
+def test_teacher_is_a_plain_hf_checkpoint(teacher_art):
+    import sentencepiece as spm
+    from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
+
+    art, summary = teacher_art
+    model_dir = art.files_dir / "model"
+    tok = AutoTokenizer.from_pretrained(str(model_dir))
+    sp = spm.SentencePieceProcessor(model_file=str(model_dir / "spiece.model"))
+    assert len(tok) == sp.get_piece_size() > 20
+    text = "a dog likes the car ."
+    assert tok(text)["input_ids"] == sp.encode(text) + [tok.eos_token_id]
+    assert tok.unk_token_id not in tok(text)["input_ids"]
+    model = AutoModelForSeq2SeqLM.from_pretrained(str(model_dir))
+    assert model.num_parameters() == summary["parameters"]
+    assert summary["steps"] == 30 and len(summary["loss_curve"]) == 3
+    assert summary["final_loss"] < summary["loss_curve"][0][1]  # it learns
+
+
+def test_fit_resumes_from_scratch_checkpoint_to_identical_weights(tmp_path):
+    import torch
+
+    from stages.seq2seq_teacher import ModelDims, TrainSchedule, build_t5, encode, fit, load_spm_tokenizer, \
+        train_sentencepiece
+
+    pairs = toy_pairs()
+    train_sentencepiece([e for e, _ in pairs] + [d for _, d in pairs], tmp_path / "tok", 60, seed=0)
+    tok = load_spm_tokenizer(tmp_path / "tok")
+    examples = [{"src": s, "tgt": t} for s, t in zip(encode(tok, [e for e, _ in pairs], 32),
+                                                     encode(tok, [d for _, d in pairs], 32))]
+    schedule = TrainSchedule(**tiny_schedule(max_steps=7))
+    dims = ModelDims(d_model=32, d_ff=64, num_heads=2)
+
+    straight = build_t5(tok, dims, seed=1, max_new_tokens=8, num_beams=1)
+    fit(straight, examples, schedule, scratch=tmp_path / "a", seed=3, checkpoint_every=2)
+
+    class Crash(Exception):
+        pass
+
+    def crash_at_5(step):
+        if step == 5:
+            raise Crash
+
+    interrupted = build_t5(tok, dims, seed=1, max_new_tokens=8, num_beams=1)
+    with pytest.raises(Crash):
+        fit(interrupted, examples, schedule, scratch=tmp_path / "b", seed=3, checkpoint_every=2, on_step=crash_at_5)
+    assert json.loads((tmp_path / "b" / "train_state.json").read_text())["step"] == 4
+    resumed = build_t5(tok, dims, seed=99, max_new_tokens=8, num_beams=1)  # weights come from the checkpoint
+    stats = fit(resumed, examples, schedule, scratch=tmp_path / "b", seed=3, checkpoint_every=2)
+    assert stats["steps"] == 7
+    for (name, a), (_, b) in zip(straight.state_dict().items(), resumed.state_dict().items()):
+        assert torch.equal(a, b), name
+
+
+# --- targets ----------------------------------------------------------------------------------
+
+def test_seqinter_picks_the_highest_sentence_bleu_hypothesis():
+    from sacrebleu import sentence_bleu
+
+    from stages.train_seq2seq import closest_hypothesis
+
+    ref = "ein mann sieht das haus am see ."
+    hyps = ["ein hund mag den ball .", "eine frau sieht das haus .", "ein mann sieht das haus am see .",
+            "ein mann sieht das auto ."]
+    assert closest_hypothesis(hyps, ref) == 2
+    cases = [(hyps[::-1], ref), (["das haus", "ein mann sieht"], ref), (["x y z", "x y z"], ref)]
+    for candidates, reference in cases:
+        scores = [sentence_bleu(h, [reference]).score for h in candidates]
+        picked = closest_hypothesis(candidates, reference)
+        assert scores[picked] == max(scores)
+        assert picked == scores.index(max(scores))  # ties: the better-ranked hypothesis
+
+
+def test_clean_hypothesis_strips_start_and_padding():
+    from stages.train_seq2seq import clean_hypothesis
+
+    ids = dict(start_id=0, pad_id=0, eos_id=1)
+    assert clean_hypothesis([0, 5, 6, 1, 0, 0], **ids) == [5, 6, 1]
+    assert clean_hypothesis([5, 6, 1], **ids) == [5, 6, 1]
+    assert clean_hypothesis([5, 6], **ids) == [5, 6, 1]
+
+
+def test_targets_follow_ids_when_label_shards_are_out_of_order(tmp_path, teacher_art):
+    import pyarrow as pa
+
+    from pipeline.testing import make_artifact, make_context
+    from stages.train_seq2seq import TrainSeq2SeqConfig, _read_sources, build_examples, clean_hypothesis, join_labels
+    from stages.seq2seq_teacher import load_spm_tokenizer, read_pairs
+
+    teacher, _ = teacher_art
+    table = parallel_table()
+    data = make_artifact(tmp_path / "data", table, rows_per_shard=16)
+    labels = beam_labels(teacher.files_dir / "model", table["id"].to_pylist(), table["text"].to_pylist())
+    # the label shards come back in another order and another sharding
+    perm = list(range(table.num_rows))[::-1]
+    perm = perm[1::2] + perm[::2]
+    shuffled = labels.take(pa.array(perm))
+    label_art = make_artifact(tmp_path / "labels", shuffled, rows_per_shard=10)
+    ctx = make_context(tmp_path, inputs={"data": [data], "labels": [label_art], "teacher": [teacher]})
+    tok = load_spm_tokenizer(teacher.files_dir / "model")
+    expected = {r["id"]: r for r in labels.to_pylist()}
+    source_of = dict(zip(table["id"].to_pylist(), table["text"].to_pylist()))
+
+    for target in ("seqkd", "seqinter", "wordkd"):
+        cfg = TrainSeq2SeqConfig(target=target)
+        pairs = read_pairs(ctx, "data", "text", "de") if target == "seqinter" else _read_sources(ctx, "text")
+        joined = join_labels(pairs, label_art, ["hyp_text", "hyp_ids", "topk_ids", "topk_logprobs"])
+        examples, _ = build_examples(joined, tok, cfg, teacher_vocab=True)
+        assert len(examples) == table.num_rows
+        for pair, ex in zip(joined, examples):
+            assert pair["src"] == source_of[pair["id"]]
+            assert ex["src"] == tok(pair["src"])["input_ids"]
+            row = expected[pair["id"]]
+            chosen = 0 if target != "seqinter" else max(
+                range(len(row["hyp_text"])), key=lambda i: (__import__("sacrebleu").sentence_bleu(
+                    row["hyp_text"][i], [pair["tgt"]]).score, -i))
+            want = clean_hypothesis(row["hyp_ids"][chosen], start_id=0, pad_id=0, eos_id=1)
+            if target == "wordkd":  # top-k exists for the generated positions only
+                want = want[: len(row["topk_ids"])]
+                assert ex["topk_ids"] == row["topk_ids"][: len(want)]
+            assert ex["tgt"] == want
+
+
+def test_missing_labels_are_an_error(tmp_path):
+    from pipeline.testing import make_artifact
+    from stages.train_seq2seq import join_labels
+
+    import pyarrow as pa
+
+    labels = make_artifact(tmp_path / "l", pa.table({"id": ["a"], "hyp_text": [["x"]]}))
+    with pytest.raises(ValueError, match="1 of 2 rows have no label"):
+        join_labels([{"id": "a"}, {"id": "b"}], labels, ["hyp_text"])
+
+
+def test_word_kd_loss_matches_a_hand_computation():
+    import torch
+
+    from stages.seq2seq_teacher import ModelDims, TrainSchedule, build_t5
+    from stages.train_seq2seq import word_kd_loss
+
+    class Tok:
+        pad_token_id, eos_token_id = 0, 1
+
+        def __len__(self):
+            return 20
+
+    model = build_t5(Tok(), ModelDims(d_model=16, d_ff=32, num_heads=2, dropout=0.0), seed=0,
+                     max_new_tokens=4, num_beams=1).eval()
+    batch = [{"src": [5, 6, 1], "tgt": [7, 8, 1], "topk_ids": [[7, 9], [8, 3], [1, 4]],
+              "topk_logprobs": [[-0.1, -2.5], [-0.3, -1.5], [-0.01, -5.0]]},
+             {"src": [4, 1], "tgt": [9, 1], "topk_ids": [[9, 7], [1, 2]], "topk_logprobs": [[-0.2, -1.8], [-0.05, -3.0]]}]
+    schedule = TrainSchedule(label_smoothing=0.0)
+    got = word_kd_loss(model, batch, schedule, alpha=0.3)
+    nll, kd, n = 0.0, 0.0, 0
+    for ex in batch:
+        src = torch.tensor([ex["src"]])
+        logits = model(input_ids=src, labels=torch.tensor([ex["tgt"]])).logits[0].float()
+        lp = torch.log_softmax(logits, -1)
+        for t, tok in enumerate(ex["tgt"]):
+            nll -= lp[t, tok].item()
+            p = torch.softmax(torch.tensor(ex["topk_logprobs"][t]), -1)
+            kd -= sum(p[j].item() * lp[t, ex["topk_ids"][t][j]].item() for j in range(2))
+            n += 1
+    assert got.item() == pytest.approx(0.7 * nll / n + 0.3 * kd / n, rel=1e-4)
+
+
+# --- students ---------------------------------------------------------------------------------
+
+def test_students_train_on_each_target_and_load(tmp_path, teacher_art):
+    from pipeline.testing import make_artifact, make_context
+    from stages.students import load_student
+    from stages.train_seq2seq import TrainSeq2SeqStage
+
+    teacher, _ = teacher_art
+    table = parallel_table()
+    data = make_artifact(tmp_path / "data", table, rows_per_shard=16)
+    labels = make_artifact(tmp_path / "labels", beam_labels(teacher.files_dir / "model", table["id"].to_pylist(),
+                                                             table["text"].to_pylist()), rows_per_shard=25)
+    small = {"d_model": 32, "d_ff": 64, "num_layers": 1, "num_decoder_layers": 1, "num_heads": 2}
+    for target in ("reference", "seqkd", "seqinter", "wordkd"):
+        inputs = {"data": [data], "teacher": [teacher]}
+        if target != "reference":
+            inputs["labels"] = [labels]
+        ctx = make_context(tmp_path, inputs=inputs, name=target)
+        cfg = TrainSeq2SeqStage.Config(target=target, model=small, train=tiny_schedule(max_steps=4))
+        summary = TrainSeq2SeqStage(config=cfg).run(ctx)
+        assert summary["steps"] == 4 and summary["target"] == target
+        student = load_student(ctx.out_dir.parent)  # the artifact directory
+        assert student.task == "seq2seq"
+        assert student.num_parameters() == summary["parameters"]
+        texts = ["a dog sees the tree .", "a child paints the ball .", "a man likes the house ."]
+        greedy = student.predict(texts)
+        beam = student.predict(texts, num_beams=3, batch_size=2)
+        assert len(greedy) == len(beam) == 3 and all(isinstance(t, str) for t in greedy + beam)
+        assert json.loads((ctx.out_dir / "metrics.json").read_text())["target"] == target
+        assert (ctx.out_dir / "curves.png").is_file()
+    # without a teacher the student trains its own sentencepiece model
+    ctx = make_context(tmp_path, inputs={"data": [data]}, name="own-vocab")
+    cfg = TrainSeq2SeqStage.Config(target="reference", vocab_size=50, model=small, train=tiny_schedule(max_steps=2))
+    assert TrainSeq2SeqStage(config=cfg).run(ctx)["vocab_size"] >= 40
+
+
+def test_student_validation_explains_missing_inputs():
+    from stages.train_seq2seq import TrainSeq2SeqStage
+
+    stage = TrainSeq2SeqStage(config=TrainSeq2SeqStage.Config(target="wordkd"))
+    problems = stage.validate(input_columns={"data": [["id", "text", "de"]], "labels": [["id", "hyp_text", "hyp_ids"]]})
+    messages = " | ".join(f"{p.loc}: {p.message}" for p in problems)
+    assert "topk_ids" in messages and "teacher" in messages
+    stage = TrainSeq2SeqStage(config=TrainSeq2SeqStage.Config(target="seqkd", source_column="en"))
+    problems = stage.validate(input_columns={"data": [["id", "text", "de"]]})
+    assert {p.loc for p in problems} == {"config.source_column", "inputs"}
+    assert TrainSeq2SeqStage(config=TrainSeq2SeqStage.Config()).validate(
+        input_columns={"data": [["id", "text", "de"]]}) == []
