@@ -68,6 +68,8 @@ class EvaluateConfig(StageConfig):
     target_column: str = Field("target", description="reference translation (seq2seq)")
     limit: int | None = Field(None, gt=0, description="score only the first N rows")
     speed_rows: int = Field(512, gt=0, description="inputs used to time each model")
+    teacher_model: str | None = Field(None, description="a local HF model dir as the speed reference, "
+                                      "when the teacher is not an artifact of this run (no `teacher` input)")
     batch_size: int = throughput(64, gt=0)
     num_cpus: int = throughput(1, gt=0)
 
@@ -93,7 +95,19 @@ class EvaluateStage(TaskStage):
             if cols is not None and cfg.label_column not in cols and cfg.target_column not in cols:
                 problems.append(Problem("inputs.data", f"no gold column: neither {cfg.label_column!r} nor "
                                         f"{cfg.target_column!r} is in {', '.join(cols)}; set label_column"))
+        if cfg.teacher_model and not (Path(cfg.teacher_model) / "config.json").is_file():
+            problems.append(Problem("config.teacher_model", f"{cfg.teacher_model!r} is not an HF model directory "
+                                    "(no config.json); give the teacher's checkpoint dir"))
+        if cfg.teacher_model and input_columns.get("teacher"):
+            problems.append(Problem("config.teacher_model", "give the teacher either as `inputs.teacher` or "
+                                    "as `teacher_model`, not both"))
         return problems
+
+    def fingerprint(self) -> dict[str, str]:
+        from pipeline.hashing import hash_tree
+
+        path = self.config.teacher_model
+        return {f"teacher {path}": hash_tree(path)} if path and Path(path).is_dir() else {}
 
     def run(self, ctx: StageContext) -> dict[str, Any]:
         from stages.students import load_student
@@ -109,12 +123,16 @@ class EvaluateStage(TaskStage):
         arts = list(ctx.inputs.get("models") or [])
         if teacher_art is not None and teacher_art.path not in [a.path for a in arts]:
             arts.insert(0, teacher_art)
+        entries = [(self._describe(a, teacher_art), model_dir(a.path)) for a in arts]
+        if cfg.teacher_model:
+            path = Path(cfg.teacher_model)
+            entries.insert(0, ({"name": path.name, "key": None, "stage_type": None, "is_teacher": True,
+                                "labels_used": None}, path))
         results = []
-        for art in arts:
-            model = load_student(model_dir(art.path))
-            entry = self._describe(art, teacher_art)
+        for entry, directory in entries:
+            model = load_student(directory)
             entry.update(task=model.task, type=getattr(model, "type", "?"), parameters=model.num_parameters(),
-                         size_bytes=sum(f.stat().st_size for f in model_dir(art.path).rglob("*") if f.is_file()))
+                         size_bytes=sum(f.stat().st_size for f in directory.rglob("*") if f.is_file()))
             entry["metrics"] = self._score(model, table, texts, pairs, data)
             entry["sentences_per_s"] = self._speed(model, texts[: cfg.speed_rows],
                                                    None if pairs is None else pairs[: cfg.speed_rows])

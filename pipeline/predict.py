@@ -1,0 +1,63 @@
+"""`kdpipe predict ARTIFACT_OR_RUN/STAGE --text ... | --file F`: run a trained student (or an HF
+teacher checkpoint artifact) on texts; prints `prediction<TAB>text`, one line per input."""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from pipeline.errors import KdpipeError
+
+
+def resolve_model_dir(target: str, workdir: str) -> Path:
+    """A student/HF directory from an artifact path, RUN/STAGE alias, or the directory itself."""
+    from stages.evaluate import model_dir
+
+    path = Path(target)
+    if not path.exists():
+        path = Path(workdir) / "runs" / target
+    if not path.exists():
+        raise KdpipeError(f"no model at {target!r} (nor {path}); give a student directory, an artifact "
+                          "path or RUN/STAGE (`kdpipe ls` lists them)")
+    path = path.resolve()
+    if (path / "student.json").is_file() or (path / "config.json").is_file():
+        return path
+    found = model_dir(path)
+    if not ((found / "student.json").is_file() or (found / "config.json").is_file()):
+        raise KdpipeError(f"{path} holds no trained model (no files/student or files/model); point at a "
+                          "train or finetune stage")
+    return found
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from stages.students import load_student
+
+    texts = list(args.text or [])
+    if args.file:
+        source = sys.stdin if args.file == "-" else open(args.file, encoding="utf-8")
+        with source:
+            texts += [line.rstrip("\n") for line in source if line.strip()]
+    if not texts:
+        raise KdpipeError("nothing to predict: give --text TEXT (repeatable) or --file FILE ('-' = stdin)")
+    pairs = list(args.pair or []) or None
+    if pairs is not None and len(pairs) != len(texts):
+        raise KdpipeError(f"{len(pairs)} --pair values for {len(texts)} texts; give one --pair per --text")
+    model = load_student(resolve_model_dir(args.target, args.workdir))
+    kwargs = {"batch_size": args.batch_size}
+    if pairs is not None:
+        kwargs["pairs"] = pairs
+    for text, pred in zip(texts, model.predict(texts, **kwargs)):
+        shown = " ".join(pred) if isinstance(pred, list) else pred
+        print(f"{shown}\t{text}")
+    return 0
+
+
+def add_parser(subparsers) -> None:
+    p = subparsers.add_parser("predict", help="predict with a trained student or teacher artifact")
+    p.add_argument("target", help="artifact path, RUN/STAGE, or a student directory")
+    p.add_argument("--text", action="append", help="an input text (repeatable)")
+    p.add_argument("--pair", action="append", help="second sentence for pair students (one per --text)")
+    p.add_argument("--file", help="one input text per line ('-' = stdin)")
+    p.add_argument("--workdir", default="data")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.set_defaults(func=cmd_predict)

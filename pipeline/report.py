@@ -1,0 +1,160 @@
+"""`kdpipe report RUN [--workdir data]`: one Markdown and one HTML page per run, under
+<workdir>/runs/<RUN>/report/, comparing the teacher and the students: parameters, size on disk,
+dev metric, speed-up vs the teacher, labels used; each student's training curves; and an
+accuracy-vs-speed plot. The table is also printed with the report's location.
+
+Sources: the run's evaluate artifacts (files/metrics.json) for metrics and speed, and its train
+artifacts (files/metrics.json, files/curves.png). Without an evaluate stage the students' dev
+metrics from training are shown and speed columns stay empty."""
+from __future__ import annotations
+
+import argparse
+import html
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+from pipeline.errors import KdpipeError
+
+COLUMNS = ["model", "role", "type", "params", "size MB", "metric", "value", "sent/s", "speed-up", "labels"]
+PRIMARY = ("accuracy", "bleu", "token_f1")
+
+
+def _artifacts(run_dir: Path) -> list[tuple[str, Path, dict[str, Any]]]:
+    out = []
+    for alias in sorted(p for p in run_dir.iterdir() if p.is_symlink()):
+        art = alias.resolve()
+        try:
+            manifest = json.loads((art / "manifest.json").read_text())
+        except (OSError, ValueError):
+            continue  # an incomplete artifact: nothing to report
+        out.append((alias.name, art, manifest))
+    return out
+
+
+def _primary(metrics: dict[str, Any]) -> tuple[str, float | None]:
+    for key in PRIMARY:
+        if key in metrics:
+            return key, metrics[key]
+    return "", None
+
+
+def collect_rows(run_dir: Path) -> tuple[list[dict[str, Any]], list[tuple[str, Path]]]:
+    arts = _artifacts(run_dir)
+    rows: dict[str, dict[str, Any]] = {}
+    curves = []
+    for name, art, manifest in arts:
+        if manifest.get("type") == "train":
+            m = json.loads((art / "files" / "metrics.json").read_text())
+            if (art / "files" / "curves.png").is_file():
+                curves.append((name, art / "files" / "curves.png"))
+            rows[name] = {"model": name, "role": "student", "type": m.get("student"), "params": m.get("parameters"),
+                          "size_bytes": sum(f.stat().st_size for f in (art / "files" / "student").rglob("*") if f.is_file()),
+                          "metric": "dev accuracy" if m.get("dev_accuracy") is not None else "",
+                          "value": m.get("dev_accuracy"), "sent/s": None, "speed-up": None,
+                          "labels": ", ".join(lab.get("stage") or lab["key"] for lab in m.get("labels", [])) or "gold only"}
+    for name, art, manifest in arts:
+        if manifest.get("type") != "evaluate":
+            continue
+        ev = json.loads((art / "files" / "metrics.json").read_text())
+        for model in ev.get("models", []):
+            metric, value = _primary(model.get("metrics", {}))
+            labels = model.get("labels_used")
+            rows[model["name"]] = {
+                "model": model["name"], "role": "teacher" if model.get("is_teacher") else "student",
+                "type": model.get("type"), "params": model.get("parameters"), "size_bytes": model.get("size_bytes"),
+                "metric": f"{metric} ({name})", "value": value, "sent/s": model.get("sentences_per_s"),
+                "speed-up": model.get("speedup_vs_teacher"),
+                "labels": "—" if model.get("is_teacher") else (", ".join(map(str, labels)) if labels else "gold only")}
+    ordered = sorted(rows.values(), key=lambda r: (r["role"] != "teacher", r["model"]))
+    return ordered, curves
+
+
+def _cell(row: dict[str, Any], col: str) -> str:
+    if col == "size MB":
+        return "" if row.get("size_bytes") is None else f"{row['size_bytes'] / 1e6:.2f}"
+    value = row.get(col)
+    if value is None:
+        return ""
+    if col == "params":
+        return f"{value:,}"
+    if col == "speed-up":
+        return f"{value:.2f}x"
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value)
+
+
+def markdown_table(rows: list[dict[str, Any]]) -> str:
+    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    lines += ["| " + " | ".join(_cell(r, c) for c in COLUMNS) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def _speed_plot(rows: list[dict[str, Any]], path: Path) -> bool:
+    points = [r for r in rows if r.get("sent/s") and r.get("value") is not None]
+    if not points:
+        return False
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for r in points:
+        ax.scatter(r["sent/s"], r["value"], marker="*" if r["role"] == "teacher" else "o", s=80)
+        ax.annotate(r["model"], (r["sent/s"], r["value"]), textcoords="offset points", xytext=(5, 5), fontsize=8)
+    ax.set_xscale("log")
+    ax.set_xlabel("sentences/s (same inputs, same machine)")
+    ax.set_ylabel(points[0]["metric"].split(" (")[0])
+    ax.set_title("quality vs inference speed")
+    ax.grid(True, alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return True
+
+
+def build_report(workdir: str | Path, run: str) -> tuple[Path, str]:
+    run_dir = Path(workdir) / "runs" / run
+    if not run_dir.is_dir():
+        raise KdpipeError(f"no run {run!r} under {Path(workdir) / 'runs'}; `kdpipe ls --workdir {workdir}` lists runs")
+    rows, curves = collect_rows(run_dir)
+    if not rows:
+        raise KdpipeError(f"run {run!r} has no finished train or evaluate stage to report")
+    out = run_dir / "report"
+    out.mkdir(exist_ok=True)
+    images = []
+    if _speed_plot(rows, out / "accuracy_vs_speed.png"):
+        images.append(("Quality vs speed", "accuracy_vs_speed.png"))
+    for name, png in curves:
+        shutil.copyfile(png, out / f"curves-{name}.png")
+        images.append((f"Training curves: {name}", f"curves-{name}.png"))
+    table = markdown_table(rows)
+    md = [f"# kdpipe report: {run}", "", table, ""]
+    md += [f"## {title}\n\n![{title}]({file})\n" for title, file in images]
+    (out / "report.md").write_text("\n".join(md), encoding="utf-8")
+    head = "".join(f"<th>{html.escape(c)}</th>" for c in COLUMNS)
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(_cell(r, c))}</td>" for c in COLUMNS) + "</tr>" for r in rows)
+    figs = "".join(f"<h2>{html.escape(t)}</h2><img src=\"{html.escape(f)}\" alt=\"{html.escape(t)}\">" for t, f in images)
+    (out / "report.html").write_text(
+        f"<!doctype html><html><head><meta charset=\"utf-8\"><title>kdpipe report: {html.escape(run)}</title>"
+        "<style>body{font-family:sans-serif}table{border-collapse:collapse}td,th{border:1px solid #ccc;"
+        f"padding:4px 8px}}</style></head><body><h1>kdpipe report: {html.escape(run)}</h1><table><tr>{head}</tr>"
+        f"{body}</table>{figs}</body></html>\n", encoding="utf-8")
+    return out, table
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    out, table = build_report(args.workdir, args.run)
+    print(table)
+    print(f"\nreport: {out / 'report.md'} (and report.html)")
+    return 0
+
+
+def add_parser(subparsers) -> None:
+    p = subparsers.add_parser("report", help="Markdown/HTML report of a run: teacher vs students")
+    p.add_argument("run", help="run name (the manifest's `name`)")
+    p.add_argument("--workdir", default="data")
+    p.set_defaults(func=cmd_report)
