@@ -138,6 +138,10 @@ def word_kd_loss(model, batch: list[dict[str, Any]], schedule: TrainSchedule, al
         n = len(ex["topk_ids"])
         ids[b, :n] = torch.tensor(ex["topk_ids"], dtype=torch.long)
         teacher_lp[b, :n] = torch.tensor(ex["topk_logprobs"], dtype=torch.float32)
+    # The label stage pads top-k with id -1 / -inf when the vocabulary is smaller than k.
+    absent = (ids < 0) | ~torch.isfinite(teacher_lp)
+    ids = ids.clamp(min=0)
+    teacher_lp = teacher_lp.masked_fill(absent, -1e4)
     mask = labels != -100
     teacher_p = torch.softmax(teacher_lp, dim=-1)
     student_lp = torch.log_softmax(logits, dim=-1).gather(-1, ids)

@@ -316,3 +316,74 @@ def test_student_validation_explains_missing_inputs():
     assert {p.loc for p in problems} == {"config.source_column", "inputs"}
     assert TrainSeq2SeqStage(config=TrainSeq2SeqStage.Config()).validate(
         input_columns={"data": [["id", "text", "de"]]}) == []
+
+
+# --- the manifest, end to end through the engine -------------------------------------------------
+
+TINY_VARS = {"train_pairs": 64, "vocab_size": 60, "cpus": 1, "teacher_d_model": 32, "teacher_d_ff": 64,
+             "teacher_layers": 1, "teacher_epochs": 8, "student_d_model": 16, "student_d_ff": 32,
+             "student_layers": 1, "student_epochs": 2, "batch_size": 16, "num_beams": 3, "nbest": 3,
+             "topk": 4, "max_tokens": 12, "test_rows": 16, "rows_per_shard": 16, "label_actors": 2}
+
+
+def write_toy_multi30k(directory: Path) -> Path:
+    directory.mkdir(parents=True, exist_ok=True)
+    pairs = toy_pairs()
+    for split, rows in (("train", pairs), ("test_2016_flickr", pairs[::4])):
+        (directory / f"{split}.en").write_text("\n".join(e for e, _ in rows) + "\n", encoding="utf-8")
+        (directory / f"{split}.de").write_text("\n".join(d for _, d in rows) + "\n", encoding="utf-8")
+    return directory
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_multi30k_seqkd_manifest_runs_end_to_end(tmp_path, ray_session):
+    import sacrebleu
+    from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
+
+    from pipeline.artifact import Artifact
+    from pipeline.graph import build_graph
+    from pipeline.manifest import load_manifest
+    from pipeline.runner import run_graph
+
+    data = write_toy_multi30k(tmp_path / "multi30k")
+    manifest = load_manifest(REPO / "manifests" / "multi30k-seqkd.yaml",
+                             overrides={"multi30k": str(data), **{k: str(v) for k, v in TINY_VARS.items()}})
+    manifest.workdir = str(tmp_path / "wd")
+    summary = run_graph(build_graph(manifest), progress=False, log=lambda *a: None)
+    by_name = {s["name"]: s for s in summary}
+    assert all(s["status"] == "ran" for s in summary), [(s["name"], s["status"]) for s in summary]
+
+    train = Artifact(by_name["train_pairs"]["path"]).read_table()
+    labels = Artifact(by_name["labels"]["path"])
+    assert labels.num_shards() == 4  # 64 rows / 16: processed by two actors in any order
+    label_rows = {r["id"]: r for r in labels.read_table().to_pylist()}
+    assert set(label_rows) == set(train["id"].to_pylist())
+    # the stored n-best is the teacher's beam search on *that id's* source sentence
+    teacher_dir = Path(by_name["teacher"]["path"]) / "files" / "model"
+    tok = AutoTokenizer.from_pretrained(str(teacher_dir))
+    model = AutoModelForSeq2SeqLM.from_pretrained(str(teacher_dir)).eval()
+    agree = 0
+    for row_id, text in list(zip(train["id"].to_pylist(), train["text"].to_pylist()))[::4]:
+        out = model.generate(**tok([text], return_tensors="pt"), num_beams=3, num_return_sequences=3,
+                             max_new_tokens=12, do_sample=False)
+        agree += tok.batch_decode(out, skip_special_tokens=True) == label_rows[row_id]["hyp_text"]
+        assert len(label_rows[row_id]["topk_ids"]) == len(label_rows[row_id]["hyp_ids"][0])
+    assert agree >= 14  # of 16; batching may flip a near-tie beam now and then
+
+    # Seq-KD trained on the teacher's best hypotheses, Seq-Inter on the closest to the reference
+    seqinter = json.loads((Path(by_name["student_seqinter"]["path"]) / "files" / "metrics.json").read_text())
+    refs = dict(zip(train["id"].to_pylist(), train["de"].to_pylist()))
+    not_top = sum(max(range(3), key=lambda i: (sacrebleu.sentence_bleu(r["hyp_text"][i], [refs[k]]).score, -i)) != 0
+                  for k, r in label_rows.items())
+    assert seqinter["seqinter_not_top"] == pytest.approx(not_top / len(label_rows), abs=1e-4)
+
+    metrics = json.loads((Path(by_name["evaluate"]["path"]) / "files" / "metrics.json").read_text())
+    names = {m["name"]: m for m in metrics["models"]}
+    assert set(names) == {"teacher", "student_reference", "student_seqkd", "student_seqinter", "student_wordkd"}
+    assert names["teacher"]["is_teacher"] and metrics["rows"] == 16
+    for m in names.values():
+        assert m["task"] == "seq2seq" and 0 <= m["metrics"]["bleu"] <= 100 and m["metrics"]["chrf"] >= 0
+    # a second run is all cache hits
+    again = run_graph(build_graph(manifest), progress=False, log=lambda *a: None)
+    assert {s["status"] for s in again} == {"cached"}
