@@ -25,8 +25,8 @@ the finished shards (`finalize`), samples identical to another example's sample:
 smallest (parent_id, aug_index) is kept. Both rules depend only on ids and texts, never on shard
 boundaries, worker count or order, so the output is the same for any sharding.
 
-Determinism: each sample's RNG is a numpy PCG64 seeded from sha256(global seed, seed, parent
-id, iteration). Empty and whitespace-only inputs yield no samples; the summary counts them.
+Determinism: each sample's RNG is a numpy PCG64 whose state is set from sha256(global seed, seed,
+parent id, iteration); unigram draws invert the per-tag cumulative counts (bisect on one uniform). Empty and whitespace-only inputs yield no samples; the summary counts them.
 
 Output: `id` (sha256(parent id, aug_index), originals keep their own id), `parent_id`,
 `aug_index` int32 (-1 = the original, kept when `keep_original`), `ops` list<str>, `text`,
@@ -34,6 +34,7 @@ Output: `id` (sha256(parent id, aug_index), originals keep their own id), `paren
 """
 from __future__ import annotations
 
+import bisect
 import dataclasses
 import hashlib
 from typing import Any, Literal
@@ -77,20 +78,57 @@ class SideSample:
     """One perturbed side, with what happened to it (the tests check the rates)."""
 
     words: list[str]
-    spaces: list[bool]
+    text: str
     n_words: int
     masked: int = 0
     replaced: int = 0
     ngram: int | None = None  # n when n-gram sampling fired
 
-    @property
-    def text(self) -> str:
-        return "".join(w + " " if s else w for w, s in zip(self.words, self.spaces))
+
+@dataclasses.dataclass
+class PreparedSide:
+    """Per-example work done once for all n_iter samples: word positions, text pieces."""
+
+    words: list[str]
+    pos: list[str]
+    spaces: list[bool]
+    word_idx: list[int] = dataclasses.field(init=False)
+    pieces: list[str] = dataclasses.field(init=False)  # token + its trailing whitespace
+
+    def __post_init__(self) -> None:
+        self.word_idx = [i for i, tag in enumerate(self.pos) if tag not in SKIP_TAGS]
+        self.pieces = [w + " " if s else w for w, s in zip(self.words, self.spaces)]
 
 
-def sample_seed(global_seed: int, seed: int, parent_id: str, iteration: int) -> int:
-    digest = hashlib.sha256(f"{global_seed}\0{seed}\0{parent_id}\0{iteration}".encode()).digest()
-    return int.from_bytes(digest[:8], "little")
+def seed_hasher(global_seed: int, seed: int, parent_id: str):
+    return hashlib.sha256(f"{global_seed}\0{seed}\0{parent_id}\0".encode())
+
+
+def sample_seed(global_seed: int, seed: int, parent_id: str, iteration: int, *, hasher=None) -> bytes:
+    """sha256(global seed, seed offset, parent id, iteration): the 256 bits seeding one sample."""
+    h = (hasher or seed_hasher(global_seed, seed, parent_id)).copy()
+    h.update(str(iteration).encode())
+    return h.digest()
+
+
+class SampleRng:
+    """A numpy Generator re-seeded per sample. The PCG64 state and increment are set straight from
+    the sha256 digest: 4x cheaper than building a Generator (and its SeedSequence) per sample,
+    which would otherwise cost as much as the rest of augmentation."""
+
+    def __init__(self) -> None:
+        import numpy as np
+
+        self.bit_generator = np.random.PCG64()
+        self.generator = np.random.Generator(self.bit_generator)
+
+    def reseed(self, digest: bytes):
+        self.bit_generator.state = {
+            "bit_generator": "PCG64", "has_uint32": 0, "uinteger": 0,
+            "state": {"state": int.from_bytes(digest[:16], "little"),
+                      "inc": int.from_bytes(digest[16:], "little") | 1},  # PCG increments are odd
+        }
+        return self.generator
 
 
 def sample_id(parent_id: str, aug_index: int) -> str:
@@ -98,35 +136,39 @@ def sample_id(parent_id: str, aug_index: int) -> str:
 
 
 def perturb_side(words: list[str], pos: list[str], spaces: list[bool], rng: Any, cfg: AugmentConfig,
-                 table: dict[str, tuple[list[str], Any]]) -> SideSample:
-    import numpy as np
-
-    word_idx = [i for i, tag in enumerate(pos) if tag not in SKIP_TAGS]
-    out, sp = list(words), list(spaces)
-    result = SideSample(out, sp, len(word_idx))
-    x = rng.random(len(word_idx))
-    by_tag: dict[str, list[int]] = {}
-    for j in np.flatnonzero(x < cfg.p_mask + cfg.p_pos):
-        i = word_idx[j]
-        if x[j] < cfg.p_mask:
-            out[i] = cfg.mask_token
-            result.masked += 1
-        elif pos[i] in table:  # a tag unseen in the table (another corpus's table) keeps the word
-            by_tag.setdefault(pos[i], []).append(i)
-    for tag in sorted(by_tag):  # fixed order: draws never depend on dict insertion order
-        vocab, cum = table[tag]
-        picks = np.searchsorted(cum, rng.integers(0, cum[-1], size=len(by_tag[tag])), side="right")
-        for i, k in zip(by_tag[tag], picks):
-            out[i] = vocab[k]
-        result.replaced += len(by_tag[tag])
-    if word_idx and rng.random() < cfg.p_ng:
-        n = min(int(rng.integers(cfg.ng_min, cfg.ng_max + 1)), len(word_idx))
-        start = int(rng.integers(0, len(word_idx) - n + 1))
+                 table: dict[str, tuple[list[str], list[int]]], *, prepared: PreparedSide | None = None
+                 ) -> SideSample:
+    """One sample of one side. Draws, in order: one uniform per word plus three for the n-gram
+    (fires?, n, start), then one uniform per POS replacement (inverse CDF over cumulative counts)."""
+    side = prepared or PreparedSide(words, pos, spaces)
+    word_idx, n_words = side.word_idx, len(side.word_idx)
+    u = rng.random(n_words + 3).tolist()
+    out, pieces = list(side.words), list(side.pieces)
+    masked, replace = [], []
+    threshold = cfg.p_mask + cfg.p_pos
+    for j in range(n_words):
+        x = u[j]
+        if x < threshold:
+            i = word_idx[j]
+            if x < cfg.p_mask:
+                out[i] = cfg.mask_token
+                masked.append(i)
+            elif side.pos[i] in table:  # a tag missing from the table (another corpus's) keeps the word
+                replace.append(i)
+    for i, v in zip(replace, rng.random(len(replace)).tolist() if replace else ()):
+        vocab, cum = table[side.pos[i]]
+        out[i] = vocab[bisect.bisect_right(cum, int(v * cum[-1]))]
+    for i in masked + replace:
+        pieces[i] = out[i] + " " if side.spaces[i] else out[i]
+    if n_words and u[n_words] < cfg.p_ng:
+        n = min(cfg.ng_min + int(u[n_words + 1] * (cfg.ng_max - cfg.ng_min + 1)), n_words)
+        start = int(u[n_words + 2] * (n_words - n + 1))
         lo, hi = word_idx[start], word_idx[start + n - 1] + 1
-        result.words, result.spaces = out[lo:hi], sp[lo:hi]
-        result.spaces[-1] = False  # the n-gram ends mid-sentence: no trailing space
-        result.ngram = n
-    return result
+        text = "".join(pieces[lo:hi])
+        if side.spaces[hi - 1]:
+            text = text[:-1]  # the n-gram ends mid-sentence: no trailing space
+        return SideSample(out[lo:hi], text, n_words, len(masked), len(replace), n)
+    return SideSample(out, "".join(pieces), n_words, len(masked), len(replace))
 
 
 def has_words(pos: list[str] | None) -> bool:
@@ -135,24 +177,26 @@ def has_words(pos: list[str] | None) -> bool:
 
 def augment_example(sides: list[tuple[list[str], list[str], list[bool]]], original: tuple[str, ...],
                     parent_id: str, cfg: AugmentConfig, table, *, global_seed: int,
-                    forbidden: set | None = None) -> list[tuple[int, tuple[str, ...], list[str]]]:
+                    forbidden: set | None = None, sample_rng: SampleRng | None = None
+                    ) -> list[tuple[int, tuple[str, ...], list[str]]]:
     """(aug_index, texts per side, ops) of the kept samples of one example."""
-    import numpy as np
-
     if not all(has_words(pos) for _, pos, _ in sides):
         return []
+    prepared = [PreparedSide(w, p, s) for w, p, s in sides]
+    hasher = seed_hasher(global_seed, cfg.seed, parent_id)
+    sample_rng = sample_rng or SampleRng()
     seen = {original}
     kept = []
     for it in range(cfg.n_iter):
-        rng = np.random.Generator(np.random.PCG64(sample_seed(global_seed, cfg.seed, parent_id, it)))
-        results = [perturb_side(w, p, s, rng, cfg, table) for w, p, s in sides]
+        rng = sample_rng.reseed(sample_seed(global_seed, cfg.seed, parent_id, it, hasher=hasher))
+        results = [perturb_side(p.words, p.pos, p.spaces, rng, cfg, table, prepared=p) for p in prepared]
         texts = tuple(r.text for r in results)
         if texts in seen or (forbidden is not None and texts in forbidden) or not all(t.strip() for t in texts):
             continue
         seen.add(texts)
-        fired = {"mask": any(r.masked for r in results), "pos": any(r.replaced for r in results),
-                 "ngram": any(r.ngram is not None for r in results)}
-        kept.append((it, texts, [op for op in OPS if fired[op]]))
+        ops = [op for op, hit in zip(OPS, (any(r.masked for r in results), any(r.replaced for r in results),
+                                         any(r.ngram is not None for r in results))) if hit]
+        kept.append((it, texts, ops))
     return kept
 
 
@@ -193,6 +237,7 @@ class AugmentStage(MapStage):
         from stages.unigram import load_unigram_table
 
         self.table = load_unigram_table(ctx.input("table").files_dir)
+        self.sample_rng = SampleRng()
         self.forbidden = None
         if self.config.dedup == "artifact":
             # Every original text of the corpus, so a sample equal to one is dropped in any shard.
@@ -221,7 +266,8 @@ class AugmentStage(MapStage):
                     out_texts[k].append(text)
             sides = [(w[row] or [], p[row] or [], s[row] or []) for w, p, s in tagged]
             for it, sample, ops in augment_example(sides, original, parent_id, cfg, self.table,
-                                                   global_seed=ctx.seed, forbidden=self.forbidden):
+                                                   global_seed=ctx.seed, forbidden=self.forbidden,
+                                                   sample_rng=self.sample_rng):
                 parents.append(row), aug_index.append(it), out_ids.append(sample_id(parent_id, it))
                 out_ops.append(ops)
                 for k, text in enumerate(sample):

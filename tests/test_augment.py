@@ -118,8 +118,8 @@ def test_mask_and_pos_rates_and_replacements_keep_the_tag(tmp_path, tagger):
     words_n = masked = replaced = changed = 0
     rows = list(zip(*(tagged.column(c).to_pylist() for c in ("words", "pos", "spaces"))))
     for it in range(250):
-        for words, pos, spaces in rows:
-            s = perturb_side(words, pos, spaces, np.random.default_rng(it * 1000 + len(words)), cfg, table)
+        for r, (words, pos, spaces) in enumerate(rows):
+            s = perturb_side(words, pos, spaces, np.random.default_rng([it, r]), cfg, table)
             words_n, masked, replaced = words_n + s.n_words, masked + s.masked, replaced + s.replaced
             for old, new, tag_ in zip(words, s.words, pos):
                 if new not in (old, cfg.mask_token):
@@ -138,8 +138,8 @@ def test_ngram_lengths_are_uniform_and_contiguous(tmp_path, tagger):
     lengths = Counter()
     rows = list(zip(*(tagged.column(c).to_pylist() for c in ("text", "words", "pos", "spaces"))))
     for it in range(1000):
-        for text, words, pos, spaces in rows:
-            s = perturb_side(words, pos, spaces, np.random.default_rng(it * 7 + len(words)), cfg, table)
+        for r, (text, words, pos, spaces) in enumerate(rows):
+            s = perturb_side(words, pos, spaces, np.random.default_rng([it, r]), cfg, table)
             lengths[s.ngram] += 1
             assert len(s.words) == s.ngram and s.text in text and s.text == s.text.strip()
     n = sum(lengths.values())
