@@ -217,6 +217,12 @@ def test_artifact_dedup_keeps_smallest_parent_and_ignores_sharding(tmp_path, tag
     assert any(len(v) > 1 for v in by_text.values())
     assert kept == {t: min(v) for t, v in by_text.items()}
     assert summary["cross_example_duplicates_dropped_this_run"] > 0
+    # a resumed run repeats the post-pass: it must change nothing
+    art = Artifact(tmp_path / "many-out")
+    stage = AugmentStage(config=AugmentStage.Config(**kw))
+    stats = [{"index": i, "rows": art.read_shard(i).num_rows} for i in range(art.num_shards())]
+    again = stage.finalize(stats, make_context(tmp_path, name="many"))
+    assert again == stats and stage.cross_example_dropped == 0
 
 
 def test_pair_mode_perturbs_sides_independently(tmp_path, tagger):
@@ -301,3 +307,16 @@ def test_engine_output_independent_of_workers_and_sharding(tmp_path, sentiment_t
     assert results["c1"] == results["c2"] == results["r13"]
     assert len(results["c1"]["augment"]) > 40 * 3
     assert len(results["c1"]["augment_global"]) < len(results["c1"]["augment"])
+
+
+def test_sst2_manifest_validates_with_the_default_path(monkeypatch):
+    from conftest import REPO
+    from pipeline.graph import build_graph
+    from pipeline.manifest import load_manifest
+
+    if not (REPO.parent / "shared" / "data" / "sst2" / "train.tsv").is_file():
+        pytest.skip("SST-2 not at the manifest's default path ../shared/data/sst2/train.tsv")
+    monkeypatch.chdir(REPO)  # the default `vars: sst2` is relative to the repository root
+    graph = build_graph(load_manifest(REPO / "manifests" / "sst2-augment.yaml"))
+    assert [n.type for n in graph.nodes.values()] == ["read", "pos_tag", "unigram", "augment"]
+    assert graph.nodes["augment"].stage.config == AugmentStage.Config()  # the defaults
