@@ -20,6 +20,7 @@ STAGES: dict[str, str] = {
     "split": "stages.split:SplitStage",
     "seq2seq_teacher": "stages.seq2seq_teacher:Seq2SeqTeacherStage",
     "train_seq2seq": "stages.train_seq2seq:TrainSeq2SeqStage",
+    "agreement": "stages.agreement:AgreementStage",
 }
 
 
