@@ -279,6 +279,12 @@ class LabelStage(MapStage):
         md = {k: file_md[f"kdpipe.{k}"] for k in keep if f"kdpipe.{k}" in file_md}
         summary: dict[str, Any] = {"label": md, "rows": rows,
                                    "bytes_per_row": {c: round(b / max(rows, 1), 2) for c, b in col_bytes.items()}}
+        # Model time of the shards run by this call (resumed shards carry no timing).
+        timed = [s for s in shard_stats if "compute_seconds" in s]
+        if timed:
+            seconds = sum(s["compute_seconds"] for s in timed)
+            summary["compute_seconds"] = round(seconds, 3)
+            summary["compute_rows_per_s"] = round(sum(s["rows"] for s in timed) / max(seconds, 1e-9), 1)
         k = self.config.topk
         if k:
             ids_cols = [c for c in col_bytes if c.startswith("topk_ids")]

