@@ -293,7 +293,9 @@ def test_engine_output_independent_of_workers_and_sharding(tmp_path, sentiment_t
     from pipeline.runner import run_graph
 
     results = {}
-    for name, rps, conc in (("c1", 7, 1), ("c2", 7, 2), ("r13", 13, 2)):
+    # one worker and 7-row shards vs two workers and 13-row shards (each factor alone is covered
+    # by the Ray-free shard test; two runs keep this test's share of the shared CPUs small)
+    for name, rps, conc in (("c1", 7, 1), ("c2", 13, 2)):
         m = parse_manifest(_manifest(tmp_path, sentiment_tsv, workdir=name, rows_per_shard=rps, concurrency=conc))
         summary = run_graph(build_graph(m), progress=False, log=lambda *a: None)
         assert all(s["status"] == "ran" for s in summary)
@@ -304,7 +306,7 @@ def test_engine_output_independent_of_workers_and_sharding(tmp_path, sentiment_t
             results[name][stage] = sorted(zip(table["id"].to_pylist(), table["text"].to_pylist()))
             assert art.manifest["summary"]["input_rows"] == 40
             assert art.manifest["rows"] == table.num_rows
-    assert results["c1"] == results["c2"] == results["r13"]
+    assert results["c1"] == results["c2"]
     assert len(results["c1"]["augment"]) > 40 * 3
     assert len(results["c1"]["augment_global"]) < len(results["c1"]["augment"])
 
