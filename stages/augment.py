@@ -26,7 +26,8 @@ smallest (parent_id, aug_index) is kept. Both rules depend only on ids and texts
 boundaries, worker count or order, so the output is the same for any sharding.
 
 Determinism: each sample's RNG is a numpy PCG64 whose state is set from sha256(global seed, seed,
-parent id, iteration); unigram draws invert the per-tag cumulative counts (bisect on one uniform). Empty and whitespace-only inputs yield no samples; the summary counts them.
+parent id, iteration); unigram draws invert the per-tag cumulative counts (bisect on one
+uniform). Empty and whitespace-only inputs yield no samples; the summary counts them.
 
 Output: `id` (sha256(parent id, aug_index), originals keep their own id), `parent_id`,
 `aug_index` int32 (-1 = the original, kept when `keep_original`), `ops` list<str>, `text`,
@@ -245,7 +246,8 @@ class AugmentStage(MapStage):
             sides = [c for c, _ in SIDES if c in (data.columns() or [])]
             self.forbidden = set()
             for shard in data.iter_shards(columns=sides):
-                self.forbidden.update(zip(*(shard.column(c).to_pylist() for c in sides)))
+                columns = [["" if t is None else t for t in shard.column(c).to_pylist()] for c in sides]
+                self.forbidden.update(zip(*columns))
 
     def process(self, table, ctx: StageContext, *, shard_index: int):
         import pyarrow as pa
@@ -258,20 +260,24 @@ class AugmentStage(MapStage):
                   for _, s in side_cols]
         parents, aug_index, out_ids, out_ops = [], [], [], []
         out_texts: list[list[str]] = [[] for _ in side_cols]
+
+        def emit(row: int, index: int, row_id: str, ops: list[str], side_texts: tuple[str, ...]) -> None:
+            parents.append(row)
+            aug_index.append(index)
+            out_ids.append(row_id)
+            out_ops.append(ops)
+            for column, text in zip(out_texts, side_texts):
+                column.append(text)
+
         for row, parent_id in enumerate(ids):
             original = tuple("" if t[row] is None else t[row] for t in texts)
             if cfg.keep_original:
-                parents.append(row), aug_index.append(-1), out_ids.append(parent_id), out_ops.append([])
-                for k, text in enumerate(original):
-                    out_texts[k].append(text)
+                emit(row, -1, parent_id, [], original)
             sides = [(w[row] or [], p[row] or [], s[row] or []) for w, p, s in tagged]
             for it, sample, ops in augment_example(sides, original, parent_id, cfg, self.table,
                                                    global_seed=ctx.seed, forbidden=self.forbidden,
                                                    sample_rng=self.sample_rng):
-                parents.append(row), aug_index.append(it), out_ids.append(sample_id(parent_id, it))
-                out_ops.append(ops)
-                for k, text in enumerate(sample):
-                    out_texts[k].append(text)
+                emit(row, it, sample_id(parent_id, it), ops, sample)
         columns: dict[str, Any] = {
             "id": pa.array(out_ids, pa.string()),
             "parent_id": pa.array([ids[r] for r in parents], pa.string()),
@@ -310,11 +316,10 @@ def dedup_across_shards(art_dir, shard_stats: list[dict[str, Any]]) -> tuple[lis
     from pipeline.artifact import Artifact, write_shard
 
     art = Artifact(art_dir)
+    cols = [c for c, _ in SIDES if c in (art.columns() or [])]
     frames = []
     for st in shard_stats:
-        shard = art.read_shard(st["index"])
-        cols = [c for c, _ in SIDES if c in shard.column_names]
-        frame = shard.select(["parent_id", "aug_index", *cols]).to_pandas()
+        frame = art.read_shard(st["index"], columns=["parent_id", "aug_index", *cols]).to_pandas()
         frame["shard"], frame["row"] = st["index"], range(len(frame))
         frames.append(frame[frame["aug_index"] >= 0])
     if not frames:
