@@ -311,6 +311,13 @@ def _max_length(model, tok, cfg: LabelConfig) -> int:
     return min(cfg.max_length, limit) if cfg.max_length else limit
 
 
+def _tokenize(tok, inputs: list, *args, **kwargs):
+    """Unpadded token ids; an empty shard gives empty lists (tokenizers reject an empty batch)."""
+    if not inputs:
+        return {"input_ids": []}
+    return tok(inputs, *args, return_attention_mask=False, **kwargs)
+
+
 def _fixed(values, width: int, np_dtype: str):
     """(rows, width) numpy -> fixed_size_list<np_dtype, width>; plain Arrow, not a Ray tensor."""
     import pyarrow as pa
@@ -334,7 +341,7 @@ def classify(model, tok, texts: list[str], pairs: list[str] | None, *, cfg: Labe
     import numpy as np
     import torch
 
-    enc = tok(texts, pairs, truncation=True, max_length=_max_length(model, tok, cfg), return_attention_mask=False)
+    enc = _tokenize(tok, texts, pairs, truncation=True, max_length=_max_length(model, tok, cfg))
     lengths = [len(x) for x in enc["input_ids"]]
     logits = np.zeros((len(texts), model.config.num_labels), dtype=np.float32)
     with torch.inference_mode():
@@ -355,8 +362,7 @@ def tag_words(model, tok, words: list[list[str]], *, cfg: LabelConfig, device: s
     import numpy as np
     import torch
 
-    enc = tok(words, is_split_into_words=True, truncation=True, max_length=_max_length(model, tok, cfg),
-              return_attention_mask=False)
+    enc = _tokenize(tok, words, is_split_into_words=True, truncation=True, max_length=_max_length(model, tok, cfg))
     lengths = [len(x) for x in enc["input_ids"]]
     width = model.config.num_labels
     per_row = [np.full((len(ws), width), np.nan, dtype=np.float32) for ws in words]
@@ -389,8 +395,7 @@ def translate(model, tok, texts: list[str], *, cfg: LabelConfig, device: str) ->
     import pyarrow as pa
     import torch
 
-    enc = tok(texts, truncation=True, max_length=_max_length(model, tok, cfg), return_attention_mask=False,
-              return_token_type_ids=False)
+    enc = _tokenize(tok, texts, truncation=True, max_length=_max_length(model, tok, cfg), return_token_type_ids=False)
     lengths = [len(x) for x in enc["input_ids"]]
     n, k = cfg.num_return_sequences, cfg.topk
     start_id = model.generation_config.decoder_start_token_id

@@ -210,6 +210,12 @@ def load_teacher(local: Path, *, task: Task, device: str, dtype, trust_remote_co
         torch.manual_seed(head_seed)
     model = auto.from_pretrained(str(local), dtype=dtype, **kwargs)
     model.to(device).eval()
+    # Decoder-only classifiers (GPT-2 style) ship without a pad token; batching needs one, and
+    # the model needs its id to find each row's last real token.
+    if tokenizer.pad_token_id is None and tokenizer.eos_token is not None:
+        tokenizer.pad_token = tokenizer.eos_token
+    if getattr(model.config, "pad_token_id", None) is None and tokenizer.pad_token_id is not None:
+        model.config.pad_token_id = tokenizer.pad_token_id
     return model, tokenizer
 
 

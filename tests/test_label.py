@@ -194,6 +194,17 @@ def test_greedy_seq2seq_reads_a_configured_column(tmp_path, models):
     assert all(s[0] <= 0 for s in out.column("hyp_scores").to_pylist())
 
 
+@pytest.mark.parametrize("config", [{"task": "classification", "temperature": 1.0},
+                                    {"task": "token_classification"},
+                                    {"task": "seq2seq", "topk": 3, "max_new_tokens": 3}], ids=lambda c: c["task"])
+def test_empty_shard_keeps_the_schema(tmp_path, models, config):
+    teacher = {"classification": "clf", "token_classification": "tok", "seq2seq": "s2s"}[config["task"]]
+    table = _table().slice(0, 2)
+    stage, full = _run(tmp_path, table, teacher=str(models[teacher]), **config)
+    empty = stage.process(table.slice(0, 0), make_context(tmp_path), shard_index=1)
+    assert empty.num_rows == 0 and empty.schema == full.schema
+
+
 # --- validation -----------------------------------------------------------------------------
 def test_validation_messages_name_the_problem_and_the_fix(tmp_path, models):
     import shutil
