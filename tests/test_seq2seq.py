@@ -320,7 +320,7 @@ def test_student_validation_explains_missing_inputs():
 
 # --- the manifest, end to end through the engine -------------------------------------------------
 
-TINY_VARS = {"train_pairs": 64, "vocab_size": 60, "cpus": 1, "teacher_d_model": 32, "teacher_d_ff": 64,
+TINY_VARS = {"teacher_pairs": 64, "train_pairs": 64, "vocab_size": 60, "cpus": 1, "teacher_d_model": 32, "teacher_d_ff": 64,
              "teacher_layers": 1, "teacher_epochs": 8, "student_d_model": 16, "student_d_ff": 32,
              "student_layers": 1, "student_epochs": 2, "batch_size": 16, "num_beams": 3, "nbest": 3,
              "topk": 4, "max_tokens": 12, "test_rows": 16, "rows_per_shard": 16, "label_actors": 2}
