@@ -200,3 +200,24 @@ def test_validate_reports_fixable_problems(data_art):
     assert "'text' missing" in problems["inputs.data"]
     ok = TrainStage(config=student_cfg())
     assert ok.validate(input_columns={"data": [["id", "text", "label"]]}) == []
+
+
+@pytest.mark.slow
+def test_born_again_transformer_uses_the_teachers_architecture_and_tokenizer(tmp_path, data_art):
+    from factories import tiny_bert_classifier
+    from transformers import AutoConfig
+
+    ids, texts, labels = corpus()
+    teacher = tiny_bert_classifier(tmp_path / "teacher", label_names=["neg", "pos"], sentences=texts)
+    labels_art = label_artifact(tmp_path / "labels", ids, teacher_logits(labels), rows_per_shard=10)
+    cfg = student_cfg("transformer", student={"type": "transformer", "architecture_from": str(teacher)},
+                      tokenizer={"kind": "hf", "path": str(teacher)}, losses={"ce": 0.0, "kl": 1.0}, epochs=8)
+    assert TrainStage(config=cfg).validate(input_columns={"data": [["id", "text", "label"]],
+                                                          "labels": [["id", "logits"]]}) == []
+    assert set(TrainStage(config=cfg).fingerprint()) == {f"tokenizer {teacher}", f"architecture {teacher}"}
+    ctx = make_context(tmp_path, inputs={"data": [data_art], "labels": [labels_art]}, name="born-again")
+    TrainStage(config=cfg).run(ctx)
+    student = load_student(ctx.out_dir / "student")
+    same = AutoConfig.from_pretrained(str(ctx.out_dir / "student"))
+    assert (same.hidden_size, same.num_hidden_layers) == (AutoConfig.from_pretrained(str(teacher)).hidden_size, 2)
+    assert student.predict(texts, return_names=False) == labels
