@@ -189,6 +189,9 @@ class Executor:
         if not concurrency:
             total_cpus = ray.cluster_resources().get("CPU", 1)
             concurrency = max(1, int(total_cpus // max(res.get("num_cpus", 1), 1e-6)))
+            if res.get("num_gpus"):  # actors waiting for a GPU that never frees up would hang the stage
+                total_gpus = ray.cluster_resources().get("GPU", 0)
+                concurrency = max(1, min(concurrency, int(total_gpus // res["num_gpus"])))
         concurrency = max(1, min(int(concurrency), len(pending)))
         worker_cls = ray.remote(_ShardWorkerImpl).options(max_restarts=MAX_SHARD_ATTEMPTS,
                                                           max_task_retries=MAX_SHARD_ATTEMPTS, **res)
