@@ -70,8 +70,8 @@ class AgreementStage(TaskStage):
         data = ctx.input("data").read_table()
         labels_art = ctx.input("labels")
         labels = labels_art.read_table(columns=["id", cfg.logits_column])
-        teacher_of = dict(zip(labels["id"].to_pylist(),
-                              np.asarray(labels[cfg.logits_column].to_pylist(), dtype=np.float32).argmax(-1).tolist()))
+        argmax = np.asarray(labels[cfg.logits_column].to_pylist(), dtype=np.float32).argmax(-1)
+        teacher_of = dict(zip(labels["id"].to_pylist(), argmax.tolist()))
         ids = sorted(i for i in data["id"].to_pylist() if i in teacher_of)
         if not ids:
             raise ValueError("no row of `data` has a teacher label: label the same held-out artifact")
@@ -86,7 +86,8 @@ class AgreementStage(TaskStage):
             if student.task != "classification":
                 raise ValueError(f"{art.key}: agreement compares classifiers, got a {student.task} model")
             if getattr(student, "label_names", None) and list(student.label_names) != [str(n) for n in names]:
-                raise ValueError(f"{art.key}: student labels {student.label_names} differ from the teacher's {names}")
+                raise ValueError(f"{art.key}: student labels {student.label_names} differ from the "
+                                 f"teacher's {names}")
             column = cfg.student_column or _training_column(art)
             if column not in data.column_names:
                 raise ValueError(f"{art.key}: the student reads {column!r}, which `data` lacks "

@@ -151,7 +151,8 @@ def token_loss(model, batch: list[dict[str, Any]], schedule: TrainSchedule):
 
     src = pad([ex["src"] for ex in batch], 0)
     labels = pad([ex["tgt"] for ex in batch], -100)
-    logits = model(input_ids=src, attention_mask=(src != 0).long(), labels=labels).logits
+    logits = model(input_ids=src, attention_mask=(src != 0).long(),
+                   decoder_input_ids=model._shift_right(labels)).logits
     return F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=-100,
                            label_smoothing=schedule.label_smoothing)
 

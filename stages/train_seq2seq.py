@@ -127,7 +127,8 @@ def word_kd_loss(model, batch: list[dict[str, Any]], schedule: TrainSchedule, al
 
     src = pad([ex["src"] for ex in batch], 0)
     labels = pad([ex["tgt"] for ex in batch], -100)
-    logits = model(input_ids=src, attention_mask=(src != 0).long(), labels=labels).logits.float()
+    logits = model(input_ids=src, attention_mask=(src != 0).long(),
+                   decoder_input_ids=model._shift_right(labels)).logits.float()
     nll = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=-100,
                           label_smoothing=schedule.label_smoothing)
     k = len(batch[0]["topk_ids"][0])
@@ -217,14 +218,18 @@ class TrainSeq2SeqStage(TaskStage):
         import shutil
 
         cfg = self.config
-        pairs = read_pairs(ctx, "data", cfg.source_column, cfg.target_column) if cfg.target in (
-            "reference", "seqinter") else _read_sources(ctx, cfg.source_column)
+        has_teacher = ctx.optional_input("teacher") is not None
+        if cfg.target in ("reference", "seqinter"):
+            pairs = read_pairs(ctx, "data", cfg.source_column, cfg.target_column)
+        else:
+            pairs = _read_sources(ctx, cfg.source_column)
         if cfg.target != "reference":
-            pairs = join_labels(pairs, ctx.input("labels"), list(dict.fromkeys(["hyp_text", *LABEL_COLUMNS[cfg.target]])))
-        if cfg.target == "wordkd" and ctx.optional_input("teacher") is None:
+            columns = list(dict.fromkeys(["hyp_text", *LABEL_COLUMNS[cfg.target]]))
+            pairs = join_labels(pairs, ctx.input("labels"), columns)
+        if cfg.target == "wordkd" and not has_teacher:
             raise ValueError("target 'wordkd' needs the `teacher` input (its vocabulary indexes the top-k ids)")
         tok, spm_dir = self._tokenizer(ctx, pairs)
-        examples, target_stats = build_examples(pairs, tok, cfg, teacher_vocab=ctx.optional_input("teacher") is not None)
+        examples, target_stats = build_examples(pairs, tok, cfg, teacher_vocab=has_teacher)
         model = build_t5(tok, cfg.model, seed=seeded(ctx.seed, "student-init"),
                          max_new_tokens=cfg.train.max_target_tokens, num_beams=cfg.num_beams)
         loss_fn = token_loss
