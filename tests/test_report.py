@@ -113,3 +113,16 @@ def test_evaluate_scores_a_seq2seq_model_with_bleu_and_chrf(tmp_path):
 def test_report_names_a_missing_run(tmp_path, capsys):
     assert main(["report", "nope", "--workdir", str(tmp_path)]) == 1
     assert "no run 'nope'" in capsys.readouterr().err
+
+
+def test_metric_functions_against_hand_counts():
+    from stages.evaluate import accuracy, macro_f1, token_f1
+
+    pred, gold = [0, 0, 1, 1, 2], [0, 1, 1, 1, -1]  # the last row has no gold label
+    assert accuracy(pred, gold) == pytest.approx(3 / 4)
+    # class 0: tp 1 fp 1 fn 0 -> 2/3; class 1: tp 2 fp 0 fn 1 -> 4/5
+    assert macro_f1(pred, gold) == pytest.approx((2 / 3 + 4 / 5) / 2)
+    # tagged tokens: tp 2 (B-PER, I-PER), fp 1 (B-LOC for O), fn 1 (B-ORG predicted O)
+    p = [["B-PER", "I-PER", "O", "B-LOC"], ["O"]]
+    g = [["B-PER", "I-PER", "O", "O"], ["B-ORG"]]
+    assert token_f1(p, g) == pytest.approx(2 * 2 / (2 * 2 + 1 + 1))

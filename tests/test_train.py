@@ -221,3 +221,34 @@ def test_born_again_transformer_uses_the_teachers_architecture_and_tokenizer(tmp
     same = AutoConfig.from_pretrained(str(ctx.out_dir / "student"))
     assert (same.hidden_size, same.num_hidden_layers) == (AutoConfig.from_pretrained(str(teacher)).hidden_size, 2)
     assert student.predict(texts, return_names=False) == labels
+
+
+def test_teacher_ensemble_columns_and_artifacts_are_combined_by_weight(tmp_path, data_art):
+    import torch
+
+    from stages.train_data import ShardStream, label_sources
+
+    ids, _, labels = corpus()
+    a = np.array(teacher_logits(labels, strength=1.0), dtype=np.float32)
+    two = pa.table({"id": ids, "logits_a": pa.array(a.tolist(), pa.list_(pa.float32(), 2)),
+                    "logits_b": pa.array((3 * a).tolist(), pa.list_(pa.float16(), 2))})
+    md = {**LABEL_MD, "kdpipe.logit_columns": '["logits_a", "logits_b"]'}
+    ensemble_art = make_artifact(tmp_path / "ens", two, rows_per_shard=9, metadata=md)
+    third = label_artifact(tmp_path / "third", ids, (5 * a).tolist(), rows_per_shard=40)
+    sources = label_sources([ensemble_art, third])
+    assert [s.columns for s in sources] == [["logits_a", "logits_b"], ["logits"]]
+    cfg = student_cfg(losses={"ce": 0.0, "kl": 1.0}, ensemble={"mode": "weighted", "weights": [1, 1, 2]})
+    stream = ShardStream(data=data_art, sources=sources, label_names=["neg", "pos"], cfg=cfg,
+                         use_gold_on_augmented=False)
+    from stages.students.common import WordVocab
+    from stages.train import _student_module
+
+    vocab = WordVocab.build(corpus()[1], max_size=100)
+    module = _student_module("bilstm").create(meta={"num_labels": 2, "hyperparameters": {}}, tokenizer=vocab)
+    seen = 0
+    for _, gold, teacher in stream.batches(epoch=0, seed=0, module=module):
+        # (1*a + 1*3a + 2*5a) / 4 = 3.5a, and a = +-1 towards the gold class
+        expected = torch.where(gold.unsqueeze(-1) == 1, torch.tensor([-3.5, 3.5]), torch.tensor([3.5, -3.5]))
+        torch.testing.assert_close(teacher, expected)
+        seen += len(gold)
+    assert seen == len(ids)
