@@ -67,15 +67,18 @@ class EnsembleSpec(StageConfig):
 
 
 class TrainConfig(StageConfig):
-    student: StudentSpec = Field(default_factory=StudentSpec)
-    tokenizer: TokenizerSpec = Field(default_factory=TokenizerSpec)
+    task: Literal["classification", "token_classification"] = Field(
+        "classification", description="token_classification: a bilstm tagger over a word-list "
+        "student_column (e.g. words), gold tag lists in label_column, token-level KD")
+    student: StudentSpec = Field(StudentSpec(), description="student type and its hyperparameters")
+    tokenizer: TokenizerSpec = Field(TokenizerSpec(), description="word vocab (default), spm input, or hf dir")
     student_column: str = "text"
     student_pair_column: str | None = None
     label_column: str = "label"
-    losses: LossWeights = Field(default_factory=LossWeights)
+    losses: LossWeights = Field(LossWeights(), description="weights: {ce, mse, kl}")
     temperature: float | None = Field(None, gt=0, description="default: the label artifact's, else 1")
     anneal: bool = Field(False, description="BAM! teacher annealing of the ce target")
-    ensemble: EnsembleSpec = Field(default_factory=EnsembleSpec)
+    ensemble: EnsembleSpec = Field(EnsembleSpec(), description="how several teachers' logits combine")
     gold_on_augmented: bool = False
     epochs: int = Field(3, gt=0)
     lr: float = Field(1e-3, gt=0)
@@ -123,6 +126,9 @@ class TrainStage(TaskStage):
             problems.append(Problem("config.tokenizer.path", f"hf tokenizer needs a local directory; "
                                     f"{cfg.tokenizer.path!r} is not one"))
         st = cfg.student
+        if cfg.task == "token_classification" and (st.type != "bilstm" or kind != "word" or cfg.student_pair_column):
+            problems.append(Problem("config.task", "token_classification trains a bilstm tagger on a word vocab "
+                                    "without pairs: set student.type: bilstm, tokenizer.kind: word, no pair column"))
         if st.type == "transformer":
             if not st.hf_config and not st.architecture_from:
                 problems.append(Problem("config.student", "a transformer student needs `hf_config: {model_type: "
@@ -172,13 +178,16 @@ class TrainStage(TaskStage):
                              f"{sum(len(s.columns) for s in sources)} teacher logit columns")
 
         tokenizer = self._build_tokenizer(ctx, data)
-        meta = {"type": cfg.student.type, "task": "classification", "num_labels": num_labels,
+        meta = {"type": cfg.student.type, "task": cfg.task, "num_labels": num_labels,
                 "label_names": label_names, "pair": cfg.student_pair_column is not None,
                 "max_length": cfg.max_length, "student_column": cfg.student_column,
                 "student_pair_column": cfg.student_pair_column,
                 "hyperparameters": cfg.student.model_dump(mode="json", exclude_none=True)}
         torch.manual_seed(derive_seed(seed, "init"))
-        module = _student_module(cfg.student.type).create(meta=meta, tokenizer=tokenizer)
+        module = _student_module(cfg.student.type, cfg.task).create(meta=meta, tokenizer=tokenizer)
+        if any(s.task != cfg.task for s in sources):
+            raise ValueError(f"config.task is {cfg.task!r} but the label artifacts hold "
+                             f"{sorted({s.task for s in sources})} labels; set task to match the label stage")
         optimizer = _optimizer(cfg, module)
         stream = ShardStream(data=data, sources=sources, label_names=label_names, cfg=cfg,
                              use_gold_on_augmented=cfg.gold_on_augmented or not sources)
@@ -188,7 +197,7 @@ class TrainStage(TaskStage):
         start_epoch, step, history, best = state.restore(module, optimizer)
         resumed_from = start_epoch if start_epoch else None
         dev_table = read_eval_table(dev, cfg, label_names) if dev is not None else None
-        student = ClassifierStudent(module=module, meta=meta)
+        student = (ClassifierStudent if cfg.task == "classification" else _tagger_student())(module=module, meta=meta)
         stale = 0
         for epoch in range(start_epoch, cfg.epochs):
             torch.manual_seed(derive_seed(seed, "epoch", epoch))
@@ -250,6 +259,10 @@ class TrainStage(TaskStage):
         if kind == "hf":
             return HFTokenizer(cfg.tokenizer.path)
         cols = [cfg.student_column] + ([cfg.student_pair_column] if cfg.student_pair_column else [])
+        if cfg.task == "token_classification":
+            words = (w or [] for table in data.iter_shards(columns=cols) for w in table[cfg.student_column].to_pylist())
+            return WordVocab.build_from_words(words, max_size=cfg.tokenizer.vocab_size, min_freq=cfg.tokenizer.min_freq,
+                                              lowercase=cfg.tokenizer.lowercase)
 
         def texts():
             for table in data.iter_shards(columns=cols):
@@ -260,13 +273,21 @@ class TrainStage(TaskStage):
                                lowercase=cfg.tokenizer.lowercase)
 
 
-def _student_module(kind: str):
+def _student_module(kind: str, task: str = "classification"):
     import importlib
 
     from stages.students import STUDENTS
 
+    if task == "token_classification":
+        return importlib.import_module(STUDENTS["bilstm"]).BiLSTMTagger
     classes = {"bilstm": "BiLSTMClassifier", "cnn": "CNNClassifier", "transformer": "TransformerClassifier"}
     return getattr(importlib.import_module(STUDENTS[kind]), classes[kind])
+
+
+def _tagger_student():
+    from stages.students.bilstm import TaggerStudent
+
+    return TaggerStudent
 
 
 def _optimizer(cfg: TrainConfig, module):
@@ -290,8 +311,13 @@ def _loss(cfg: TrainConfig, logits, gold, teacher, temperature: float, progress:
 
 
 def _dev_metrics(student, table: dict[str, Any]) -> dict[str, float]:
-    from stages.evaluate import accuracy, macro_f1
+    from stages.evaluate import accuracy, macro_f1, token_f1
 
+    if student.task == "token_classification":  # epoch selection by token accuracy
+        pred = student.predict(table["texts"])
+        flat = [(p, g) for ps, gs in zip(pred, table["gold"]) for p, g in zip(ps, gs)]
+        return {"dev_accuracy": sum(p == g for p, g in flat) / max(1, len(flat)),
+                "dev_token_f1": token_f1(pred, table["gold"])}
     pred = student.predict(table["texts"], table["pairs"], return_names=False)
     return {"dev_accuracy": accuracy(pred, table["gold"]), "dev_macro_f1": macro_f1(pred, table["gold"])}
 

@@ -30,6 +30,7 @@ class LabelSource:
     columns: list[str]  # teacher logit columns, e.g. ["logits"] or ["logits_a", "logits_b"]
     label_names: list[str] | None
     temperature: float | None
+    task: str = "classification"
 
     @property
     def key(self) -> str:
@@ -46,16 +47,17 @@ class LabelSource:
 def label_sources(artifacts: list["Artifact"]) -> list[LabelSource]:
     out = []
     for art in artifacts:
-        task = _md(art, "task")
-        if task not in (None, "classification"):
+        task = _md(art, "task") or "classification"
+        if task not in ("classification", "token_classification"):
             raise ValueError(f"label artifact {art.key} holds {task!r} labels; the train stage "
-                             "distils classification students (seq2seq: use train_seq2seq)")
-        cols = _md(art, "logit_columns") or [c for c in art.columns() or [] if c == "logits" or c.startswith("logits_")]
+                             "distils classification and tagging students (seq2seq: use train_seq2seq)")
+        prefix = "token_logits" if task == "token_classification" else "logits"
+        cols = _md(art, "logit_columns") or [c for c in art.columns() or [] if c == prefix or c.startswith(prefix + "_")]
         if not cols:
             raise ValueError(f"label artifact {art.key} has no logits column (columns: {art.columns()})")
         temperature = _md(art, "temperature")
         out.append(LabelSource(art, list(cols), _md(art, "label_names"),
-                               float(temperature) if temperature not in (None, "") else None))
+                               float(temperature) if temperature not in (None, "") else None, task))
     return out
 
 
@@ -70,11 +72,14 @@ def resolve_label_names(data: "Artifact", sources: list[LabelSource], label_colu
     if sources:  # teacher logits without names: their width is the class count
         import pyarrow.parquet as pq
 
-        field = pq.read_schema(sources[0].artifact.shard_paths()[0]).field(sources[0].columns[0])
-        return [str(i) for i in range(field.type.list_size)]
+        field_type = pq.read_schema(sources[0].artifact.shard_paths()[0]).field(sources[0].columns[0]).type
+        while not hasattr(field_type, "list_size"):  # token logits: list<fixed_size_list<float, C>>
+            field_type = field_type.value_type
+        return [str(i) for i in range(field_type.list_size)]
     values = set()
     for table in data.iter_shards(columns=[label_column]):
-        values.update(v for v in table[label_column].to_pylist() if v is not None)
+        for v in table[label_column].to_pylist():
+            values.update(v if isinstance(v, list) else [v] if v is not None else [])
     if not values:
         raise ValueError(f"no gold labels in column {label_column!r} and no teacher labels")
     if all(isinstance(v, int) for v in values):
@@ -96,6 +101,16 @@ def gold_indices(values: list[Any], label_names: list[str]) -> list[int]:
         else:
             raise ValueError(f"gold label {v!r} is not one of the label names {label_names}")
     return out
+
+
+def token_logits_rows(column) -> list[Any]:
+    """list<fixed_size_list<float, C>> column -> one float32 (words, C) array per row."""
+    import numpy as np
+
+    arr = column.combine_chunks() if hasattr(column, "combine_chunks") else column
+    flat = logits_matrix(arr.flatten())
+    offsets = (arr.offsets.to_numpy() - arr.offsets[0].as_py()).tolist()
+    return [flat[a:b] for a, b in zip(offsets[:-1], offsets[1:])] if len(arr) else [np.zeros((0, flat.shape[1]))]
 
 
 def row_order_key(seed: int, epoch: int, row_id: str) -> bytes:
@@ -144,6 +159,8 @@ class ShardStream:
                                  f"label artifact {art.key} (e.g. id {missing[0]!r}); label the same data "
                                  "artifact the student trains on")
         taken = table.take(pos)
+        if source.task == "token_classification":
+            return [token_logits_rows(taken[c]) for c in source.columns]
         return [logits_matrix(taken[c]) for c in source.columns]
 
     def load_shard(self, index: int, *, epoch: int, seed: int) -> dict[str, Any]:
@@ -156,6 +173,8 @@ class ShardStream:
         table = self.data.read_shard(index, columns=want)
         ids = table["id"].combine_chunks()
         order = sorted(range(table.num_rows), key=lambda i, ids=ids.to_pylist(): row_order_key(seed, epoch, ids[i]))
+        if cfg.task == "token_classification":
+            return self._load_tagging_shard(table, index, order)
         if cfg.label_column in table.column_names:
             gold = np.array(gold_indices(table[cfg.label_column].to_pylist(), self.label_names), dtype=np.int64)
         else:
@@ -170,6 +189,24 @@ class ShardStream:
         return {"texts": [texts[i] for i in order], "pairs": None if pairs is None else [pairs[i] for i in order],
                 "gold": gold[o], "teachers": [t[o] for t in teachers]}
 
+    def _load_tagging_shard(self, table, index: int, order: list[int]) -> dict[str, Any]:
+        """Tagging: word lists (truncated to max_length), per-word gold and teacher rows."""
+        import numpy as np
+
+        cfg, n = self.cfg, self.cfg.max_length
+        words = [list(w or [])[:n] for w in table[cfg.student_column].to_pylist()]
+        tags = table[cfg.label_column].to_pylist() if cfg.label_column in table.column_names else [None] * len(words)
+        gold = [np.array(gold_indices(t[:n], self.label_names) if t is not None else [-1] * len(w), dtype=np.int64)
+                for w, t in zip(words, tags)]
+        teachers = [[r[:n] for r in rows] for s in self.sources for rows in self._teacher_rows(s, table["id"].combine_chunks(), index)]
+        for rows in teachers:
+            bad = next((i for i, (r, w) in enumerate(zip(rows, words)) if len(r) != len(w)), None)
+            if bad is not None:
+                raise ValueError(f"row {table['id'][bad].as_py()!r}: {len(rows[bad])} teacher word logits for "
+                                 f"{len(words[bad])} words in {cfg.student_column!r}; use the words the teacher labeled")
+        return {"texts": [words[i] for i in order], "pairs": None, "gold": [gold[i] for i in order],
+                "teachers": [[t[i] for i in order] for t in teachers]}
+
     def batches(self, *, epoch: int, seed: int, module) -> Iterator[tuple[dict, Any, Any]]:
         import numpy as np
         import torch
@@ -181,13 +218,15 @@ class ShardStream:
         for index in rng.permutation(len(self.shard_rows)):
             shard = self.load_shard(int(index), epoch=epoch, seed=seed)
             rows = module.tokenize_rows(shard["texts"], shard["pairs"])
+            # tagging: per-row word arrays are concatenated, matching the student's flattened output
+            cat = (lambda parts: np.concatenate(parts)) if isinstance(shard["gold"], list) else (lambda x: x)
             for start in range(0, len(rows), b):
                 batch = module.collate(rows[start:start + b])
-                gold = torch.from_numpy(shard["gold"][start:start + b])
+                gold = torch.from_numpy(cat(shard["gold"][start:start + b]))
                 teacher = None
                 if shard["teachers"]:
                     ens = self.cfg.ensemble
-                    teacher = combine_teachers([torch.from_numpy(t[start:start + b]) for t in shard["teachers"]],
+                    teacher = combine_teachers([torch.from_numpy(cat(t[start:start + b])) for t in shard["teachers"]],
                                                mode=ens.mode, weights=ens.weights)
                 yield batch, gold, teacher
 
@@ -196,6 +235,9 @@ def read_eval_table(art: "Artifact", cfg, label_names: list[str]) -> dict[str, A
     """A (small) dev/eval artifact in memory: texts, pairs and gold indices."""
     cols = [cfg.student_column, cfg.label_column] + ([cfg.student_pair_column] if cfg.student_pair_column else [])
     table = art.read_table(columns=cols)
+    if cfg.task == "token_classification":
+        return {"texts": table[cfg.student_column].to_pylist(), "pairs": None,
+                "gold": [[str(t) for t in tags] for tags in table[cfg.label_column].to_pylist()]}
     return {"texts": [t or "" for t in table[cfg.student_column].to_pylist()],
             "pairs": [t or "" for t in table[cfg.student_pair_column].to_pylist()] if cfg.student_pair_column else None,
             "gold": gold_indices(table[cfg.label_column].to_pylist(), label_names)}

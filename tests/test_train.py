@@ -252,3 +252,44 @@ def test_teacher_ensemble_columns_and_artifacts_are_combined_by_weight(tmp_path,
         torch.testing.assert_close(teacher, expected)
         seen += len(gold)
     assert seen == len(ids)
+
+
+@pytest.mark.slow
+def test_token_level_kd_trains_a_tagger_that_evaluate_scores(tmp_path):
+    from stages.evaluate import EvaluateStage
+
+    names = ["O", "B-PER", "B-LOC"]
+    people, places = ["anna", "bob", "carla"], ["paris", "rome", "oslo"]
+    words = [[p, "lives", "in", c] for p in people for c in places] + [["hello", p] for p in people]
+    tags = [["B-PER", "O", "O", "B-LOC"] for _ in people for _ in places] + [["O", "B-PER"] for _ in people]
+    ids = [f"t{i}" for i in range(len(words))]
+    data = make_artifact(tmp_path / "data", pa.table({"id": ids, "words": words, "tags": tags}), rows_per_shard=5)
+    # the teacher is confident and right, except that it calls "hello" a place: KD-only follows it
+    logits = [[[4.0 if names[k] == (t if w != "hello" else "B-LOC") else 0.0 for k in range(3)]
+               for w, t in zip(ws, ts)] for ws, ts in zip(words, tags)]
+    token_type = pa.list_(pa.list_(pa.float32(), 3))
+    md = {"kdpipe.task": "token_classification", "kdpipe.label_names": json.dumps(names)}
+    labels_art = make_artifact(tmp_path / "labels", pa.table({"id": ids[::-1], "words": words[::-1],
+                                                              "token_logits": pa.array(logits[::-1], token_type)}),
+                               rows_per_shard=4, metadata=md)
+    cfg = student_cfg(task="token_classification", student_column="words", label_column="tags",
+                      losses={"ce": 0.0, "kl": 1.0}, epochs=25, lr=0.01)
+    assert TrainStage(config=cfg).validate(input_columns={"data": [["id", "words", "tags"]],
+                                                          "labels": [None]}) == []
+    ctx = make_context(tmp_path, inputs={"data": [data], "labels": [labels_art]}, name="tagger")
+    TrainStage(config=cfg).run(ctx)
+    tagger = load_student(ctx.out_dir / "student")
+    assert tagger.task == "token_classification"
+    expected = [["B-LOC" if w == "hello" else t for w, t in zip(ws, ts)] for ws, ts in zip(words, tags)]
+    assert tagger.predict(words) == expected
+    assert tagger.predict(["anna lives in rome"]) == [["B-PER", "O", "O", "B-LOC"]]
+
+    ev_ctx = make_context(tmp_path, inputs={"data": [data], "models": [make_artifact(tmp_path / "art")]}, name="ev")
+    (tmp_path / "art" / "files").mkdir(exist_ok=True)
+    import shutil
+
+    shutil.copytree(ctx.out_dir / "student", tmp_path / "art" / "files" / "student")
+    ev_ctx.out_dir.mkdir(parents=True)
+    summary = EvaluateStage(config=EvaluateStage.Config(text_column="words", label_column="tags", speed_rows=8)).run(ev_ctx)
+    # gold has 3*3*2 + 3 = 21 entity tokens; 3 "hello" tokens are wrongly tagged B-LOC (fp)
+    assert summary["models"]["art"]["metrics"]["token_f1"] == pytest.approx(2 * 21 / (2 * 21 + 3), abs=1e-4)

@@ -11,7 +11,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from stages.students.common import SiameseTokenization, load_classifier, pair_features
+from stages.students.common import ClassifierStudent, SiameseTokenization, load_classifier, pair_features
 
 DEFAULTS = {"embedding_dim": 128, "hidden_dim": 128, "mlp_dim": 128, "dropout": 0.1}
 
@@ -46,5 +46,69 @@ class BiLSTMClassifier(SiameseTokenization, nn.Module):
         return self.head(h)
 
 
+class BiLSTMTagger(nn.Module):
+    """Token-level student: embeddings, one BiLSTM layer, a linear layer per word. Trained by
+    token-level KD from a token-classification teacher's per-word logits. `forward` returns the
+    logits of the real (unpadded) words only, flattened in row order, so the classification
+    losses apply unchanged to (words, classes) tensors."""
+
+    def __init__(self, *, tokenizer, num_labels: int, embedding_dim: int, hidden_dim: int, dropout: float, **_):
+        super().__init__()
+        self.tokenizer = tokenizer
+        self.embedding = nn.Embedding(len(tokenizer), embedding_dim, padding_idx=tokenizer.pad_id)
+        self.lstm = nn.LSTM(embedding_dim, hidden_dim, num_layers=1, batch_first=True, bidirectional=True)
+        self.out = nn.Sequential(nn.Dropout(dropout), nn.Linear(2 * hidden_dim, num_labels))
+
+    @classmethod
+    def create(cls, *, meta: dict[str, Any], tokenizer, directory: Path | None = None) -> "BiLSTMTagger":
+        hp = {**DEFAULTS, **{k: v for k, v in meta.get("hyperparameters", {}).items() if k in DEFAULTS}}
+        return cls(tokenizer=tokenizer, num_labels=meta["num_labels"], **hp)
+
+    def tokenize_rows(self, texts, pairs=None) -> list[tuple]:
+        """Word lists (or whitespace-split strings) -> word ids; never truncated, one tag per word."""
+        return [([self.tokenizer.word_id(w) for w in (t if isinstance(t, (list, tuple)) else t.split())], None)
+                for t in texts]
+
+    def collate(self, rows) -> dict[str, Any]:
+        from stages.students.common import pad_ids
+
+        ids, lengths = pad_ids([r[0] for r in rows], self.tokenizer.pad_id)
+        return {"ids": ids, "lengths": lengths, "n_words": torch.tensor([len(r[0]) for r in rows])}
+
+    def forward(self, ids, lengths, n_words) -> torch.Tensor:
+        packed = nn.utils.rnn.pack_padded_sequence(self.embedding(ids), lengths.cpu(), batch_first=True,
+                                                   enforce_sorted=False)
+        hidden, _ = nn.utils.rnn.pad_packed_sequence(self.lstm(packed)[0], batch_first=True,
+                                                     total_length=ids.shape[1])
+        mask = torch.arange(ids.shape[1]).unsqueeze(0) < n_words.unsqueeze(1)
+        return self.out(hidden)[mask]
+
+
+class TaggerStudent(ClassifierStudent):
+    task = "token_classification"
+
+    def logits(self, texts, pairs=None, *, batch_size: int = 64) -> list:
+        """Per-row (words, classes) arrays."""
+        self.module.eval()
+        out = []
+        with torch.inference_mode():
+            for start in range(0, len(texts), batch_size):
+                batch = self.module.collate(self.module.tokenize_rows(texts[start:start + batch_size]))
+                flat = self.module(**batch).float().numpy()
+                bounds = batch["n_words"].cumsum(0).tolist()
+                out.extend(flat[b - n:b] for b, n in zip(bounds, batch["n_words"].tolist()))
+        return out
+
+    def predict(self, texts, pairs=None, *, batch_size: int = 64, return_names: bool = True) -> list:
+        names = self.label_names or [str(i) for i in range(self.meta["num_labels"])]
+        rows = self.logits(list(texts), batch_size=batch_size)
+        return [[names[i] for i in r.argmax(-1)] if return_names else r.argmax(-1).tolist() for r in rows]
+
+
 def load(path: str | Path):
+    import json
+
+    task = json.loads((Path(path) / "student.json").read_text()).get("task")
+    if task == "token_classification":
+        return load_classifier(path, BiLSTMTagger, TaggerStudent)
     return load_classifier(path, BiLSTMClassifier)

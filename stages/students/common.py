@@ -37,9 +37,16 @@ class WordVocab:
     @classmethod
     def build(cls, texts: Iterable[str], *, max_size: int, min_freq: int = 1,
               lowercase: bool = True) -> "WordVocab":
+        return cls.build_from_words((cls._split(t, lowercase) for t in texts), max_size=max_size,
+                                    min_freq=min_freq, lowercase=lowercase)
+
+    @classmethod
+    def build_from_words(cls, word_lists: Iterable[Sequence[str]], *, max_size: int, min_freq: int = 1,
+                         lowercase: bool = True) -> "WordVocab":
+        """From pre-split words (e.g. spaCy tokens of a tagging corpus)."""
         counts: collections.Counter[str] = collections.Counter()
-        for text in texts:
-            counts.update(cls._split(text, lowercase))
+        for words in word_lists:
+            counts.update(w.lower() if lowercase else w for w in words)
         # Ties broken alphabetically so the vocabulary never depends on row order.
         ranked = sorted((w for w, c in counts.items() if c >= min_freq), key=lambda w: (-counts[w], w))
         return cls(list(cls.specials) + ranked[: max(0, max_size - len(cls.specials))], lowercase=lowercase)
@@ -53,6 +60,9 @@ class WordVocab:
 
     def encode(self, text: str) -> list[int]:
         return [self.stoi.get(w, self.unk_id) for w in self._split(text, self.lowercase)]
+
+    def word_id(self, word: str) -> int:
+        return self.stoi.get(word.lower() if self.lowercase else word, self.unk_id)
 
     def save(self, directory: Path) -> dict[str, Any]:
         (directory / "vocab.txt").write_text("\n".join(self.itos) + "\n", encoding="utf-8")
@@ -241,7 +251,7 @@ class ClassifierStudent:
         return directory
 
 
-def load_classifier(path: str | Path, module_cls) -> ClassifierStudent:
+def load_classifier(path: str | Path, module_cls, student_cls=ClassifierStudent) -> ClassifierStudent:
     from safetensors.torch import load_model
 
     path = Path(path)
@@ -250,4 +260,4 @@ def load_classifier(path: str | Path, module_cls) -> ClassifierStudent:
     module = module_cls.create(meta=meta, tokenizer=tokenizer, directory=path)
     load_model(module, str(path / WEIGHTS))
     module.eval()
-    return ClassifierStudent(module=module, meta=meta)
+    return student_cls(module=module, meta=meta)

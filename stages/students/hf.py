@@ -87,7 +87,7 @@ class HFModel:
         out: list[list[str]] = []
         with torch.inference_mode():
             for s in range(0, len(texts), batch_size):
-                words = [t.split() for t in texts[s:s + batch_size]]
+                words = [t if isinstance(t, list) else t.split() for t in texts[s:s + batch_size]]
                 enc = self.tokenizer(words, is_split_into_words=True, padding=True, truncation=True,
                                      max_length=self.max_length, return_tensors="pt")
                 pred = self.model(**enc).logits.argmax(-1)
