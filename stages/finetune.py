@@ -97,14 +97,18 @@ class FinetuneStage(TaskStage):
 
     # --- planning ------------------------------------------------------------------------
     def model_source(self) -> tuple[str, bool]:
-        """(path or hub id, is_local). A missing packaged MiniLM gives ('', True)."""
+        """(directory to load, is_local). A missing packaged MiniLM gives ('', True); a hub id
+        resolves to its snapshot in the local HF cache (kdpipe runs offline), else ('', False)."""
         base = self.config.base_model
         if base == "minilm":
             folder = packaged_minilm_dir()
             return (str(folder) if folder else "", True)
         if _looks_like_path(base):
             return str(Path(base).expanduser()), True
-        return base, False
+        from stages.teachers import resolve_teacher
+
+        snapshot = resolve_teacher(base, self.config.revision)
+        return (str(snapshot) if snapshot else ""), False
 
     def validate(self, *, input_columns) -> list[Problem]:
         cfg = self.config
@@ -113,7 +117,11 @@ class FinetuneStage(TaskStage):
         if cfg.base_model == "minilm" and not source:
             problems.append(Problem("config.base_model", "the packaged MiniLM is not installed; run "
                                     f"{MINILM_INSTALL}, or set base_model to a local model directory"))
-        elif local and not (Path(source) / "config.json").is_file():
+        elif not local and not source:
+            problems.append(Problem("config.base_model", f"{cfg.base_model!r} is neither a local directory nor "
+                                    "a hub model in the local HF cache; kdpipe works offline: download it first "
+                                    f"(`hf download {cfg.base_model}`), or use 'minilm' ({MINILM_INSTALL})"))
+        elif not (Path(source) / "config.json").is_file():
             what = "does not exist" if not Path(source).exists() else "has no config.json"
             problems.append(Problem("config.base_model", f"model directory {source!r} {what}; give a folder "
                                     "saved with save_pretrained, or 'minilm' for the packaged MiniLM "
@@ -132,11 +140,11 @@ class FinetuneStage(TaskStage):
         return problems
 
     def fingerprint(self) -> dict[str, str]:
-        source, local = self.model_source()
-        if local:
-            return {f"base model {source}": hash_model_dir(Path(source))} if Path(source).is_dir() else {}
-        # A hub model is identified by its revision; unpinned ids cannot be fingerprinted.
-        return {f"base model {source}": self.config.revision or "unpinned"}
+        source, _ = self.model_source()
+        name = f"base model {self.config.base_model}"
+        if source and Path(source).is_dir():
+            return {name: hash_model_dir(Path(source))}  # the weights, config and tokenizer files
+        return {name: hash_obj({"base_model": self.config.base_model, "revision": self.config.revision})}
 
     # --- running -------------------------------------------------------------------------
     def run(self, ctx: StageContext) -> dict[str, Any]:
@@ -155,7 +163,10 @@ class FinetuneStage(TaskStage):
         from transformers.utils import logging as hf_logging
 
         hf_logging.set_verbosity_error()  # the "newly initialised head" warning is expected
-        kwargs = {"revision": cfg.revision, "trust_remote_code": cfg.trust_remote_code}
+        if not source:
+            raise FileNotFoundError(f"base model {cfg.base_model!r} not found locally (see `kdpipe plan`)")
+        # `source` is a local folder (a hub id was resolved to its cached snapshot): no revision.
+        kwargs = {"trust_remote_code": cfg.trust_remote_code}
         tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
         torch.manual_seed(seed)  # the fresh head's initialisation
         model = AutoModelForSequenceClassification.from_pretrained(

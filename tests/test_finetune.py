@@ -164,3 +164,11 @@ def test_through_the_engine_cached_and_keyed_by_weights(tmp_path, sentiment_tsv,
     assert plans["teacher"].status == "cached"  # num_cpus is throughput only
     plans = {p.name: p for p in make_plan(build_graph(manifest(lr=1e-3)))}
     assert plans["teacher"].status == "run" and "config.lr" in plans["teacher"].reason
+
+
+def test_uncached_hub_id_is_reported_before_running():
+    stage = FinetuneStage(config=FinetuneConfig(base_model="kdpipe-test/no-such-model-xyz"))
+    problems = stage.validate(input_columns={})
+    assert [p.loc for p in problems] == ["config.base_model"]
+    assert "hf download kdpipe-test/no-such-model-xyz" in problems[0].message
+    assert stage.fingerprint()  # still keyed (by id and revision), so a later download changes the key
