@@ -264,13 +264,17 @@ class LabelStage(MapStage):
         leaf_values: dict[str, int] = {}
         rows = 0
         for path in shards:
-            meta = pq.ParquetFile(path).metadata
+            parquet = pq.ParquetFile(path)
+            meta = parquet.metadata
             rows += meta.num_rows
+            # Leaf paths join nested names with '.', and teacher names may hold dots too.
+            names = sorted(parquet.schema_arrow.names, key=len, reverse=True)
             for g in range(meta.num_row_groups):
                 rg = meta.row_group(g)
                 for c in range(rg.num_columns):
                     chunk = rg.column(c)
-                    top = chunk.path_in_schema.split(".")[0]
+                    leaf = chunk.path_in_schema
+                    top = next((n for n in names if leaf == n or leaf.startswith(n + ".")), leaf)
                     col_bytes[top] = col_bytes.get(top, 0) + chunk.total_compressed_size
                     leaf_values[top] = leaf_values.get(top, 0) + chunk.num_values
         file_md = {k.decode(): v.decode() for k, v in (pq.read_schema(shards[0]).metadata or {}).items()}
