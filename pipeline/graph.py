@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import json
 import os
 from pathlib import Path
 
@@ -12,7 +13,7 @@ from pydantic import ValidationError
 from pipeline.errors import ManifestError
 from pipeline.manifest import Manifest, pydantic_problems
 from pipeline.registry import get_stage_class, stage_types
-from pipeline.stage import Problem, Stage
+from pipeline.stage import Facts, Problem, Stage
 
 
 @dataclasses.dataclass
@@ -189,17 +190,28 @@ def _toposort(nodes: dict[str, Node], problems: list[Problem]) -> list[str]:
     return order
 
 
+def _external_facts(art, ref: str) -> Facts:
+    values = {k.removeprefix("kdpipe."): v for k, v in art.file_metadata().items()}
+    if "label_names" in values:
+        values["label_names"] = json.loads(values["label_names"])
+    return Facts({k: values[k] for k in ("label_names", "mask_token") if k in values},
+                 {k: f"inputs ({ref})" for k in values})
+
+
 def _check_kinds_and_columns(graph: Graph, problems: list[Problem]) -> None:
     columns: dict[str, list[str] | None] = {}
+    facts: dict[str, Facts] = {}
     for node in graph.nodes.values():
         roles = type(node.stage).inputs
         input_columns: dict[str, list[list[str] | None]] = {}
+        input_facts: dict[str, list[Facts]] = {}
         for role, names in node.inputs.items():
             for up in names:
                 if up.startswith("@"):
                     art = external_artifact(graph.manifest, up)
                     up_kind, up_type = ("map" if art.num_shards() else "task"), art.manifest.get("type")
                     columns.setdefault(up, art.columns())
+                    facts.setdefault(up, _external_facts(art, up))
                 else:
                     up_kind, up_type = graph.nodes[up].stage.kind, graph.nodes[up].type
                 want = roles[role].kind
@@ -210,8 +222,19 @@ def _check_kinds_and_columns(graph: Graph, problems: list[Problem]) -> None:
                     problems.append(Problem(f"{node.loc}.inputs.{role}", f"{up!r} produces table shards, "
                                             "but this input needs a files artifact (e.g. a checkpoint)"))
                 input_columns.setdefault(role, []).append(columns.get(up))
-        for p in node.stage.validate(input_columns=input_columns):
+                input_facts.setdefault(role, []).append(facts.get(up, Facts()))
+        found = node.stage.validate(input_columns=input_columns)
+        for p in found:
             problems.append(Problem(f"{node.loc}.{p.loc}", p.message))
+        try:
+            out = node.stage.output_facts(input_facts=input_facts)
+        except Exception:  # a bad config already reported by validate
+            out = Facts()
+        facts[node.name] = Facts(out.values, {k: out.origins.get(k) or f"{node.loc}.config.{k}" for k in out.values})
+        if not found:
+            for p in node.stage.validate_facts(input_facts=input_facts):
+                loc = p.loc if p.loc.startswith("stages[") else f"{node.loc}.{p.loc}"
+                problems.append(Problem(loc, p.message))
         try:
             columns[node.name] = node.stage.output_columns(input_columns=input_columns)
         except Exception:  # a bad config already reported by validate

@@ -65,6 +65,18 @@ class Problem:
 
 
 @dataclasses.dataclass
+class Facts:
+    """Plan-time facts about an artifact; `origins` maps each fact to the manifest place
+    ('stages[2].config.mask_token') that set it, so errors can point there."""
+
+    values: dict[str, Any] = dataclasses.field(default_factory=dict)
+    origins: dict[str, str] = dataclasses.field(default_factory=dict)
+
+    def get(self, key: str, default: Any = None) -> Any:
+        return self.values.get(key, default)
+
+
+@dataclasses.dataclass
 class StageContext:
     """What a running stage may touch. Built by the engine, or by `pipeline.testing` in tests."""
 
@@ -112,6 +124,18 @@ class Stage:
     def output_columns(self, *, input_columns: dict[str, list[list[str] | None]]) -> list[str] | None:
         """Columns of this stage's shards, for downstream validation; None = unknown/no shards."""
         return None
+
+    def output_facts(self, *, input_facts: dict[str, list["Facts"]]) -> "Facts":
+        """Facts about this stage's output known before it runs (label names, mask token), for
+        downstream validation. Map stages pass their `data` input's facts through by default."""
+        if self.kind == "map" and input_facts.get("data"):
+            return Facts(dict(input_facts["data"][0].values), dict(input_facts["data"][0].origins))
+        return Facts()
+
+    def validate_facts(self, *, input_facts: dict[str, list["Facts"]]) -> list[Problem]:
+        """Checks that need upstream facts (e.g. the teacher's label count vs the data's label
+        names). A Problem whose loc starts with 'stages[' points at the stage that must change."""
+        return []
 
     def fingerprint(self) -> dict[str, str]:
         """Content hashes of everything outside the store the output depends on

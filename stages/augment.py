@@ -42,7 +42,7 @@ from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
-from pipeline.stage import InputRole, MapStage, Problem, StageConfig, StageContext, throughput
+from pipeline.stage import Facts, InputRole, MapStage, Problem, StageConfig, StageContext, throughput
 
 OPS = ("mask", "pos", "ngram")
 SIDES = (("text", ""), ("text_pair", "_pair"))
@@ -225,6 +225,12 @@ class AugmentStage(MapStage):
                 problems.append(Problem("inputs.data", f"input lacks column(s) {missing} (it has {cols}); "
                                         "feed augment the output of a pos_tag stage over a read stage"))
         return problems
+
+    def output_facts(self, *, input_facts) -> Facts:
+        facts = super().output_facts(input_facts=input_facts)
+        if self.config.p_mask > 0:
+            facts.values["mask_token"] = self.config.mask_token
+        return facts
 
     def output_columns(self, *, input_columns) -> list[str] | None:
         cols = (input_columns.get("data") or [None])[0]

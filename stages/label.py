@@ -21,7 +21,7 @@ from typing import Any, Literal
 from pydantic import Field, model_validator
 
 from pipeline.hashing import hash_obj
-from pipeline.stage import InputRole, MapStage, Problem, StageConfig, StageContext, throughput
+from pipeline.stage import Facts, InputRole, MapStage, Problem, StageConfig, StageContext, throughput
 from stages.teachers import (Task, TeacherSpec, check_teacher, cuda_visible, default_name, label_names,
                              length_batches, load_teacher, pad_batch, pick_device, pick_dtype,
                              quiet_transformers, read_config, resolve_teacher, teacher_fingerprint)
@@ -100,6 +100,30 @@ class LabelStage(MapStage):
     config: LabelConfig
 
     # --- planning -------------------------------------------------------------------------
+    def validate_facts(self, *, input_facts) -> list[Problem]:
+        """The data's label names and mask token against each configured teacher."""
+        cfg = self.config
+        data = (input_facts.get("data") or [Facts()])[0]
+        problems: list[Problem] = []
+        for i, spec in enumerate(cfg.teacher_specs()):
+            loc = "config.teacher" if cfg.teacher is not None else f"config.teachers[{i}].path"
+            local = resolve_teacher(spec.path, spec.revision)
+            if local is None:
+                continue
+            names = data.get("label_names")
+            if cfg.task == "classification" and names:
+                teacher_names = label_names(read_config(local))
+                if len(teacher_names) != len(names):
+                    problems.append(Problem(loc, f"teacher {spec.name!r} has {len(teacher_names)} labels "
+                                            f"{teacher_names} but the data has {len(names)} {names} (set at "
+                                            f"{data.origins.get('label_names')}); use a teacher trained on these labels"))
+            mask = data.get("mask_token")
+            if mask is not None:
+                problem = _mask_token_problem(local, mask, spec.name)
+                if problem:
+                    problems.append(Problem(data.origins.get("mask_token", "config"), problem))
+        return problems
+
     def validate(self, *, input_columns) -> list[Problem]:
         cfg = self.config
         from_inputs = len(input_columns.get("teacher") or [])
@@ -471,3 +495,18 @@ def _teacher_forced_topk(model, batch: dict[str, Any], targets: list[list[int]],
         values = np.concatenate([values, np.full(values.shape[:2] + (pad,), -np.inf, np.float32)], axis=-1)
         indices = np.concatenate([indices, np.full(indices.shape[:2] + (pad,), -1, np.int32)], axis=-1)
     return ([indices[r, : len(t)] for r, t in enumerate(targets)], [values[r, : len(t)] for r, t in enumerate(targets)])
+
+
+def _mask_token_problem(local, mask: str, teacher: str) -> str | None:
+    """Augmented text carries `mask`: the teacher must read it as one known token."""
+    from transformers import AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(str(local))
+    except Exception:  # reported by check_teacher
+        return None
+    if mask == tok.mask_token or (mask in tok.get_vocab() and mask not in (tok.unk_token, None)):
+        return None
+    hint = f"set it to the teacher's mask token {tok.mask_token!r}" if tok.mask_token else \
+        "this teacher has no mask token: set p_mask: 0 or use a token from its vocabulary"
+    return f"mask token {mask!r} is unknown to teacher {teacher!r}'s tokenizer; {hint}"

@@ -18,7 +18,7 @@ from typing import Any, Literal
 from pydantic import Field, model_validator
 
 from pipeline.hashing import hash_tree
-from pipeline.stage import Problem, SourceStage, StageConfig, StageContext
+from pipeline.stage import Facts, Problem, SourceStage, StageConfig, StageContext
 
 FORMATS = ("jsonl", "csv", "tsv", "parquet", "text", "parallel", "hf")
 _SUFFIX_FORMAT = {".jsonl": "jsonl", ".json": "jsonl", ".csv": "csv", ".tsv": "tsv",
@@ -182,6 +182,9 @@ class ReadStage(SourceStage):
             local = Path(cfg.hf.name)
             return {f"dataset {cfg.hf.name}": hash_tree(local)} if local.exists() else {}
         return {f"source file {cfg.path}": hash_tree(cfg.path)} if Path(cfg.path).is_file() else {}
+
+    def output_facts(self, *, input_facts) -> Facts:
+        return Facts({"label_names": list(self.config.label_names)} if self.config.label_names else {})
 
     def output_columns(self, *, input_columns) -> list[str]:
         cfg = self.config
