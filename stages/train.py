@@ -198,7 +198,8 @@ class TrainStage(TaskStage):
         resumed_from = start_epoch if start_epoch else None
         dev_table = read_eval_table(dev, cfg, label_names) if dev is not None else None
         student = (ClassifierStudent if cfg.task == "classification" else _tagger_student())(module=module, meta=meta)
-        stale = 0
+        # epochs since the best one, so patience carries across a resume
+        stale = len(history) - best["epoch"] if best and dev_table is not None else 0
         for epoch in range(start_epoch, cfg.epochs):
             torch.manual_seed(derive_seed(seed, "epoch", epoch))
             module.train()

@@ -207,7 +207,53 @@ class ShardStream:
         return {"texts": [words[i] for i in order], "pairs": None, "gold": [gold[i] for i in order],
                 "teachers": [[t[i] for i in order] for t in teachers]}
 
-    def batches(self, *, epoch: int, seed: int, module) -> Iterator[tuple[dict, Any, Any]]:
+    def batches(self, *, epoch: int, seed: int, module, prefetch: int = 8) -> Iterator[tuple[dict, Any, Any]]:
+        """This epoch's batches, prepared by a background thread (reading, joining, tokenizing and
+        padding overlap the training step, which releases the GIL); the order is unchanged."""
+        import queue
+        import threading
+
+        source = self._batches(epoch=epoch, seed=seed, module=module)
+        if prefetch <= 0:
+            yield from source
+            return
+        q: queue.Queue = queue.Queue(maxsize=prefetch)
+        stop = threading.Event()
+        done = object()
+
+        def put(item) -> bool:
+            while not stop.is_set():
+                try:
+                    q.put(item, timeout=0.1)
+                    return True
+                except queue.Full:
+                    continue
+            return False
+
+        def produce() -> None:
+            try:
+                for item in source:
+                    if not put(item):
+                        return
+                put(done)
+            except BaseException as e:  # handed to the training loop, which re-raises it
+                put(e)
+
+        worker = threading.Thread(target=produce, name="kdpipe-train-prefetch", daemon=True)
+        worker.start()
+        try:
+            while True:
+                item = q.get()
+                if item is done:
+                    return
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+        finally:
+            stop.set()
+            worker.join(timeout=5)
+
+    def _batches(self, *, epoch: int, seed: int, module) -> Iterator[tuple[dict, Any, Any]]:
         import numpy as np
         import torch
 

@@ -152,15 +152,16 @@ def load_tokenizer(directory: Path, meta: dict[str, Any]):
 # --- batching --------------------------------------------------------------------------------
 def pad_ids(rows: Sequence[Sequence[int]], pad_id: int, *, min_length: int = 1):
     """Right-padded LongTensor and lengths (an empty text becomes one pad token, length 1)."""
+    import numpy as np
     import torch
 
     lengths = [max(1, len(r)) for r in rows]
     width = max([min_length, *lengths])
-    out = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    out = np.full((len(rows), width), pad_id, dtype=np.int64)
     for i, r in enumerate(rows):
         if r:
-            out[i, : len(r)] = torch.tensor(r, dtype=torch.long)
-    return out, torch.tensor(lengths, dtype=torch.long)
+            out[i, : len(r)] = r
+    return torch.from_numpy(out), torch.tensor(lengths, dtype=torch.long)
 
 
 class SiameseTokenization:
