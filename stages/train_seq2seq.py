@@ -226,6 +226,7 @@ class TrainSeq2SeqStage(TaskStage):
         if cfg.target != "reference":
             columns = list(dict.fromkeys(["hyp_text", *LABEL_COLUMNS[cfg.target]]))
             pairs = join_labels(pairs, ctx.input("labels"), columns)
+            _check_same_teacher(ctx)
         if cfg.target == "wordkd" and not has_teacher:
             raise ValueError("target 'wordkd' needs the `teacher` input (its vocabulary indexes the top-k ids)")
         tok, spm_dir = self._tokenizer(ctx, pairs)
@@ -251,6 +252,18 @@ class TrainSeq2SeqStage(TaskStage):
         (ctx.out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")
         _plot_curve(stats["loss_curve"], ctx.out_dir / "curves.png", title=f"train_seq2seq ({cfg.target})")
         return {k: v for k, v in metrics.items() if k != "loss_curve"}
+
+
+def _check_same_teacher(ctx: StageContext) -> None:
+    """Hypothesis and top-k ids index the labelling teacher's vocabulary: refuse labels made by
+    another teacher than the `teacher` input (known from the label artifact's manifest)."""
+    teacher = ctx.optional_input("teacher")
+    if teacher is None:
+        return
+    used = [t.get("key") for t in (ctx.input("labels").manifest.get("inputs") or {}).get("teacher", [])]
+    if used and teacher.key not in used:
+        raise ValueError(f"the labels were made by teacher artifact(s) {used}, not by the `teacher` input "
+                         f"{teacher.key}; give the student the teacher that labelled its data")
 
 
 def _read_sources(ctx: StageContext, source_column: str) -> list[dict[str, Any]]:

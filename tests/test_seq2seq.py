@@ -117,7 +117,7 @@ def test_teacher_is_a_plain_hf_checkpoint(teacher_art):
     assert tok.unk_token_id not in tok(text)["input_ids"]
     model = AutoModelForSeq2SeqLM.from_pretrained(str(model_dir))
     assert model.num_parameters() == summary["parameters"]
-    assert summary["steps"] == 30 and len(summary["loss_curve"]) == 3
+    assert summary["steps"] == 30 and len(summary["loss_curve"]) == 10
     assert summary["final_loss"] < summary["loss_curve"][0][1]  # it learns
 
 
@@ -387,3 +387,23 @@ def test_multi30k_seqkd_manifest_runs_end_to_end(tmp_path, ray_session):
     # a second run is all cache hits
     again = run_graph(build_graph(manifest), progress=False, log=lambda *a: None)
     assert {s["status"] for s in again} == {"cached"}
+
+
+def test_labels_from_another_teacher_are_refused(tmp_path, teacher_art):
+    import pyarrow as pa
+
+    from pipeline.artifact import write_json
+    from pipeline.testing import make_artifact, make_context
+    from stages.train_seq2seq import _check_same_teacher
+
+    teacher, _ = teacher_art
+    labels = make_artifact(tmp_path / "labels", pa.table({"id": ["a"], "hyp_text": [["x"]]}))
+    manifest = labels.manifest
+    manifest["inputs"] = {"teacher": [{"stage": "other", "key": "0123456789abcdef0123"}]}
+    write_json(labels.manifest_path, manifest)
+    ctx = make_context(tmp_path, inputs={"labels": [labels], "teacher": [teacher]})
+    with pytest.raises(ValueError, match="not by the `teacher` input"):
+        _check_same_teacher(ctx)
+    manifest["inputs"] = {"teacher": [{"stage": "teacher", "key": teacher.key}]}
+    write_json(labels.manifest_path, manifest)
+    _check_same_teacher(ctx)
