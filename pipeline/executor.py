@@ -193,12 +193,19 @@ class Executor:
                 total_gpus = ray.cluster_resources().get("GPU", 0)
                 concurrency = max(1, min(concurrency, int(total_gpus // res["num_gpus"])))
         concurrency = max(1, min(int(concurrency), len(pending)))
-        worker_cls = ray.remote(_ShardWorkerImpl).options(max_restarts=MAX_SHARD_ATTEMPTS,
-                                                          max_task_retries=MAX_SHARD_ATTEMPTS, **res)
+        # No Ray-level restarts or retries: a dead actor's shard goes back on the queue for any
+        # live actor. A Ray restart would retry it on the restarted actor, which may never be
+        # placed again (its node gone, the remaining CPUs held by this stage's other actors):
+        # the stage would wait forever. Shards go only to actors that finished setup, for the same
+        # reason; an actor that cannot be placed simply never gets work.
+        worker_cls = ray.remote(_ShardWorkerImpl).options(max_restarts=0, max_task_retries=0, **res)
         art_dir = str(plan.art_dir.resolve())
-        actors = [worker_cls.remote(stage, ctx, provenance, self.cwd) for _ in range(concurrency)]
+        actors: list[Any] = []
+        starting: dict[Any, Any] = {}  # ready ref -> actor still running setup
+        idle: list[Any] = []
         queue = list(pending)
         attempts: dict[int, int] = {}
+        setup_failures = 0
         in_flight: dict[Any, tuple[int, Any]] = {}
         results: list[dict[str, Any]] = []
         bar = self.progress(total=len(in_paths), initial=len(done), desc=plan.name, unit="shard") \
@@ -206,17 +213,37 @@ class Executor:
         rows = 0
         t0 = time.perf_counter()
 
+        def start_actor() -> None:
+            actor = worker_cls.remote(stage, ctx, provenance, self.cwd)
+            actors.append(actor)
+            starting[actor.__ray_ready__.remote()] = actor
+
         def submit(actor: Any) -> None:
             index = queue.pop(0)
             ref = actor.process.remote(index, str(in_paths[index]), art_dir)
             in_flight[ref] = (index, actor)
 
         try:
-            for actor in actors:
-                if queue:
-                    submit(actor)
-            while in_flight:
-                ready, _ = ray.wait(list(in_flight), num_returns=1)
+            for _ in range(concurrency):
+                start_actor()
+            while in_flight or queue:
+                if not in_flight and not starting:
+                    start_actor()  # every actor died with work left: replace one
+                ready, _ = ray.wait([*in_flight, *starting], num_returns=1)
+                if ready[0] in starting:
+                    actor = starting.pop(ready[0])
+                    try:
+                        ray.get(ready[0])
+                    except ray.exceptions.RayActorError as e:
+                        setup_failures += 1
+                        if setup_failures >= MAX_SHARD_ATTEMPTS:
+                            raise StageFailed(f"stage {plan.name!r}: workers failed to start "
+                                              f"{setup_failures} times: {e}") from e
+                        if not in_flight and not idle:
+                            start_actor()
+                        continue
+                    (submit if queue else idle.append)(actor)
+                    continue
                 index, actor = in_flight.pop(ready[0])
                 try:
                     stats = ray.get(ready[0])
@@ -224,17 +251,17 @@ class Executor:
                     attempts[index] = attempts.get(index, 0) + 1
                     if attempts[index] >= MAX_SHARD_ATTEMPTS:
                         raise
-                    actor = worker_cls.remote(stage, ctx, provenance, self.cwd)
                     queue.insert(0, index)
-                    submit(actor)
+                    if idle:
+                        submit(idle.pop())
+                    start_actor()  # replace the lost capacity; harmless if it cannot be placed
                     continue
                 results.append(stats)
                 rows += stats["rows"]
                 if bar is not None:
                     bar.update(1)
                     bar.set_postfix(rows_per_s=f"{rows / max(time.perf_counter() - t0, 1e-9):.0f}")
-                if queue:
-                    submit(actor)
+                (submit if queue else idle.append)(actor)
         except ray.exceptions.RayTaskError as e:
             raise StageFailed(f"stage {plan.name!r} failed on a shard: {e.cause!r}") from e
         finally:
