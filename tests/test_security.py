@@ -208,3 +208,40 @@ def test_safe_load_is_what_the_manifest_loader_uses():
     source = (REPO / "pipeline" / "manifest.py").read_text(encoding="utf-8")
     assert "yaml.safe_load(" in source and unsafe_calls(source) == []
     assert yaml.safe_load("a: !!binary aGk=") == {"a": b"hi"}  # standard tags still fine
+
+
+# --- checkpoints are safetensors -----------------------------------------------------------------
+
+PICKLE_MAGIC = (b"\x80", b"PK\x03\x04")  # pickle protocol >= 2; torch.save's zip container
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["bilstm", "cnn", "transformer"])
+def test_student_checkpoints_are_safetensors_not_pickles(tmp_path, kind):
+    import pyarrow as pa
+
+    from pipeline.testing import make_artifact, make_context
+    from stages.students import load_student
+    from stages.train import TrainStage
+
+    texts = ["a warm funny film", "a dull mess", "the cast is terrific", "so boring"] * 4
+    data = make_artifact(tmp_path / "data", pa.table({"id": [f"r{i}" for i in range(16)], "text": texts,
+                                                      "label": [1, 0, 1, 0] * 4}), rows_per_shard=8,
+                         metadata={"kdpipe.label_names": '["neg", "pos"]'})
+    student = {"type": kind, "embedding_dim": 8, "hidden_dim": 8, "mlp_dim": 8, "num_filters": 4}
+    if kind == "transformer":
+        student["hf_config"] = {"model_type": "bert", "hidden_size": 16, "num_hidden_layers": 1,
+                                "num_attention_heads": 2, "intermediate_size": 16, "max_position_embeddings": 32}
+    ctx = make_context(tmp_path, inputs={"data": [data]}, name=kind)
+    TrainStage(config=TrainStage.Config(student=student, epochs=1, batch_size=8)).run(ctx)
+    saved = sorted(p for p in (ctx.out_dir / "student").rglob("*") if p.is_file())
+    assert "model.safetensors" in {p.name for p in saved}
+    from safetensors import safe_open
+
+    for weights in (p for p in saved if p.suffix == ".safetensors"):
+        with safe_open(str(weights), framework="numpy") as f:  # parses as safetensors
+            assert list(f.keys())
+    pickles = [p.name for p in saved if p.suffix != ".safetensors" and p.read_bytes()[:4].startswith(PICKLE_MAGIC)]
+    assert pickles == [], f"pickled files in the student checkpoint: {pickles}"
+    assert not [p for p in saved if p.suffix in (".bin", ".pt", ".pth", ".pkl", ".ckpt")]
+    assert load_student(ctx.out_dir / "student").predict(texts[:2]) is not None
