@@ -25,7 +25,7 @@ POS = ["a warm , funny and touching film", "the cast is terrific", "an absolute 
 NEG = ["a dull , lifeless mess", "the plot makes no sense", "painfully boring from start to finish",
        "the worst acting i have seen", "a waste of a good cast", "i wanted my money back"]
 MAP_STAGES = ("read", "tag", "aug", "label")
-ROWS, ROWS_PER_SHARD, SHARDS, EPOCHS = 200, 5, 40, 4
+ROWS, ROWS_PER_SHARD, SHARDS, EPOCHS = 200, 5, 40, 6
 
 
 def write_corpus(path: Path, rows: int) -> Path:
@@ -96,7 +96,11 @@ def run_until_killed(cmd: list[str], env: dict[str, str], ready: Callable[[], bo
             time.sleep(0.02)
     finally:
         if proc.poll() is None:
+            # The whole session, as a lost machine would: Ray workers run in process groups of
+            # their own and would otherwise keep computing until they notice the raylet died.
             os.killpg(proc.pid, signal.SIGKILL)
+            for pid in _session_processes(proc.pid):
+                _kill(pid)
         output = proc.communicate()[0].decode(errors="replace")
     assert reached, f"the kill point was never reached (exit {proc.returncode}):\n{output[-3000:]}"
     for _ in range(100):
@@ -105,8 +109,15 @@ def run_until_killed(cmd: list[str], env: dict[str, str], ready: Callable[[], bo
         time.sleep(0.1)
     stray = _session_processes(proc.pid)
     for pid in stray:  # do not leak them into other tests, but fail
-        os.kill(pid, signal.SIGKILL)
+        _kill(pid)
     assert not stray, f"processes of the killed run survived: {stray}"
+
+
+def _kill(pid: int) -> None:
+    try:
+        os.kill(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
 
 
 def run_to_end(cmd: list[str], env: dict[str, str], summary: Path) -> dict[str, dict]:
@@ -216,7 +227,7 @@ def test_sigkill_during_augment_label_and_train_then_resume_equals_clean_run(cra
     run_until_killed(_cmd(crashed), env, lambda: _train_epoch(crashed_wd) >= 2)
     faults += 1
     epoch_at_kill = _train_epoch(crashed_wd)
-    assert 2 <= epoch_at_kill < EPOCHS
+    assert 2 <= epoch_at_kill < EPOCHS, "training was not interrupted mid-way"
     summary = run_to_end(_cmd(crashed), env, tmp / "train.json")
     assert summary["train"]["status"] == "resumed"
     assert all(summary[s]["status"] == "cached" for s in MAP_STAGES)
@@ -356,3 +367,30 @@ def test_killed_training_worker_is_retried_and_resumes_from_its_checkpoint(crash
     assert all(summary[s]["status"] == "cached" for s in MAP_STAGES)
     ta, tb = _student_tensors(killed_wd), _student_tensors(clean_wd)
     assert ta.keys() == tb.keys() and all((ta[k] == tb[k]).all() for k in ta), "student weights differ"
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_worker_setup_that_always_fails_ends_the_run_with_exit_1(crash_inputs, ray_session, tmp_path, capsys):
+    """Damaged teacher weights pass validation (the files exist) but fail in every actor's setup:
+    the run stops after 3 attempts with one error line, and the label artifact is not completed."""
+    import shutil
+
+    from pipeline.cli import main
+
+    _, corpus, teacher = crash_inputs
+    broken = tmp_path / "broken_teacher"
+    shutil.copytree(teacher, broken)
+    (broken / "model.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not a header}")
+    manifest = pipeline_manifest(tmp_path / "wd", corpus, broken)
+    manifest["stages"] = [s for s in manifest["stages"] if s["name"] in ("read", "label")]
+    manifest["stages"][1]["inputs"] = {"data": "read"}
+    manifest["stages"][1]["config"]["text_column"] = "text"
+    path = tmp_path / "m.yaml"
+    path.write_text(yaml.safe_dump(manifest))
+    code = main(["run", str(path), "--no-progress"])
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error: ")]
+    assert code == 1 and len(err) == 1 and "label" in err[0] and "failed to start 3 times" in err[0], err
+    (label_dir,) = (tmp_path / "wd" / "artifacts" / "label").iterdir()
+    assert not (label_dir / "manifest.json").exists()
+    assert not any((label_dir / "completions").glob("*.json"))
