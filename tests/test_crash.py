@@ -58,9 +58,22 @@ def pipeline_manifest(workdir: Path, corpus: Path, teacher: Path, *, rows_per_sh
 
 # --- driving `kdpipe run` as a killable subprocess ------------------------------------------------
 
+RAY_TMP = f"/tmp/kdx{os.getpid()}"  # Ray's socket paths must stay short: not under tmp_path
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _remove_ray_temp_dirs():
+    yield
+    import glob
+    import shutil
+
+    for path in glob.glob(f"{RAY_TMP}*"):
+        shutil.rmtree(path, ignore_errors=True)
+
+
 def _env(tag: str) -> dict[str, str]:
     return {**os.environ, "RAY_AUTH_MODE": "disabled", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
-            "KDPIPE_RAY_TMPDIR": f"/tmp/kdx{os.getpid()}{tag}"}
+            "KDPIPE_RAY_TMPDIR": f"{RAY_TMP}{tag}"}
 
 
 def _cmd(manifest: Path, *extra: str) -> list[str]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -123,6 +124,7 @@ class Cluster:
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
+        shutil.rmtree(self.temp_dir, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")
@@ -176,8 +178,13 @@ def _tables(workdir: Path) -> dict:
 @pytest.fixture(scope="module")
 def single_node(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("mn")
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "KDPIPE_RAY_TMPDIR": tempfile.mkdtemp(prefix="kdms", dir="/tmp")}
-    summary = _finish(_run(_manifest(tmp, "single"), tmp / "single.json", address=None, env=env), tmp / "single.json")
+    ray_tmp = tempfile.mkdtemp(prefix="kdms", dir="/tmp")
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "KDPIPE_RAY_TMPDIR": ray_tmp}
+    try:
+        summary = _finish(_run(_manifest(tmp, "single"), tmp / "single.json", address=None, env=env),
+                          tmp / "single.json")
+    finally:
+        shutil.rmtree(ray_tmp, ignore_errors=True)
     assert summary["tag"]["status"] == "ran"
     return tmp, _tables(tmp / "single")
 

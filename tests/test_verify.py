@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -183,7 +185,7 @@ def _blocked_waiters(lock_path: Path) -> int:
 
 
 @pytest.mark.slow
-def test_two_concurrent_runs_share_a_workdir_without_corruption(tmp_path, sentiment_tsv):
+def test_two_concurrent_runs_share_a_workdir_without_corruption(tmp_path, sentiment_tsv, request):
     """Both start while the workdir is locked; one computes, the other waits then finds it cached."""
     import yaml
 
@@ -194,9 +196,11 @@ def test_two_concurrent_runs_share_a_workdir_without_corruption(tmp_path, sentim
     manifest.write_text(yaml.safe_dump(_manifest(tmp_path, sentiment_tsv, workdir)))
     env = {**os.environ, "RAY_AUTH_MODE": "disabled", "HF_HUB_OFFLINE": "1"}
     procs = []
+    ray_dirs = [Path(tempfile.mkdtemp(prefix="kdv", dir="/tmp")) for _ in range(2)]  # short socket paths
+    request.addfinalizer(lambda: [shutil.rmtree(d, ignore_errors=True) for d in ray_dirs])
     with WorkdirLock(workdir):
         for i in range(2):
-            env_i = {**env, "KDPIPE_RAY_TMPDIR": str(Path("/tmp") / f"kdv{os.getpid()}{i}")}
+            env_i = {**env, "KDPIPE_RAY_TMPDIR": str(ray_dirs[i])}
             procs.append(subprocess.Popen(
                 [sys.executable, "-m", "pipeline.cli", "run", str(manifest), "--no-progress",
                  "--summary-json", str(tmp_path / f"s{i}.json")],
