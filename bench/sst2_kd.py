@@ -14,7 +14,9 @@ plus the share of the teacher-student gap that KD closes, parameters, and infere
 Scale 1.0 (sized for about an hour on 2 CPU cores, not shared with other work):
     5,000 shuffled training sentences (4,750 train / 250 held out), n_iter 10 (Tang: 20), teacher
     2 epochs, KD+aug student up to 4 epochs, the other students up to 10 (patience 2), 3 seeds.
-    Expected cost: teacher ~5 min, labeling ~50k rows ~8 min, students ~25 min, evaluation ~2 min.
+    Expected cost (extrapolated from --scale 0.2, which ran 13.5 min on the 2 shared cores):
+    teacher ~10 min (MiniLM training is ~15-20 rows/s here), labeling ~50k rows ~8 min, 9 students
+    ~20 min, evaluation ~2 min.
 --scale multiplies the training subset (the other settings stay), e.g. --scale 0.02 is a smoke test.
 
     .venv/bin/python bench/sst2_kd.py --scale 1 [--data ../shared/data/sst2] [--seeds 3] [--json out.json]
