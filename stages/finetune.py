@@ -78,6 +78,8 @@ class FinetuneConfig(StageConfig):
     warmup: float = Field(0.1, ge=0, lt=1, description="share of the total steps with linear warm-up")
     weight_decay: float = Field(0.01, ge=0)
     patience: int = Field(2, ge=1, description="stop after this many epochs without dev improvement")
+    group_by_length: bool = Field(False, description="batches of similar length (less padding; for corpora "
+                                  "whose lengths vary a lot, e.g. SST-2 phrases), still shuffled")
     seed: int = 0
     eval_batch_size: int = throughput(64, gt=0)
     num_cpus: float = throughput(2, gt=0)
@@ -273,11 +275,10 @@ class _Trainer:
                 break
             start = time.perf_counter()
             self.model.train()
-            # The order depends only on (seed, epoch): a resumed run sees the same batches.
-            order = np.random.default_rng([self.seed, epoch]).permutation(n)
+            # The batches depend only on (seed, epoch): a resumed run sees the same ones.
+            batches = self._epoch_batches(train, np.random.default_rng([self.seed, epoch]))
             losses = []
-            for b in range(steps_per_epoch):
-                idx = order[b * cfg.batch_size:(b + 1) * cfg.batch_size].tolist()
+            for b, idx in enumerate(batches):
                 step = (epoch - 1) * steps_per_epoch + b
                 for group in optimizer.param_groups:
                     group["lr"] = self._lr(step, total)
@@ -306,6 +307,24 @@ class _Trainer:
             print(f"[finetune] epoch {epoch}: " + ", ".join(f"{k}={v}" for k, v in record.items() if k != "epoch"),
                   flush=True)
         return history, state["best_epoch"], resumed_from
+
+    def _epoch_batches(self, examples: dict[str, list], rng) -> list[list[int]]:
+        """Shuffled batches. With group_by_length, rows are shuffled, sorted by length within
+        windows of 50 batches, cut into batches, and the batches shuffled: phrase corpora such as
+        SST-2 mix 2- and 50-token rows, and random batches would mostly compute padding. Off by
+        default: where length predicts the label, such batches are nearly single-class."""
+        bs = self.cfg.batch_size
+        order = rng.permutation(len(examples["labels"])).tolist()
+        if not self.cfg.group_by_length:
+            return [order[k:k + bs] for k in range(0, len(order), bs)]
+        lengths = [len(t) + (len(examples["pairs"][i]) if examples["pairs"] else 0)
+                   for i, t in enumerate(examples["texts"])]
+        window = bs * 50
+        batches = []
+        for start in range(0, len(order), window):
+            chunk = sorted(order[start:start + window], key=lambda i: lengths[i])
+            batches += [chunk[k:k + bs] for k in range(0, len(chunk), bs)]
+        return [batches[i] for i in rng.permutation(len(batches))]
 
     def evaluate(self, dev: dict[str, list]) -> dict[str, float]:
         import torch

@@ -172,3 +172,25 @@ def test_uncached_hub_id_is_reported_before_running():
     assert [p.loc for p in problems] == ["config.base_model"]
     assert "hf download kdpipe-test/no-such-model-xyz" in problems[0].message
     assert stage.fingerprint()  # still keyed (by id and revision), so a later download changes the key
+
+
+def test_epoch_batches_cover_every_row_once_and_group_lengths():
+    import numpy as np
+
+    from stages.finetune import _Trainer
+
+    rng = np.random.default_rng(0)
+    texts = ["w " * int(k) for k in rng.integers(1, 60, size=1000)]
+    examples = {"texts": texts, "pairs": None, "labels": [0] * 1000}
+    trainer = _Trainer(cfg=FinetuneConfig(batch_size=16, group_by_length=True), model=None, tokenizer=None, seed=0, scratch=".")
+    batches = trainer._epoch_batches(examples, np.random.default_rng([0, 1]))
+    assert sorted(i for b in batches for i in b) == list(range(1000))
+    assert len(batches) == 63 and all(len(b) <= 16 for b in batches)
+    padded = sum(len(b) * max(len(texts[i]) for i in b) for b in batches)
+    assert padded < 1.2 * sum(len(t) for t in texts)  # random batches would pad ~1.9x
+    again = trainer._epoch_batches(examples, np.random.default_rng([0, 1]))
+    assert again == batches
+    plain = _Trainer(cfg=FinetuneConfig(batch_size=16), model=None, tokenizer=None, seed=0, scratch=".")
+    random_batches = plain._epoch_batches(examples, np.random.default_rng([0, 1]))
+    assert sorted(i for b in random_batches for i in b) == list(range(1000))
+    assert sum(len(b) * max(len(texts[i]) for i in b) for b in random_batches) > 1.5 * padded
