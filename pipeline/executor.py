@@ -236,11 +236,12 @@ class Executor:
                         ray.get(ready[0])
                     except ray.exceptions.RayActorError as e:
                         setup_failures += 1
+                        if in_flight or idle or starting:
+                            continue  # other actors carry on (e.g. this one's node died)
                         if setup_failures >= MAX_SHARD_ATTEMPTS:
                             raise StageFailed(f"stage {plan.name!r}: workers failed to start "
                                               f"{setup_failures} times: {e}") from e
-                        if not in_flight and not idle:
-                            start_actor()
+                        start_actor()
                         continue
                     (submit if queue else idle.append)(actor)
                     continue
