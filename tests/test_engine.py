@@ -233,3 +233,9 @@ def test_input_from_another_run_by_reference(tmp_path, sentiment_tsv, ray_sessio
     missing = {**other, "stages": [{**other["stages"][0], "inputs": {"data": "@nope/read"}}]}
     with pytest.raises(ManifestError, match="run that manifest first"):
         build_graph(parse_manifest(missing))
+
+
+def test_manifest_seed_is_part_of_every_key(tmp_path, sentiment_tsv):
+    base = manifest(tmp_path, sentiment_tsv)
+    keys = [{p.name: p.key for p in make_plan(build_graph(parse_manifest({**base, "seed": seed})))} for seed in (0, 1)]
+    assert all(keys[0][name] != keys[1][name] for name in keys[0])
