@@ -55,7 +55,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
     return 0
 
 
-def _resolve_target(target: str, workdir: str) -> Path:
+def resolve_target(target: str, workdir: str) -> Path:
+    """An artifact directory from a path (the artifact, its shards/ folder) or RUN/STAGE."""
     path = Path(target)
     if not path.exists():
         path = Path(workdir) / "runs" / target
@@ -70,7 +71,7 @@ def _resolve_target(target: str, workdir: str) -> Path:
 def cmd_inspect(args: argparse.Namespace) -> int:
     from pipeline.artifact import Artifact
 
-    art = Artifact(_resolve_target(args.target, args.workdir))
+    art = Artifact(resolve_target(args.target, args.workdir))
     info: dict[str, Any] = art.manifest if art.is_complete() else {}
     print(f"artifact: {art.path}")
     print(f"complete: {art.is_complete()}")

@@ -11,15 +11,10 @@ from pipeline.errors import KdpipeError
 
 def resolve_model_dir(target: str, workdir: str) -> Path:
     """A student/HF directory from an artifact path, RUN/STAGE alias, or the directory itself."""
+    from pipeline.cli import resolve_target
     from stages.evaluate import model_dir
 
-    path = Path(target)
-    if not path.exists():
-        path = Path(workdir) / "runs" / target
-    if not path.exists():
-        raise KdpipeError(f"no model at {target!r} (nor {path}); give a student directory, an artifact "
-                          "path or RUN/STAGE (`kdpipe ls` lists them)")
-    path = path.resolve()
+    path = resolve_target(target, workdir)
     if (path / "student.json").is_file() or (path / "config.json").is_file():
         return path
     found = model_dir(path)
