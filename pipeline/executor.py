@@ -20,6 +20,9 @@ from pipeline.plan import StagePlan, alias_path
 from pipeline.stage import Stage, StageContext
 
 MAX_SHARD_ATTEMPTS = 3
+# The first ready actor waits this long for its peers before taking work alone, so that actors
+# set up at different speeds (other nodes, model loads) all share a stage's shards.
+STARTUP_GRACE_S = 30.0
 
 
 def _enter_worker(cwd: str, num_cpus: float) -> None:
@@ -197,7 +200,7 @@ class Executor:
         # live actor. A Ray restart would retry it on the restarted actor, which may never be
         # placed again (its node gone, the remaining CPUs held by this stage's other actors):
         # the stage would wait forever. Shards go only to actors that finished setup, for the same
-        # reason; an actor that cannot be placed simply never gets work.
+        # reason; an actor that cannot be placed simply never gets work (after STARTUP_GRACE_S).
         worker_cls = ray.remote(_ShardWorkerImpl).options(max_restarts=0, max_task_retries=0, **res)
         art_dir = str(plan.art_dir.resolve())
         actors: list[Any] = []
@@ -223,13 +226,26 @@ class Executor:
             ref = actor.process.remote(index, str(in_paths[index]), art_dir)
             in_flight[ref] = (index, actor)
 
+        initial: set[Any] = set()
+        barrier_until: float | None = None  # set when the first actor is ready
+
+        def barrier_up() -> bool:
+            return bool(initial & starting.keys()) and (barrier_until is None or time.monotonic() < barrier_until)
+
         try:
             for _ in range(concurrency):
                 start_actor()
+            initial = set(starting)
             while in_flight or queue:
                 if not in_flight and not starting:
                     start_actor()  # every actor died with work left: replace one
-                ready, _ = ray.wait([*in_flight, *starting], num_returns=1)
+                if not barrier_up():
+                    while idle and queue:
+                        submit(idle.pop())
+                ready, _ = ray.wait([*in_flight, *starting], num_returns=1,
+                                    timeout=1.0 if barrier_up() else None)
+                if not ready:
+                    continue
                 if ready[0] in starting:
                     actor = starting.pop(ready[0])
                     try:
@@ -243,7 +259,9 @@ class Executor:
                                               f"{setup_failures} times: {e}") from e
                         start_actor()
                         continue
-                    (submit if queue else idle.append)(actor)
+                    if barrier_until is None:
+                        barrier_until = time.monotonic() + STARTUP_GRACE_S
+                    (submit if queue and not barrier_up() else idle.append)(actor)
                     continue
                 index, actor = in_flight.pop(ready[0])
                 try:

@@ -221,7 +221,6 @@ class LabelStage(MapStage):
                 raise ValueError(f"ensemble teachers disagree on labels: {sorted(sets)}")
             self.label_names = json.loads(next(iter(sets)))
             self._check_data_labels(ctx)
-        torch.set_grad_enabled(False)
 
     def _check_data_labels(self, ctx: StageContext) -> None:
         data = ctx.optional_input("data")
@@ -253,6 +252,7 @@ class LabelStage(MapStage):
 
     def process(self, table, ctx: StageContext, *, shard_index: int):
         import pyarrow as pa
+        import torch
 
         cfg = self.config
         texts = _strings(table, cfg.text_column)
@@ -264,13 +264,14 @@ class LabelStage(MapStage):
             words = [[str(w) for w in (ws or [])] for ws in words]
             columns["words"] = pa.array(words, pa.list_(pa.string()))
         for name, model, tok in self.teachers:
-            if cfg.task == "classification":
-                pairs = _strings(table, cfg.text_pair_column) if cfg.text_pair_column else None
-                out = classify(model, tok, texts, pairs, cfg=cfg, device=self.device)
-            elif cfg.task == "token_classification":
-                out = tag_words(model, tok, words, cfg=cfg, device=self.device)
-            else:
-                out = translate(model, tok, texts, cfg=cfg, device=self.device)
+            with torch.inference_mode():  # scoped: the stage may share a process with training code
+                if cfg.task == "classification":
+                    pairs = _strings(table, cfg.text_pair_column) if cfg.text_pair_column else None
+                    out = classify(model, tok, texts, pairs, cfg=cfg, device=self.device)
+                elif cfg.task == "token_classification":
+                    out = tag_words(model, tok, words, cfg=cfg, device=self.device)
+                else:
+                    out = translate(model, tok, texts, cfg=cfg, device=self.device)
             suffix = _suffix(name, len(self.teachers))
             columns.update({col + suffix: arr for col, arr in out.items()})
         return pa.table(columns)
