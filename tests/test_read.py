@@ -1,0 +1,99 @@
+"""The read stage on every input format, without Ray: same rows, stable ids, clear errors."""
+from __future__ import annotations
+
+import json
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from pipeline.testing import make_context
+from stages.read import ReadError, ReadStage
+
+ROWS = [("a warm , funny film", "pos"), ("a dull mess", "neg"), ("the cast is terrific", "pos")]
+
+
+def read(tmp_path, **config) -> pa.Table:
+    stage = ReadStage(config=ReadStage.Config(**config))
+    assert stage.validate(input_columns={}) == []
+    return stage.read(make_context(tmp_path))
+
+
+@pytest.fixture
+def files(tmp_path):
+    (tmp_path / "c.jsonl").write_text("".join(json.dumps({"sentence": t, "y": y, "src": "web"}) + "\n" for t, y in ROWS))
+    (tmp_path / "c.csv").write_text("sentence,y,src\n" + "".join(f'"{t}",{y},web\n' for t, y in ROWS))
+    (tmp_path / "c.tsv").write_text("sentence\ty\tsrc\n" + "".join(f"{t}\t{y}\tweb\n" for t, y in ROWS))
+    pq.write_table(pa.table({"sentence": [t for t, _ in ROWS], "y": [y for _, y in ROWS], "src": ["web"] * 3}),
+                   tmp_path / "c.parquet")
+    return tmp_path
+
+
+@pytest.mark.parametrize("suffix", ["jsonl", "csv", "tsv", "parquet"])
+def test_tabular_formats_give_the_same_table(files, suffix):
+    table = read(files, path=str(files / f"c.{suffix}"), text_column="sentence", label_column="y",
+                 columns=["src"], label_names=["neg", "pos"])
+    assert table.column_names == ["id", "text", "label", "src"]
+    assert table.column("text").to_pylist() == [t for t, _ in ROWS]
+    assert table.column("label").to_pylist() == [1, 0, 1]  # named labels -> index in label_names
+    assert table.column("src").to_pylist() == ["web"] * 3
+    ids = table.column("id").to_pylist()
+    assert len(set(ids)) == 3
+    # ids depend on the file name, row and text, not on the format's parsing path
+    other = read(files, path=str(files / f"c.{suffix}"), text_column="sentence", label_column="y",
+                 columns=["src"], label_names=["neg", "pos"])
+    assert other.column("id").to_pylist() == ids
+
+
+def test_plain_text_and_parallel_files(tmp_path):
+    (tmp_path / "a.en").write_text("Two dogs play.\nA man reads.\n")
+    (tmp_path / "a.de").write_text("Zwei Hunde spielen.\nEin Mann liest.\n")
+    text = read(tmp_path, path=str(tmp_path / "a.en"), format="text")
+    assert text.column("text").to_pylist() == ["Two dogs play.", "A man reads."]
+    pairs = read(tmp_path, files={"en": str(tmp_path / "a.en"), "de": str(tmp_path / "a.de")}, text_column="en")
+    assert pairs.column_names == ["id", "text", "de"]
+    assert pairs.column("de").to_pylist() == ["Zwei Hunde spielen.", "Ein Mann liest."]
+    (tmp_path / "b.de").write_text("nur eine Zeile\n")
+    with pytest.raises(ReadError, match="not line-aligned"):
+        ReadStage(config=ReadStage.Config(files={"en": str(tmp_path / "a.en"), "de": str(tmp_path / "b.de")},
+                                          text_column="en")).build_table()
+
+
+def test_hf_datasets_from_a_saved_dataset_and_a_local_data_dir(tmp_path):
+    import datasets
+
+    ds = datasets.Dataset.from_dict({"sentence": [t for t, _ in ROWS], "label": [1, 0, 1], "idx": [10, 11, 12]})
+    ds.save_to_disk(str(tmp_path / "saved"))
+    table = read(tmp_path, hf={"name": str(tmp_path / "saved")}, text_column="sentence", label_column="label",
+                 id_column="idx")
+    assert table.column("id").to_pylist() == ["10", "11", "12"]
+    assert table.column("label").to_pylist() == [1, 0, 1]
+
+    folder = tmp_path / "csvdata"
+    folder.mkdir()
+    (folder / "train.csv").write_text("sentence,label\n" + "".join(f'"{t}",{i % 2}\n' for i, (t, _) in enumerate(ROWS)))
+    table = read(tmp_path, hf={"name": str(folder), "split": "train"}, text_column="sentence", label_column="label")
+    assert table.column("text").to_pylist() == [t for t, _ in ROWS]
+
+
+def test_shuffle_and_limit_are_deterministic(files):
+    kwargs = dict(path=str(files / "c.tsv"), text_column="sentence", shuffle=True, shuffle_seed=3, limit=2)
+    a, b = read(files, **kwargs), read(files, **kwargs)
+    assert a.equals(b) and a.num_rows == 2
+
+
+@pytest.mark.parametrize("content,fix", [
+    (b"sentence\tlabel\ncaf\xe9\t1\n", "not UTF-8"),
+    (b"", "empty"),
+])
+def test_bad_files_are_reported_before_compute(tmp_path, content, fix):
+    (tmp_path / "bad.tsv").write_bytes(content)
+    problems = ReadStage(config=ReadStage.Config(path=str(tmp_path / "bad.tsv"), text_column="sentence",
+                                                 label_column="label")).validate(input_columns={})
+    assert len(problems) == 1 and problems[0].loc == "config.path" and fix in problems[0].message
+
+
+def test_duplicate_ids_are_an_error(tmp_path):
+    (tmp_path / "d.jsonl").write_text('{"id": 1, "text": "a"}\n{"id": 1, "text": "b"}\n')
+    problems = ReadStage(config=ReadStage.Config(path=str(tmp_path / "d.jsonl"), id_column="id")).validate(input_columns={})
+    assert problems and problems[0].loc == "config.id_column" and "unique" in problems[0].message
