@@ -192,8 +192,6 @@ class LabelStage(MapStage):
 
     # --- worker ---------------------------------------------------------------------------
     def setup(self, ctx: StageContext) -> None:
-        import torch
-
         quiet_transformers()
         cfg = self.config
         self.device = pick_device(cfg.device)

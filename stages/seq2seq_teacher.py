@@ -240,6 +240,17 @@ def _checkpoint(scratch: Path, model, optimizer, scheduler, step: int, curve: li
             shutil.rmtree(old, ignore_errors=True)
 
 
+def save_checkpoint(model, tok, spm_dir: Path, out: Path) -> int:
+    """An HF checkpoint dir (weights, config, tokenizer, the sentencepiece model); returns params."""
+    import shutil
+
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(str(out))
+    tok.save_pretrained(str(out))
+    shutil.copy(spm_dir / f"{SPM_NAME}.model", out / f"{SPM_NAME}.model")
+    return sum(p.numel() for p in model.parameters())
+
+
 def read_pairs(ctx: StageContext, role: str, source_column: str, target_column: str) -> list[dict[str, str]]:
     """Rows {id, src, tgt} of a parallel artifact, sorted by id (shard order never matters)."""
     table = ctx.input(role).read_table(columns=["id", source_column, target_column])
@@ -280,8 +291,6 @@ class Seq2SeqTeacherStage(TaskStage):
         return problems
 
     def run(self, ctx: StageContext) -> dict[str, Any]:
-        import shutil
-
         cfg = self.config
         pairs = read_pairs(ctx, "data", cfg.source_column, cfg.target_column)
         spm_dir = ctx.scratch_dir / "tokenizer"
@@ -296,10 +305,5 @@ class Seq2SeqTeacherStage(TaskStage):
         examples = [{"src": s, "tgt": t} for s, t in zip(src, tgt)]
         stats = fit(model, examples, cfg.train, scratch=ctx.scratch_dir / "train", seed=ctx.seed,
                     checkpoint_every=cfg.checkpoint_every)
-        out = ctx.out_dir / "model"
-        out.mkdir(parents=True, exist_ok=True)
-        model.save_pretrained(str(out))
-        tok.save_pretrained(str(out))
-        shutil.copy(spm_dir / f"{SPM_NAME}.model", out / f"{SPM_NAME}.model")
-        params = sum(p.numel() for p in model.parameters())
+        params = save_checkpoint(model, tok, spm_dir, ctx.out_dir / "model")
         return {"parameters": params, "vocab_size": len(tok), **stats}

@@ -18,6 +18,8 @@ Output `files/student/` (HF checkpoint + tokenizer + student.json, loaded by
 """
 from __future__ import annotations
 
+import functools
+
 import json
 from pathlib import Path
 from typing import Any, Literal
@@ -26,7 +28,7 @@ from pydantic import Field
 
 from pipeline.stage import InputRole, Problem, StageConfig, StageContext, TaskStage, throughput
 from stages.seq2seq_teacher import (SPM_NAME, ModelDims, TrainSchedule, build_t5, check_columns, encode,
-                                    fit, load_spm_tokenizer, read_pairs, seeded, token_loss,
+                                    fit, load_spm_tokenizer, read_pairs, save_checkpoint, seeded, token_loss,
                                     train_sentencepiece)
 
 Target = Literal["reference", "seqkd", "seqinter", "wordkd"]
@@ -215,8 +217,6 @@ class TrainSeq2SeqStage(TaskStage):
         return tok, spm_dir
 
     def run(self, ctx: StageContext) -> dict[str, Any]:
-        import shutil
-
         cfg = self.config
         has_teacher = ctx.optional_input("teacher") is not None
         if cfg.target in ("reference", "seqinter"):
@@ -233,18 +233,11 @@ class TrainSeq2SeqStage(TaskStage):
         examples, target_stats = build_examples(pairs, tok, cfg, teacher_vocab=has_teacher)
         model = build_t5(tok, cfg.model, seed=seeded(ctx.seed, "student-init"),
                          max_new_tokens=cfg.train.max_target_tokens, num_beams=cfg.num_beams)
-        loss_fn = token_loss
-        if cfg.target == "wordkd":
-            def loss_fn(m, batch, schedule):  # noqa: E306
-                return word_kd_loss(m, batch, schedule, cfg.kd_alpha)
+        loss_fn = functools.partial(word_kd_loss, alpha=cfg.kd_alpha) if cfg.target == "wordkd" else token_loss
         stats = fit(model, examples, cfg.train, scratch=ctx.scratch_dir / "train", seed=ctx.seed,
                     checkpoint_every=cfg.checkpoint_every, loss_fn=loss_fn)
         out = ctx.out_dir / "student"
-        out.mkdir(parents=True, exist_ok=True)
-        model.save_pretrained(str(out))
-        tok.save_pretrained(str(out))
-        shutil.copy(spm_dir / f"{SPM_NAME}.model", out / f"{SPM_NAME}.model")
-        params = sum(p.numel() for p in model.parameters())
+        params = save_checkpoint(model, tok, spm_dir, out)
         meta = {"type": "seq2seq", "task": "seq2seq", "target": cfg.target, "source_column": cfg.source_column,
                 "parameters": params, "hyperparameters": cfg.model_dump(mode="json")}
         (out / "student.json").write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
