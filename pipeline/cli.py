@@ -39,11 +39,16 @@ def cmd_run(args: argparse.Namespace) -> int:
                         progress=not args.no_progress, summary_json=args.summary_json)
     print(f"\n{'stage':<20} {'status':<8} {'shards':>9} {'rows':>9} {'seconds':>8}  artifact")
     for s in summary:
+        rows = "-" if s["type"] in _task_types(graph) else s["rows"]  # task stages write files
         print(f"{s['name']:<20} {s['status']:<8} {s['shards_run']:>4}/{s['shards_total']:<4} "
-              f"{s['rows']:>9} {s['seconds']:>8.1f}  {s['path']}")
+              f"{rows:>9} {s['seconds']:>8.1f}  {s['path']}")
     runs = Path(graph.manifest.workdir) / "runs" / graph.manifest.name
     print(f"\nartifacts by stage name: {runs}/<stage>")
     return 0
+
+
+def _task_types(graph) -> set[str]:
+    return {node.type for node in graph.nodes.values() if node.stage.kind == "task"}
 
 
 def cmd_plan(args: argparse.Namespace) -> int:

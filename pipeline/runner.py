@@ -66,8 +66,9 @@ def run_graph(graph: Graph, *, only: list[str] | None = None, start: str | None 
                 result = executor.run_stage(plan, dirs)
                 nodes = sorted({s.get("node_id") for s in result.pop("shards") if s.get("node_id")})
                 entry.update(status="resumed" if plan.status == "resume" else "ran", nodes=nodes, **result)
-                log(f"[{plan.name}] done: {result['rows']} rows, {result['shards_run']}/"
-                    f"{result['shards_total']} shards run in {result['seconds']:.1f}s")
+                made = "files" if plan.node.stage.kind == "task" else f"{result['rows']} rows, " \
+                    f"{result['shards_run']}/{result['shards_total']} shards run"
+                log(f"[{plan.name}] done: {made} in {result['seconds']:.1f}s")
             update_alias(workdir, manifest.name, plan.name, plan.art_dir)
             summary.append(entry)
         write_json(workdir / "runs" / manifest.name / "_last_run.json",
