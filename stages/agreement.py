@@ -6,7 +6,8 @@ Inputs: `data` (held-out rows: id + the student's column), `labels` (the teacher
 artifact for the same rows: a `logits` column, or `logits_<teacher>` in an ensemble), `models`
 (train artifacts whose files/student loads with `stages.students.load_student`). Rows are joined
 by id. Output `files/metrics.json`: agreement per student, both label distributions, and the
-teacher x student confusion counts.
+teacher x student confusion counts, Cohen's kappa (agreement corrected for chance) and the
+teacher's majority-class rate (what a constant student would score).
 """
 from __future__ import annotations
 
@@ -31,7 +32,14 @@ def agreement_metrics(teacher: list[int], student: list[int], names: list[str]) 
     confusion = [[0] * len(names) for _ in names]
     for t, s in zip(teacher, student):
         confusion[t][s] += 1
-    return {"agreement": round(sum(t == s for t, s in zip(teacher, student)) / max(n, 1), 4),
+    observed = sum(t == s for t, s in zip(teacher, student)) / max(n, 1)
+    # Chance agreement from the two label distributions: a one-sided teacher makes raw agreement
+    # look high for a student that always answers the majority class (Cohen's kappa = 0 then).
+    chance = sum(sum(row) * sum(r[j] for r in confusion) for j, row in enumerate(confusion)) / max(n * n, 1)
+    kappa = (observed - chance) / (1 - chance) if chance < 1 else 0.0
+    majority = max((sum(row) for row in confusion), default=0) / max(n, 1)
+    return {"agreement": round(observed, 4), "cohen_kappa": round(kappa, 4),
+            "teacher_majority_rate": round(majority, 4),
             "teacher_counts": {names[i]: sum(row) for i, row in enumerate(confusion)},
             "student_counts": {names[j]: sum(row[j] for row in confusion) for j in range(len(names))},
             "confusion_teacher_rows_student_cols": confusion}
@@ -40,7 +48,7 @@ def agreement_metrics(teacher: list[int], student: list[int], names: list[str]) 
 class AgreementStage(TaskStage):
     type = "agreement"
     Config = AgreementConfig
-    code_version = "1"
+    code_version = "2"
     inputs = {
         "data": InputRole(doc="held-out rows: id + the students' column"),
         "labels": InputRole(doc="teacher label artifact (classification logits) for the same rows"),
@@ -101,7 +109,8 @@ class AgreementStage(TaskStage):
                    "students": results}
         ctx.out_dir.mkdir(parents=True, exist_ok=True)
         (ctx.out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
-        return {"rows": len(ids), "agreement": {k: v["agreement"] for k, v in results.items()}}
+        return {"rows": len(ids), "agreement": {k: v["agreement"] for k, v in results.items()},
+                "cohen_kappa": {k: v["cohen_kappa"] for k, v in results.items()}}
 
 
 def _training_column(art) -> str:

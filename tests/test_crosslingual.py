@@ -19,6 +19,10 @@ def test_agreement_metrics_counts_and_confusion():
     assert m["agreement"] == 0.6
     assert m["teacher_counts"] == {"neg": 2, "pos": 3} and m["student_counts"] == {"neg": 2, "pos": 3}
     assert m["confusion_teacher_rows_student_cols"] == [[1, 1], [1, 2]]
+    # chance = (2*2 + 3*3) / 25 = 0.52; kappa = (0.6 - 0.52) / (1 - 0.52)
+    assert m["cohen_kappa"] == round(0.08 / 0.48, 4) and m["teacher_majority_rate"] == 0.6
+    constant = agreement_metrics([1, 1, 1, 0], [1, 1, 1, 1], ["neg", "pos"])
+    assert constant["agreement"] == 0.75 and constant["cohen_kappa"] == 0.0
 
 
 def test_agreement_validation_names_the_fix():
