@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-from pipeline.artifact import Artifact, completed_shards, file_checksums, write_json, write_shard
+from pipeline.artifact import Artifact, file_checksums, write_json, write_shard
 from pipeline.errors import StageFailed
 from pipeline.graph import Graph
 from pipeline.plan import StagePlan, alias_path
@@ -154,7 +154,7 @@ class Executor:
         res = stage.resources()
         start = time.perf_counter()
         if stage.kind == "source":
-            done = completed_shards(plan.art_dir)
+            done = plan.completed
             task = ray.remote(_run_source_impl).options(max_retries=MAX_SHARD_ATTEMPTS, **res)
             stats = ray.get(task.remote(stage, ctx, provenance, self.cwd, str(plan.art_dir.resolve()), list(done)))
             shards, extra = self._merge(done, stats), {}
@@ -184,7 +184,7 @@ class Executor:
 
         data = ctx.input("data")
         in_paths = data.shard_paths()
-        done = completed_shards(plan.art_dir)
+        done = plan.completed
         pending = [i for i in range(len(in_paths)) if i not in done]
         if not pending:
             return self._merge(done, []), 0

@@ -27,7 +27,13 @@ class StagePlan:
     art_dir: Path
     status: str  # cached | resume | run
     reason: str
-    done_shards: int = 0
+    # Shards already finished and verified when planning; execution (under the same workdir
+    # lock) resumes from these instead of hashing every shard again.
+    completed: dict[int, dict[str, Any]] = dataclasses.field(default_factory=dict)
+
+    @property
+    def done_shards(self) -> int:
+        return len(self.completed)
 
     @property
     def name(self) -> str:
@@ -109,17 +115,17 @@ def make_plan(graph: Graph, *, selected: list[str] | None = None, verify: bool =
         keys[node.name] = key
         art_dir = artifact_dir(workdir, node.type, key)
         art = Artifact(art_dir)
-        done = 0
+        done: dict[int, dict[str, Any]] = {}
         if art.is_complete() and _artifact_intact(art, node, verify):
             status, reason = "cached", f"cache hit: same config, code and inputs ({key})"
         else:
             if node.stage.kind != "task":
-                done = len(completed_shards(art_dir, verify=verify))
+                done = completed_shards(art_dir, verify=verify)
             prev = _previous_key_parts(workdir, manifest.name, node.name)
             if art.is_complete():
                 status, reason = "run", "cached artifact failed verification (altered or truncated); recomputing"
             elif done:
-                status, reason = "resume", f"resuming: {done} shard(s) already complete"
+                status, reason = "resume", f"resuming: {len(done)} shard(s) already complete"
             elif (art_dir / "scratch").is_dir():
                 status, reason = "resume", "resuming from scratch state of an interrupted run"
             elif prev is None:
