@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import os
 import statistics
 import sys
 import time
@@ -34,8 +33,7 @@ from pathlib import Path
 
 import yaml
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
+from _env import REPO
 TEMPLATE = REPO / "manifests" / "sst2-tang.yaml"
 TRAIN_ROWS = 5000
 STUDENTS = {"student_kd_aug": "KD + augmentation", "student_kd": "KD, no augmentation", "student_nokd": "no KD"}
@@ -134,10 +132,6 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--workdir", default=str(REPO / "out" / "sst2_kd"))
     p.add_argument("--json", help="also write the figures here")
     args = p.parse_args(argv)
-    for var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE"):
-        os.environ.setdefault(var, "1")
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     if not (Path(args.data) / "train.tsv").is_file():
         p.error(f"{args.data}/train.tsv not found; pass --data <folder with the GLUE SST-2 TSVs>")
     from pipeline.graph import build_graph

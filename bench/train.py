@@ -11,12 +11,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import _env  # noqa: F401  (kdpipe from this checkout, offline)
 
 MODELS = {"small": {"embedding_dim": 64, "hidden_dim": 64, "mlp_dim": 64},
           "tang": {"embedding_dim": 300, "hidden_dim": 300, "mlp_dim": 400}}
