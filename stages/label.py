@@ -422,6 +422,10 @@ def translate(model, tok, texts: list[str], *, cfg: LabelConfig, device: str) ->
     import pyarrow as pa
     import torch
 
+    positions = getattr(model.config, "max_position_embeddings", None)
+    if positions and cfg.max_new_tokens >= positions:
+        raise ValueError(f"max_new_tokens {cfg.max_new_tokens} reaches past the teacher's {positions} decoder "
+                         f"positions; set max_new_tokens below {positions}")
     enc = _tokenize(tok, texts, truncation=True, max_length=_max_length(model, tok, cfg), return_token_type_ids=False)
     lengths = [len(x) for x in enc["input_ids"]]
     n, k = cfg.num_return_sequences, cfg.topk

@@ -1,9 +1,10 @@
 """`seq2seq_teacher`: train a small transformer translation teacher from scratch on a parallel
 artifact (e.g. `read` with `format: parallel`, columns `text` = EN and `de`).
 
-Output `files/model/`: an ordinary Hugging Face checkpoint (T5ForConditionalGeneration, a
-T5Tokenizer built from a joint sentencepiece model trained on both sides of the corpus) that the
-`label` stage loads with AutoModelForSeq2SeqLM / AutoTokenizer like any other teacher.
+Output `files/model/`: an ordinary Hugging Face checkpoint (BartForConditionalGeneration by
+default, T5ForConditionalGeneration with `model.architecture: t5`; a T5Tokenizer built from a
+joint sentencepiece model trained on both sides of the corpus) that the `label` stage loads with
+AutoModelForSeq2SeqLM / AutoTokenizer like any other teacher.
 
 The building blocks (sentencepiece + tokenizer, model dims, resumable training loop) live here
 and are reused by `train_seq2seq` for students, so teacher and students train the same way.
@@ -13,7 +14,7 @@ from __future__ import annotations
 import json
 import random
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Literal
 
 from pydantic import Field
 
@@ -23,8 +24,12 @@ SPM_NAME = "spiece"
 
 
 class ModelDims(StageConfig):
-    """T5 sizes. Defaults are test-tiny; manifests set real ones."""
+    """Encoder-decoder sizes. Defaults are test-tiny; manifests set real ones."""
 
+    # BART's layout (scaled attention, post-LN, learned positions) trains much faster from
+    # scratch with AdamW than T5's: on Multi30k, 300 updates reach held-out CE 3.25 against 4.29
+    # for the same-size T5, whose unscaled attention wants Adafactor or a far lower lr.
+    architecture: Literal["bart", "t5"] = "bart"
     d_model: int = Field(64, gt=0)
     d_ff: int = Field(128, gt=0)
     num_layers: int = Field(2, gt=0, description="encoder layers")
@@ -88,23 +93,51 @@ def load_spm_tokenizer(directory: Path):
     return tok
 
 
-def build_t5(tokenizer, dims: ModelDims, *, seed: int, max_new_tokens: int, num_beams: int):
+MAX_POSITIONS = 256  # BART's learned positions: longest source, target or generation in tokens
+
+
+def build_model(tokenizer, dims: ModelDims, *, seed: int, max_new_tokens: int, num_beams: int):
+    """A randomly initialised encoder-decoder over `tokenizer`'s ids (pad 0 starts decoding)."""
     import torch
-    from transformers import GenerationConfig, T5Config, T5ForConditionalGeneration
+    from transformers import (BartConfig, BartForConditionalGeneration, GenerationConfig, T5Config,
+                              T5ForConditionalGeneration)
 
     if dims.d_model % dims.num_heads:
         raise ValueError(f"d_model {dims.d_model} is not divisible by num_heads {dims.num_heads}")
-    config = T5Config(vocab_size=len(tokenizer), d_model=dims.d_model, d_ff=dims.d_ff,
-                      d_kv=dims.d_model // dims.num_heads, num_heads=dims.num_heads,
-                      num_layers=dims.num_layers, num_decoder_layers=dims.num_decoder_layers,
-                      dropout_rate=dims.dropout, decoder_start_token_id=tokenizer.pad_token_id,
-                      pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+    if max_new_tokens >= MAX_POSITIONS:
+        raise ValueError(f"max_new_tokens {max_new_tokens} must be below {MAX_POSITIONS} positions")
+    pad, eos = tokenizer.pad_token_id, tokenizer.eos_token_id
+    if dims.architecture == "t5":
+        config = T5Config(vocab_size=len(tokenizer), d_model=dims.d_model, d_ff=dims.d_ff,
+                          d_kv=dims.d_model // dims.num_heads, num_heads=dims.num_heads,
+                          num_layers=dims.num_layers, num_decoder_layers=dims.num_decoder_layers,
+                          dropout_rate=dims.dropout, decoder_start_token_id=pad,
+                          pad_token_id=pad, eos_token_id=eos)
+        model_class = T5ForConditionalGeneration
+    else:
+        config = BartConfig(vocab_size=len(tokenizer), d_model=dims.d_model,
+                            encoder_layers=dims.num_layers, decoder_layers=dims.num_decoder_layers,
+                            encoder_attention_heads=dims.num_heads, decoder_attention_heads=dims.num_heads,
+                            encoder_ffn_dim=dims.d_ff, decoder_ffn_dim=dims.d_ff, activation_function="relu",
+                            dropout=dims.dropout, attention_dropout=0.0, activation_dropout=0.0,
+                            max_position_embeddings=MAX_POSITIONS, scale_embedding=True,
+                            pad_token_id=pad, eos_token_id=eos, bos_token_id=pad,
+                            decoder_start_token_id=pad, forced_eos_token_id=None)
+        model_class = BartForConditionalGeneration
     torch.manual_seed(seed)
-    model = T5ForConditionalGeneration(config)
+    model = model_class(config)
     model.generation_config = GenerationConfig(
-        decoder_start_token_id=tokenizer.pad_token_id, pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=tokenizer.eos_token_id, max_new_tokens=max_new_tokens, num_beams=num_beams)
+        decoder_start_token_id=pad, pad_token_id=pad, eos_token_id=eos,
+        max_new_tokens=max_new_tokens, num_beams=num_beams)
     return model
+
+
+def decoder_inputs(model, labels):
+    """Teacher-forcing inputs: labels shifted right behind the start token, -100 -> pad."""
+    start, pad_id = model.config.decoder_start_token_id, model.config.pad_token_id
+    shifted = labels.new_full(labels.shape, start)
+    shifted[:, 1:] = labels[:, :-1]
+    return shifted.masked_fill(shifted == -100, pad_id)
 
 
 def encode(tokenizer, texts: list[str], max_tokens: int) -> list[list[int]]:
@@ -152,7 +185,7 @@ def token_loss(model, batch: list[dict[str, Any]], schedule: TrainSchedule):
     src = pad([ex["src"] for ex in batch], 0)
     labels = pad([ex["tgt"] for ex in batch], -100)
     logits = model(input_ids=src, attention_mask=(src != 0).long(),
-                   decoder_input_ids=model._shift_right(labels)).logits
+                   decoder_input_ids=decoder_inputs(model, labels)).logits
     return F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=-100,
                            label_smoothing=schedule.label_smoothing)
 
@@ -276,7 +309,7 @@ def check_columns(input_columns: dict, role: str, wanted: dict[str, str]) -> lis
 class Seq2SeqTeacherStage(TaskStage):
     type = "seq2seq_teacher"
     Config = Seq2SeqTeacherConfig
-    code_version = "1"
+    code_version = "2"
     inputs = {"data": InputRole(doc="parallel corpus: id, source and target columns")}
 
     config: Seq2SeqTeacherConfig
@@ -298,7 +331,7 @@ class Seq2SeqTeacherStage(TaskStage):
             texts = [p["src"] for p in pairs] + [p["tgt"] for p in pairs]
             train_sentencepiece(texts, spm_dir, cfg.vocab_size, seed=ctx.seed)
         tok = load_spm_tokenizer(spm_dir)
-        model = build_t5(tok, cfg.model, seed=seeded(ctx.seed, "init"),
+        model = build_model(tok, cfg.model, seed=seeded(ctx.seed, "init"),
                          max_new_tokens=cfg.train.max_target_tokens, num_beams=cfg.num_beams)
         src = encode(tok, [p["src"] for p in pairs], cfg.train.max_source_tokens)
         tgt = encode(tok, [p["tgt"] for p in pairs], cfg.train.max_target_tokens)

@@ -1,4 +1,4 @@
-"""`train_seq2seq`: a small encoder-decoder student (T5 layout) trained on one of four targets.
+"""`train_seq2seq`: a small encoder-decoder student (BART layout by default) trained on one of four targets.
 
     reference  the corpus' own target column (the baseline)
     seqkd      sequence-level KD: the teacher's top beam hypothesis (Kim & Rush 2016)
@@ -27,7 +27,7 @@ from typing import Any, Literal
 from pydantic import Field
 
 from pipeline.stage import InputRole, Problem, StageConfig, StageContext, TaskStage, throughput
-from stages.seq2seq_teacher import (SPM_NAME, ModelDims, TrainSchedule, build_t5, check_columns, encode,
+from stages.seq2seq_teacher import (SPM_NAME, ModelDims, TrainSchedule, build_model, check_columns, encode,
                                     fit, load_spm_tokenizer, read_pairs, save_checkpoint, seeded, token_loss,
                                     train_sentencepiece)
 
@@ -125,12 +125,12 @@ def word_kd_loss(model, batch: list[dict[str, Any]], schedule: TrainSchedule, al
     import torch
     import torch.nn.functional as F
 
-    from stages.seq2seq_teacher import pad
+    from stages.seq2seq_teacher import decoder_inputs, pad
 
     src = pad([ex["src"] for ex in batch], 0)
     labels = pad([ex["tgt"] for ex in batch], -100)
     logits = model(input_ids=src, attention_mask=(src != 0).long(),
-                   decoder_input_ids=model._shift_right(labels)).logits.float()
+                   decoder_input_ids=decoder_inputs(model, labels)).logits.float()
     nll = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=-100,
                           label_smoothing=schedule.label_smoothing)
     k = len(batch[0]["topk_ids"][0])
@@ -158,7 +158,7 @@ def word_kd_loss(model, batch: list[dict[str, Any]], schedule: TrainSchedule, al
 class TrainSeq2SeqStage(TaskStage):
     type = "train_seq2seq"
     Config = TrainSeq2SeqConfig
-    code_version = "1"
+    code_version = "2"
     inputs = {
         "data": InputRole(doc="parallel corpus: id, source and reference columns"),
         "labels": InputRole(required=False, doc="label stage output, task seq2seq"),
@@ -231,7 +231,7 @@ class TrainSeq2SeqStage(TaskStage):
             raise ValueError("target 'wordkd' needs the `teacher` input (its vocabulary indexes the top-k ids)")
         tok, spm_dir = self._tokenizer(ctx, pairs)
         examples, target_stats = build_examples(pairs, tok, cfg, teacher_vocab=has_teacher)
-        model = build_t5(tok, cfg.model, seed=seeded(ctx.seed, "student-init"),
+        model = build_model(tok, cfg.model, seed=seeded(ctx.seed, "student-init"),
                          max_new_tokens=cfg.train.max_target_tokens, num_beams=cfg.num_beams)
         loss_fn = functools.partial(word_kd_loss, alpha=cfg.kd_alpha) if cfg.target == "wordkd" else token_loss
         stats = fit(model, examples, cfg.train, scratch=ctx.scratch_dir / "train", seed=ctx.seed,

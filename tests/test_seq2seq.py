@@ -121,10 +121,33 @@ def test_teacher_is_a_plain_hf_checkpoint(teacher_art):
     assert summary["final_loss"] < summary["loss_curve"][0][1]  # it learns
 
 
-def test_fit_resumes_from_scratch_checkpoint_to_identical_weights(tmp_path):
+@pytest.mark.parametrize("architecture", ["bart", "t5"])
+def test_teacher_forcing_inputs_match_the_models_own_shift(architecture):
     import torch
 
-    from stages.seq2seq_teacher import ModelDims, TrainSchedule, build_t5, encode, fit, load_spm_tokenizer, \
+    from stages.seq2seq_teacher import ModelDims, build_model, decoder_inputs
+
+    class Tok:
+        pad_token_id, eos_token_id = 0, 1
+
+        def __len__(self):
+            return 30
+
+    model = build_model(Tok(), ModelDims(architecture=architecture, d_model=16, d_ff=32, num_heads=2, dropout=0.0),
+                        seed=0, max_new_tokens=8, num_beams=1).eval()
+    src = torch.tensor([[5, 6, 7, 1], [8, 9, 1, 0]])
+    labels = torch.tensor([[10, 11, 12, 1], [13, 1, -100, -100]])
+    ours = model(input_ids=src, attention_mask=(src != 0).long(), decoder_input_ids=decoder_inputs(model, labels)).logits
+    theirs = model(input_ids=src, attention_mask=(src != 0).long(), labels=labels).logits
+    assert decoder_inputs(model, labels).tolist() == [[0, 10, 11, 12], [0, 13, 1, 0]]
+    assert torch.allclose(ours, theirs)
+
+
+@pytest.mark.parametrize("architecture", ["bart", "t5"])
+def test_fit_resumes_from_scratch_checkpoint_to_identical_weights(tmp_path, architecture):
+    import torch
+
+    from stages.seq2seq_teacher import ModelDims, TrainSchedule, build_model, encode, fit, load_spm_tokenizer, \
         train_sentencepiece
 
     pairs = toy_pairs()
@@ -133,9 +156,9 @@ def test_fit_resumes_from_scratch_checkpoint_to_identical_weights(tmp_path):
     examples = [{"src": s, "tgt": t} for s, t in zip(encode(tok, [e for e, _ in pairs], 32),
                                                      encode(tok, [d for _, d in pairs], 32))]
     schedule = TrainSchedule(**tiny_schedule(max_steps=7))
-    dims = ModelDims(d_model=32, d_ff=64, num_heads=2)
+    dims = ModelDims(architecture=architecture, d_model=32, d_ff=64, num_heads=2)
 
-    straight = build_t5(tok, dims, seed=1, max_new_tokens=8, num_beams=1)
+    straight = build_model(tok, dims, seed=1, max_new_tokens=8, num_beams=1)
     fit(straight, examples, schedule, scratch=tmp_path / "a", seed=3, checkpoint_every=2)
 
     class Crash(Exception):
@@ -145,11 +168,11 @@ def test_fit_resumes_from_scratch_checkpoint_to_identical_weights(tmp_path):
         if step == 5:
             raise Crash
 
-    interrupted = build_t5(tok, dims, seed=1, max_new_tokens=8, num_beams=1)
+    interrupted = build_model(tok, dims, seed=1, max_new_tokens=8, num_beams=1)
     with pytest.raises(Crash):
         fit(interrupted, examples, schedule, scratch=tmp_path / "b", seed=3, checkpoint_every=2, on_step=crash_at_5)
     assert json.loads((tmp_path / "b" / "train_state.json").read_text())["step"] == 4
-    resumed = build_t5(tok, dims, seed=99, max_new_tokens=8, num_beams=1)  # weights come from the checkpoint
+    resumed = build_model(tok, dims, seed=99, max_new_tokens=8, num_beams=1)  # weights come from the checkpoint
     stats = fit(resumed, examples, schedule, scratch=tmp_path / "b", seed=3, checkpoint_every=2)
     assert stats["steps"] == 7
     for (name, a), (_, b) in zip(straight.state_dict().items(), resumed.state_dict().items()):
@@ -239,7 +262,7 @@ def test_missing_labels_are_an_error(tmp_path):
 def test_word_kd_loss_matches_a_hand_computation():
     import torch
 
-    from stages.seq2seq_teacher import ModelDims, TrainSchedule, build_t5
+    from stages.seq2seq_teacher import ModelDims, TrainSchedule, build_model
     from stages.train_seq2seq import word_kd_loss
 
     class Tok:
@@ -248,7 +271,7 @@ def test_word_kd_loss_matches_a_hand_computation():
         def __len__(self):
             return 20
 
-    model = build_t5(Tok(), ModelDims(d_model=16, d_ff=32, num_heads=2, dropout=0.0), seed=0,
+    model = build_model(Tok(), ModelDims(d_model=16, d_ff=32, num_heads=2, dropout=0.0), seed=0,
                      max_new_tokens=4, num_beams=1).eval()
     batch = [{"src": [5, 6, 1], "tgt": [7, 8, 1], "topk_ids": [[7, 9], [8, 3], [1, 4]],
               "topk_logprobs": [[-0.1, -2.5], [-0.3, -1.5], [-0.01, -5.0]]},

@@ -23,13 +23,14 @@ class Seq2SeqModel:
 
         texts = list(texts)
         limit = max_new_tokens or self.model.generation_config.max_new_tokens or 64
+        max_length = getattr(self.model.config, "max_position_embeddings", None) or 512
         order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
         out: list[str] = [""] * len(texts)
         with torch.inference_mode():
             for start in range(0, len(order), batch_size):
                 idx = order[start:start + batch_size]
                 enc = self.tokenizer([texts[i] for i in idx], return_tensors="pt", padding=True,
-                                     truncation=True, max_length=512, return_token_type_ids=False)
+                                     truncation=True, max_length=max_length, return_token_type_ids=False)
                 gen = self.model.generate(**enc, num_beams=num_beams, num_return_sequences=1,
                                           max_new_tokens=limit, do_sample=False)
                 for i, text in zip(idx, self.tokenizer.batch_decode(gen, skip_special_tokens=True)):
