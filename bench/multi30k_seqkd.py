@@ -110,10 +110,14 @@ def main() -> None:
     ref_g, kd_g = bleu[("student_reference", "greedy")], bleu[("student_seqkd", "greedy")]
     verdict = "met" if kd_g > ref_g else "NOT met"
     print(f"\ngoal: Seq-KD student greedy BLEU {kd_g:.2f} > reference student greedy {ref_g:.2f}: {verdict}")
+    reliance = {n: json.loads((paths[n] / "files" / "metrics.json").read_text()).get("source_reliance")
+                for n in STUDENTS}
+    print("source reliance (CE with another row's source minus CE with its own; ~0 = ignores the source): "
+          + ", ".join(f"{n} {r}" for n, r in reliance.items()))
     print("stage seconds: " + ", ".join(f"{k} {v:.0f}" for k, v in stage_seconds.items()))
     result = {"teacher_pairs": teacher_pairs, "train_pairs": train_pairs, "test_rows": test_rows,
               "tiny": args.tiny, "cpus": args.cpus,
-              "overrides": overrides, "stage_seconds": stage_seconds,
+              "overrides": overrides, "stage_seconds": stage_seconds, "source_reliance": reliance,
               "models": [dict(zip(("name", "decode", "parameters", "bleu", "chrf", "sentences_per_s"), r))
                          for r in rows], "goal_met": kd_g > ref_g,
               "pipeline_seconds": round(pipeline_s, 1), "total_seconds": round(time.perf_counter() - t0, 1)}

@@ -252,6 +252,39 @@ def fit(model, examples: list[dict[str, Any]], schedule: TrainSchedule, *, scrat
             "final_loss": curve[-1][1] if curve else None, "loss_curve": curve}
 
 
+def source_reliance(model, examples: list[dict[str, Any]], *, limit: int = 256, batch_size: int = 64) -> float:
+    """Teacher-forced target cross-entropy with each source swapped for another example's, minus
+    the cross-entropy with its own source, over the first `limit` examples. Near 0 means the
+    model ignores its input: it learned the target language, not translation."""
+    import torch
+    import torch.nn.functional as F
+
+    sample = examples[:limit]
+    if len(sample) < 2:
+        return float("nan")
+    rolled = [{"src": other["src"], "tgt": ex["tgt"]} for ex, other in zip(sample, sample[1:] + sample[:1])]
+
+    def mean_ce(rows: list[dict[str, Any]]) -> float:
+        total, tokens = 0.0, 0
+        for start in range(0, len(rows), batch_size):
+            batch = rows[start:start + batch_size]
+            src = pad([ex["src"] for ex in batch], 0)
+            labels = pad([ex["tgt"] for ex in batch], -100)
+            logits = model(input_ids=src, attention_mask=(src != 0).long(),
+                           decoder_input_ids=decoder_inputs(model, labels)).logits.float()
+            total += F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=-100,
+                                     reduction="sum").item()
+            tokens += int((labels != -100).sum())
+        return total / max(tokens, 1)
+
+    was_training = model.training
+    model.eval()
+    with torch.inference_mode():
+        gap = mean_ce(rolled) - mean_ce(sample)
+    model.train(was_training)
+    return gap
+
+
 def _checkpoint(scratch: Path, model, optimizer, scheduler, step: int, curve: list, save_model) -> None:
     import shutil
 
@@ -338,5 +371,6 @@ class Seq2SeqTeacherStage(TaskStage):
         examples = [{"src": s, "tgt": t} for s, t in zip(src, tgt)]
         stats = fit(model, examples, cfg.train, scratch=ctx.scratch_dir / "train", seed=ctx.seed,
                     checkpoint_every=cfg.checkpoint_every)
+        stats["source_reliance"] = source_reliance(model, examples)
         params = save_checkpoint(model, tok, spm_dir, ctx.out_dir / "model")
         return {"parameters": params, "vocab_size": len(tok), **stats}

@@ -28,8 +28,8 @@ from pydantic import Field
 
 from pipeline.stage import InputRole, Problem, StageConfig, StageContext, TaskStage, throughput
 from stages.seq2seq_teacher import (SPM_NAME, ModelDims, TrainSchedule, build_model, check_columns, encode,
-                                    fit, load_spm_tokenizer, read_pairs, save_checkpoint, seeded, token_loss,
-                                    train_sentencepiece)
+                                    fit, load_spm_tokenizer, read_pairs, save_checkpoint, seeded, source_reliance,
+                                    token_loss, train_sentencepiece)
 
 Target = Literal["reference", "seqkd", "seqinter", "wordkd"]
 LABEL_COLUMNS = {"reference": [], "seqkd": ["hyp_text", "hyp_ids"], "seqinter": ["hyp_text", "hyp_ids"],
@@ -236,6 +236,7 @@ class TrainSeq2SeqStage(TaskStage):
         loss_fn = functools.partial(word_kd_loss, alpha=cfg.kd_alpha) if cfg.target == "wordkd" else token_loss
         stats = fit(model, examples, cfg.train, scratch=ctx.scratch_dir / "train", seed=ctx.seed,
                     checkpoint_every=cfg.checkpoint_every, loss_fn=loss_fn)
+        stats["source_reliance"] = source_reliance(model, examples)
         out = ctx.out_dir / "student"
         params = save_checkpoint(model, tok, spm_dir, out)
         meta = {"type": "seq2seq", "task": "seq2seq", "target": cfg.target, "source_column": cfg.source_column,

@@ -143,6 +143,29 @@ def test_teacher_forcing_inputs_match_the_models_own_shift(architecture):
     assert torch.allclose(ours, theirs)
 
 
+def test_source_reliance_is_zero_only_when_the_decoder_cannot_see_the_source():
+    import torch
+
+    from stages.seq2seq_teacher import ModelDims, build_model, source_reliance
+
+    class Tok:
+        pad_token_id, eos_token_id = 0, 1
+
+        def __len__(self):
+            return 30
+
+    model = build_model(Tok(), ModelDims(d_model=16, d_ff=32, num_heads=2, dropout=0.0), seed=0,
+                        max_new_tokens=8, num_beams=1)
+    examples = [{"src": [3 + i, 4 + i, 1], "tgt": [10 + i, 1]} for i in range(8)]
+    assert source_reliance(model, examples) != 0.0
+    with torch.no_grad():
+        for layer in model.model.decoder.layers:
+            layer.encoder_attn.out_proj.weight.zero_()
+            layer.encoder_attn.out_proj.bias.zero_()
+    assert source_reliance(model, examples) == 0.0
+    assert model.training  # restored
+
+
 @pytest.mark.parametrize("architecture", ["bart", "t5"])
 def test_fit_resumes_from_scratch_checkpoint_to_identical_weights(tmp_path, architecture):
     import torch
