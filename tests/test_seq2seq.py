@@ -121,20 +121,27 @@ def test_teacher_is_a_plain_hf_checkpoint(teacher_art):
     assert summary["final_loss"] < summary["loss_curve"][0][1]  # it learns
 
 
+def untrained_model(*, vocab_size: int = 30, architecture: str = "bart"):
+    """A 16-d encoder-decoder over ids 0..vocab_size-1 (pad 0, eos 1), no tokenizer needed."""
+    from stages.seq2seq_teacher import ModelDims, build_model
+
+    class IdsOnly:  # all build_model reads from a tokenizer
+        pad_token_id, eos_token_id = 0, 1
+
+        def __len__(self):
+            return vocab_size
+
+    dims = ModelDims(architecture=architecture, d_model=16, d_ff=32, num_heads=2, dropout=0.0)
+    return build_model(IdsOnly(), dims, seed=0, max_new_tokens=8, num_beams=1)
+
+
 @pytest.mark.parametrize("architecture", ["bart", "t5"])
 def test_teacher_forcing_inputs_match_the_models_own_shift(architecture):
     import torch
 
-    from stages.seq2seq_teacher import ModelDims, build_model, decoder_inputs
+    from stages.seq2seq_teacher import decoder_inputs
 
-    class Tok:
-        pad_token_id, eos_token_id = 0, 1
-
-        def __len__(self):
-            return 30
-
-    model = build_model(Tok(), ModelDims(architecture=architecture, d_model=16, d_ff=32, num_heads=2, dropout=0.0),
-                        seed=0, max_new_tokens=8, num_beams=1).eval()
+    model = untrained_model(architecture=architecture).eval()
     src = torch.tensor([[5, 6, 7, 1], [8, 9, 1, 0]])
     labels = torch.tensor([[10, 11, 12, 1], [13, 1, -100, -100]])
     ours = model(input_ids=src, attention_mask=(src != 0).long(), decoder_input_ids=decoder_inputs(model, labels)).logits
@@ -146,16 +153,9 @@ def test_teacher_forcing_inputs_match_the_models_own_shift(architecture):
 def test_source_reliance_is_zero_only_when_the_decoder_cannot_see_the_source():
     import torch
 
-    from stages.seq2seq_teacher import ModelDims, build_model, source_reliance
+    from stages.seq2seq_teacher import source_reliance
 
-    class Tok:
-        pad_token_id, eos_token_id = 0, 1
-
-        def __len__(self):
-            return 30
-
-    model = build_model(Tok(), ModelDims(d_model=16, d_ff=32, num_heads=2, dropout=0.0), seed=0,
-                        max_new_tokens=8, num_beams=1)
+    model = untrained_model()
     examples = [{"src": [3 + i, 4 + i, 1], "tgt": [10 + i, 1]} for i in range(8)]
     assert source_reliance(model, examples) != 0.0
     with torch.no_grad():
@@ -285,17 +285,10 @@ def test_missing_labels_are_an_error(tmp_path):
 def test_word_kd_loss_matches_a_hand_computation():
     import torch
 
-    from stages.seq2seq_teacher import ModelDims, TrainSchedule, build_model
+    from stages.seq2seq_teacher import TrainSchedule
     from stages.train_seq2seq import word_kd_loss
 
-    class Tok:
-        pad_token_id, eos_token_id = 0, 1
-
-        def __len__(self):
-            return 20
-
-    model = build_model(Tok(), ModelDims(d_model=16, d_ff=32, num_heads=2, dropout=0.0), seed=0,
-                     max_new_tokens=4, num_beams=1).eval()
+    model = untrained_model(vocab_size=20).eval()
     batch = [{"src": [5, 6, 1], "tgt": [7, 8, 1], "topk_ids": [[7, 9], [8, 3], [1, 4]],
               "topk_logprobs": [[-0.1, -2.5], [-0.3, -1.5], [-0.01, -5.0]]},
              {"src": [4, 1], "tgt": [9, 1], "topk_ids": [[9, 7], [1, 2]], "topk_logprobs": [[-0.2, -1.8], [-0.05, -3.0]]}]
