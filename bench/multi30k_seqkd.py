@@ -7,10 +7,10 @@ test_2016_flickr in this process with every model, same batches and thread count
   * parameters, decode sentences/s, and the speed-up of student-greedy over teacher-beam
 Goal (issue 7): the Seq-KD student (greedy) beats the reference-trained student (greedy).
 
-Documented scale (--scale 1, the manifest's defaults), about an hour on 2 CPU cores: teacher (BART layout)
+Documented scale (--scale 1, the manifest's defaults), about 45 min on 2 CPU cores: teacher (BART layout)
 d_model 256 / ff 1024 / 3+3 layers (6.6M params) trained 6 epochs on all 29,000 pairs with a
 joint 4k sentencepiece; it labels a random 10,000-pair subset (beam 5, 5-best, top-8), on which
-the students, d_model 128 / ff 512 / 2+2 layers (1.4M params), train 6 epochs; all 1,000 test
+the students, d_model 128 / ff 512 / 2+2 layers (1.5M params), train 6 epochs; all 1,000 test
 sentences. --scale s multiplies the pair counts and test sentences (epochs stay; pairs capped at
 29,000); --tiny swaps in test-sized models to prove the script works in a minute or two.
 

@@ -27,7 +27,7 @@ class ModelDims(StageConfig):
     """Encoder-decoder sizes. Defaults are test-tiny; manifests set real ones."""
 
     # BART's layout (scaled attention, post-LN, learned positions) trains much faster from
-    # scratch with AdamW than T5's: on Multi30k, 300 updates reach held-out CE 3.25 against 4.29
+    # scratch with AdamW than T5's: on Multi30k, 300 updates at lr 2e-3 reach held-out CE 2.96 against 4.29
     # for the same-size T5, whose unscaled attention wants Adafactor or a far lower lr.
     architecture: Literal["bart", "t5"] = "bart"
     d_model: int = Field(64, gt=0)
@@ -175,6 +175,15 @@ def pad(seqs: list[list[int]], value: int):
     return torch.tensor([s + [value] * (width - len(s)) for s in seqs], dtype=torch.long)
 
 
+def teacher_forced(model, batch: list[dict[str, Any]]):
+    """float32 logits of the targets given their sources ({src, tgt} ids), and the padded labels."""
+    src = pad([ex["src"] for ex in batch], 0)
+    labels = pad([ex["tgt"] for ex in batch], -100)
+    logits = model(input_ids=src, attention_mask=(src != 0).long(),
+                   decoder_input_ids=decoder_inputs(model, labels)).logits
+    return logits.float(), labels
+
+
 LossFn = Callable[[Any, list[dict[str, Any]], Any], Any]
 
 
@@ -182,11 +191,8 @@ def token_loss(model, batch: list[dict[str, Any]], schedule: TrainSchedule):
     """Label-smoothed cross-entropy of the targets, teacher-forced."""
     import torch.nn.functional as F
 
-    src = pad([ex["src"] for ex in batch], 0)
-    labels = pad([ex["tgt"] for ex in batch], -100)
-    logits = model(input_ids=src, attention_mask=(src != 0).long(),
-                   decoder_input_ids=decoder_inputs(model, labels)).logits
-    return F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=-100,
+    logits, labels = teacher_forced(model, batch)
+    return F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=-100,
                            label_smoothing=schedule.label_smoothing)
 
 
@@ -267,11 +273,7 @@ def source_reliance(model, examples: list[dict[str, Any]], *, limit: int = 256, 
     def mean_ce(rows: list[dict[str, Any]]) -> float:
         total, tokens = 0.0, 0
         for start in range(0, len(rows), batch_size):
-            batch = rows[start:start + batch_size]
-            src = pad([ex["src"] for ex in batch], 0)
-            labels = pad([ex["tgt"] for ex in batch], -100)
-            logits = model(input_ids=src, attention_mask=(src != 0).long(),
-                           decoder_input_ids=decoder_inputs(model, labels)).logits.float()
+            logits, labels = teacher_forced(model, rows[start:start + batch_size])
             total += F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=-100,
                                      reduction="sum").item()
             tokens += int((labels != -100).sum())

@@ -125,12 +125,9 @@ def word_kd_loss(model, batch: list[dict[str, Any]], schedule: TrainSchedule, al
     import torch
     import torch.nn.functional as F
 
-    from stages.seq2seq_teacher import decoder_inputs, pad
+    from stages.seq2seq_teacher import teacher_forced
 
-    src = pad([ex["src"] for ex in batch], 0)
-    labels = pad([ex["tgt"] for ex in batch], -100)
-    logits = model(input_ids=src, attention_mask=(src != 0).long(),
-                   decoder_input_ids=decoder_inputs(model, labels)).logits.float()
+    logits, labels = teacher_forced(model, batch)
     nll = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=-100,
                           label_smoothing=schedule.label_smoothing)
     k = len(batch[0]["topk_ids"][0])
