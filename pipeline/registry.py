@@ -22,6 +22,7 @@ STAGES: dict[str, str] = {
     "train_seq2seq": "stages.train_seq2seq:TrainSeq2SeqStage",
     "agreement": "stages.agreement:AgreementStage",
     "lm_label": "stages.lm_label:LmLabelStage",
+    "train_lm": "stages.train_lm:TrainLmStage",
 }
 
 

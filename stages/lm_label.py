@@ -116,17 +116,21 @@ class LmLabelStage(MapStage):
         return cols + (["sample_logprobs"] if self.config.store_logprobs else [])
 
     def output_facts(self, *, input_facts) -> Facts:
-        """The teacher's vocabulary, for train_lm to check its student tokenizer against."""
+        """The codec, and the teacher's vocabulary (when the teacher is a path) for train_lm to
+        check its student tokenizer against before anything runs."""
         cfg = self.config
+        facts = Facts({"lm_mode": cfg.mode, "lm_logprobs": cfg.mode == "topk" or cfg.store_logprobs},
+                      {"lm_mode": "config.mode", "lm_logprobs": "config.store_logprobs"})
         local = resolve_teacher(cfg.teacher, cfg.revision) if cfg.teacher else None
         if local is None or not (local / "config.json").is_file():
-            return Facts()
+            return facts
         try:
             digest, size = teacher_vocab(local)
         except Exception:  # noqa: BLE001 - an unloadable tokenizer is reported when the stage runs
-            return Facts()
-        return Facts({"lm_vocab": digest, "lm_vocab_size": size, "lm_tokenizer": str(local)},
-                     {"lm_vocab": "config.teacher"})
+            return facts
+        facts.values.update(lm_vocab=digest, lm_vocab_size=size, lm_tokenizer=str(local))
+        facts.origins.update(lm_vocab="config.teacher")
+        return facts
 
     def fingerprint(self) -> dict[str, str]:
         cfg = self.config
