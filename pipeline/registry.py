@@ -23,6 +23,7 @@ STAGES: dict[str, str] = {
     "agreement": "stages.agreement:AgreementStage",
     "lm_label": "stages.lm_label:LmLabelStage",
     "train_lm": "stages.train_lm:TrainLmStage",
+    "lm_teacher": "stages.lm_teacher:LmTeacherStage",
 }
 
 

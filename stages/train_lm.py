@@ -17,25 +17,8 @@ from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
+from kd.lm.settings import LmDims, LmSchedule
 from pipeline.stage import Facts, InputRole, Problem, StageConfig, StageContext, TaskStage, throughput
-
-
-class LmDims(StageConfig):
-    """GPT-2 sizes. Defaults are test-tiny; manifests set real ones."""
-
-    d_model: int = Field(64, gt=0)
-    layers: int = Field(2, gt=0)
-    heads: int = Field(2, gt=0)
-    dropout: float = Field(0.1, ge=0, lt=1)
-    max_positions: int = Field(256, gt=1)
-
-
-class LmSchedule(StageConfig):
-    epochs: float = Field(1.0, gt=0)
-    max_steps: int | None = Field(None, gt=0)
-    batch_size: int = Field(16, gt=0, description="windows per update (changes the result: in the key)")
-    lr: float = Field(1e-3, gt=0)
-    warmup_steps: int = Field(50, ge=0)
 
 
 class KdSettings(StageConfig):
@@ -125,11 +108,10 @@ class TrainLmStage(TaskStage):
 
     def run(self, ctx: StageContext) -> dict[str, Any]:
         import torch
-        from transformers import GPT2LMHeadModel
 
         from kd.lm.data import ShardBatches, epoch_plan, steps_per_epoch
         from kd.lm.text import load_tokenizer, vocab_digest
-        from kd.lm.tokenizer import gpt2_config
+        from kd.lm.settings import build_gpt2, total_steps
         from kd.lm.training import fit, perplexity, student_loss
 
         cfg = self.config
@@ -146,9 +128,7 @@ class TrainLmStage(TaskStage):
         mode, k = codec["mode"], codec["k"]
         shard_rows = [s["rows"] for s in sorted(data.manifest["shards"], key=lambda s: s["index"])]
         per_epoch = steps_per_epoch(shard_rows, cfg.train.batch_size)
-        total = max(1, round(cfg.train.epochs * per_epoch))
-        if cfg.train.max_steps:
-            total = min(total, cfg.train.max_steps)
+        total = total_steps(cfg.train, per_epoch)
         reader = ShardBatches(data.shard_paths(), mode=mode, k=k, temperature=cfg.kd.temperature)
         plans: dict[int, list] = {}
 
@@ -158,10 +138,8 @@ class TrainLmStage(TaskStage):
                 plans[epoch] = epoch_plan(shard_rows, cfg.train.batch_size, seed=ctx.seed, epoch=epoch)
             return reader.batch(*plans[epoch][offset])
 
-        torch.manual_seed(ctx.seed)
         d = cfg.student
-        model = GPT2LMHeadModel(gpt2_config(len(tok), d_model=d.d_model, layers=d.layers, heads=d.heads,
-                                            max_positions=d.max_positions, dropout=d.dropout))
+        model = build_gpt2(len(tok), d, seed=ctx.seed)
         loss_fn = student_loss(vocab_size=len(tok), alpha=cfg.kd.alpha, temperature=cfg.kd.temperature,
                                divergence=cfg.kd.divergence, mix=cfg.kd.mix)
         stats = fit(model, batch_at=batch_at, steps_per_epoch=per_epoch, total_steps=total, loss_fn=loss_fn,
