@@ -190,3 +190,14 @@ stages:
     out = proc.stdout + proc.stderr
     assert "stages[2].config.tokenizer" in out and "differ" in out and "teacher's tokenizer" in out
     assert not (tmp_path / "wd" / "artifacts").exists()
+
+
+def test_lm_distill_manifest_validates_on_the_real_data():
+    from conftest import shared_data
+    from pipeline.graph import build_graph
+    from pipeline.manifest import load_manifest
+
+    data = shared_data("multi30k", "train.en").parent.parent
+    shared_data("sst2", "train.tsv")
+    graph = build_graph(load_manifest(REPO / "manifests" / "lm-distill.yaml", overrides={"data": str(data)}))
+    assert [n.type for n in graph.nodes.values()].count("train_lm") == 4
