@@ -53,7 +53,7 @@ def with_descendants(m: dict, *names: str) -> set[str]:
 
 
 def copy_project(dest: Path) -> Path:
-    for pkg in PACKAGES:
+    for pkg in (p for p in PACKAGES if (REPO / p).is_dir()):
         shutil.copytree(REPO / pkg, dest / pkg, ignore=shutil.ignore_patterns("__pycache__"))
     return dest
 
