@@ -236,7 +236,9 @@ def test_spacy_model_files_enter_the_pos_tag_key_by_content(tmp_path, sentiment_
 
 
 @pytest.mark.ray
-def test_plan_names_the_changed_code_file_after_a_run(tmp_path, sentiment_tsv, ray_session, project_copy):
+def test_plan_names_the_changed_code_file_after_a_run_and_a_pin_keeps_the_artifact(
+        tmp_path, sentiment_tsv, ray_session, project_copy, monkeypatch, capsys):
+    from pipeline.cli import main
     from pipeline.runner import run_graph
 
     m = {"name": "e", "workdir": str(tmp_path / "wd"), "stages": [
@@ -247,3 +249,10 @@ def test_plan_names_the_changed_code_file_after_a_run(tmp_path, sentiment_tsv, r
     plans = {p.name: p for p in make_plan(build_graph(parse_manifest(m)))}
     assert plans["read"].status == "cached"
     assert plans["part"].status == "run" and plans["part"].reason == "code changed: stages/split.py"
+    # Declared "same output, new code": the old artifact is reused under the old digest.
+    monkeypatch.setattr(code_identity, "ALIASES_FILE", tmp_path / "code_aliases.json")
+    assert main(["code-digest", "split", "--same-as", "e/part", "--workdir", m["workdir"],
+                 "--reason", "test: b'' + changes nothing"]) == 0
+    assert "now keys as" in capsys.readouterr().out
+    plans = {p.name: p for p in make_plan(build_graph(parse_manifest(m)))}
+    assert plans["part"].status == "cached"
