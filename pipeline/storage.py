@@ -246,8 +246,9 @@ def list_dir(loc: str | os.PathLike) -> dict[str, str]:
             for i in infos if not i.base_name.startswith(".")}
 
 
-def list_files(loc: str | os.PathLike, *, recursive: bool = True) -> dict[str, int]:
-    """Files below loc: relative posix name -> size in bytes, in one listing call."""
+def list_files(loc: str | os.PathLike, *, recursive: bool = True, hidden: bool = False) -> dict[str, int]:
+    """Files below loc: relative posix name -> size in bytes, in one listing call. Names with a
+    part starting with '.' (temp files of writes in progress) only if `hidden`."""
     import pyarrow.fs as pafs
 
     fs, path = resolve(loc)
@@ -258,7 +259,7 @@ def list_files(loc: str | os.PathLike, *, recursive: bool = True) -> dict[str, i
         if i.type != pafs.FileType.File:
             continue
         rel = i.path[len(prefix):] if i.path.startswith(prefix) else i.base_name
-        if any(part.startswith(".") for part in rel.split("/")):
+        if not hidden and any(part.startswith(".") for part in rel.split("/")):
             continue
         out[rel] = i.size
     return dict(sorted(out.items()))
@@ -333,7 +334,7 @@ def upload_tree(local_dir: str | os.PathLike, loc: str | os.PathLike) -> None:
 
 def download_tree(loc: str | os.PathLike, local_dir: str | os.PathLike) -> int:
     """Copy every file below loc into local_dir; returns how many."""
-    files = list_files(loc)
+    files = list_files(loc, hidden=True)
     for rel in files:
         get_file(join(loc, rel), os.path.join(local_dir, rel))
     return len(files)
@@ -384,3 +385,60 @@ def local_mirror(loc: str) -> Path:
     """A stable local folder for one remote location (same on every call in this machine)."""
     digest = hashlib.sha256(normalize(loc).encode()).hexdigest()[:16]
     return local_cache_root() / f"{basename(loc)}-{digest}"
+
+
+class FolderSync:
+    """Mirror a local folder to a store location while a task stage runs, so its scratch state
+    (training checkpoints) survives the loss of the worker. Each pass uploads changed files
+    oldest first — a stage that writes its checkpoint and then its state file gets them stored in
+    that order — then removes stored files that vanished locally."""
+
+    def __init__(self, local_dir: str | os.PathLike, loc: str, *, interval_s: float = 5.0):
+        import threading
+
+        self.local_dir, self.loc, self.interval_s = Path(local_dir), loc, interval_s
+        self._seen: dict[str, tuple[int, int]] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="kdpipe-scratch-sync", daemon=True)
+
+    def pull(self) -> int:
+        """Bring the stored copy down (resume); returns how many files."""
+        n = download_tree(self.loc, self.local_dir)
+        for rel in _local_files(self.local_dir):
+            st = (self.local_dir / rel).stat()
+            self._seen[rel] = (st.st_mtime_ns, st.st_size)
+        return n
+
+    def sync(self) -> None:
+        current = {}
+        for rel in _local_files(self.local_dir):
+            try:
+                st = (self.local_dir / rel).stat()
+            except FileNotFoundError:
+                continue
+            current[rel] = (st.st_mtime_ns, st.st_size)
+        for rel in sorted((r for r in current if self._seen.get(r) != current[r]), key=lambda r: current[r][0]):
+            try:
+                put_file(self.local_dir / rel, join(self.loc, rel))
+            except FileNotFoundError:
+                continue  # removed while we looked: the next pass sees the new state
+            self._seen[rel] = current[rel]
+        for rel in [r for r in self._seen if r not in current]:
+            delete(join(self.loc, rel))
+            del self._seen[rel]
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            try:
+                self.sync()
+            except OSError:
+                pass  # a transient store error: the next pass retries
+
+    def __enter__(self) -> "FolderSync":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.sync()
