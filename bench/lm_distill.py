@@ -67,14 +67,25 @@ def main() -> None:
     p.add_argument("--tiny", action="store_true", help="test-sized models (a smoke run, not a result)")
     p.add_argument("--workdir", default=None)
     p.add_argument("--json", default=None, help="also write the results here")
+    p.add_argument("--only-seed", type=int, default=None, help="train the students of this seed only (runs "
+                   "in parallel processes share the workdir's teacher and labels; --merge prints the table)")
+    p.add_argument("--merge", nargs="+", default=None, help="print the table of these --json files")
     args = p.parse_args()
+    if args.merge:
+        parts = [json.loads(Path(f).read_text()) for f in args.merge]
+        merged = {**parts[0], "runs": {}}
+        for part in parts:
+            for name, values in part["runs"].items():
+                merged["runs"].setdefault(name, []).extend(values)
+        print_table(merged)
+        return
     if not 0 < args.scale <= 1:
         p.error("--scale must be in (0, 1]")
     import torch
 
     from transformers import AutoModelForCausalLM
 
-    from kd.lm.codecs import describe
+    from kd.lm.codecs import CodecSpec
     from kd.lm.settings import LmDims
     from kd.lm.text import load_tokenizer
     from pipeline.stage import StageContext
@@ -87,7 +98,10 @@ def main() -> None:
     t0 = time.perf_counter()
     work = Path(args.workdir or tempfile.mkdtemp(prefix="kdpipe-lm-"))
     m30k, sst, val = _read(Path(args.data), args.scale)
-    arts = {name: make_artifact(work / name, t) for name, t in (("m30k", m30k), ("sst2", sst), ("val", val))}
+    from pipeline.artifact import Artifact
+
+    arts = {name: Artifact(work / name) if Artifact(work / name).is_complete() else make_artifact(work / name, t)
+            for name, t in (("m30k", m30k), ("sst2", sst), ("val", val))}
     teacher_dims, student_dims = (TINY_T, TINY_S) if args.tiny else (TEACHER, STUDENT)
     print(f"lm distill: teacher on {m30k.num_rows} Multi30k + {sst.num_rows} SST-2 documents, transfer set "
           f"{m30k.num_rows}, held-out {val.num_rows} (val.en); workdir {work}", flush=True)
@@ -96,22 +110,28 @@ def main() -> None:
                                name="teacher", num_cpus=2)
     teacher_cfg = {"vocab_size": 500 if args.tiny else args.vocab, "max_length": 64, "model": teacher_dims,
                    "train": {"epochs": args.teacher_epochs, "batch_size": 32, "lr": 2e-3, "warmup_steps": 100}}
-    teacher_stats = LmTeacherStage(config=LmTeacherStage.Config(**teacher_cfg)).run(teacher_ctx)
     teacher_dir = teacher_ctx.out_dir / "model"
+    if (teacher_ctx.out_dir / "metrics.json").is_file():  # made by an earlier run in this workdir
+        teacher_stats = json.loads((teacher_ctx.out_dir / "metrics.json").read_text())
+    else:
+        teacher_stats = LmTeacherStage(config=LmTeacherStage.Config(**teacher_cfg)).run(teacher_ctx)
     print(f"teacher: {teacher_stats['parameters']:,} params, held-out perplexity "
           f"{teacher_stats['heldout']['perplexity']:.2f} ({time.perf_counter() - t0:.0f}s)", flush=True)
 
     labels, codec_rows = {}, {}
     for name, codec in CODECS.items():
         stage = LmLabelStage(config=LmLabelStage.Config(teacher=str(teacher_dir), max_length=64, **codec))
-        ctx = make_context(work, name=f"label-{name}", seed=0, num_cpus=2)
-        stage.setup(ctx)
-        table = stage.process(m30k, ctx, shard_index=0)
-        art = make_artifact(work / f"labels-{name}", table, rows_per_shard=max(64, table.num_rows // 4),
-                            metadata={f"kdpipe.{k}": v for k, v in stage.metadata().items()})
+        art = Artifact(work / f"labels-{name}")
+        if not art.is_complete():
+            ctx = make_context(work, name=f"label-{name}", seed=0, num_cpus=2)
+            stage.setup(ctx)
+            table = stage.process(m30k, ctx, shard_index=0)
+            art = make_artifact(work / f"labels-{name}", table, rows_per_shard=max(64, table.num_rows // 4),
+                                metadata={f"kdpipe.{k}": v for k, v in stage.metadata().items()})
         summary = stage.summarize([], StageContext(stage_name=name, out_dir=art.path / "files",
                                                    scratch_dir=art.path / "scratch", inputs={}))["lm"]
-        summary["nominal_bytes_per_token"] = describe(stage.spec)["nominal_bytes_per_token"]
+        spec = CodecSpec(mode=codec["mode"], k=codec["k"], vocab_size=int(art.file_metadata()["kdpipe.vocab_size"]))
+        summary["nominal_bytes_per_token"] = spec.payload_bytes()
         labels[name], codec_rows[name] = art, summary
         print(f"labels {name}: {summary}", flush=True)
     teacher_model = AutoModelForCausalLM.from_pretrained(str(teacher_dir)).eval()
@@ -120,7 +140,7 @@ def main() -> None:
     schedule = {"epochs": args.student_epochs, "batch_size": 32, "lr": 2e-3, "warmup_steps": 50}
     runs: dict[str, list[float]] = {}
     student_params = None
-    for seed in range(args.seeds):
+    for seed in ([args.only_seed] if args.only_seed is not None else range(args.seeds)):
         for name in ["ce", "full", *CODECS]:
             t_run = time.perf_counter()
             source = labels["topk-8" if name in ("ce", "full") else name]
@@ -138,14 +158,21 @@ def main() -> None:
             runs.setdefault(name, []).append(ppl)
             print(f"seed {seed} {name}: perplexity {ppl:.3f} ({time.perf_counter() - t_run:.0f}s)", flush=True)
 
+    results = {"teacher": teacher_stats, "student_parameters": student_params, "codecs": codec_rows, "runs": runs,
+               "seconds": round(time.perf_counter() - t0)}
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2, default=str))
+    print_table(results)
+
+
+def print_table(results: dict) -> None:
+    runs, codec_rows, teacher = results["runs"], results["codecs"], results["teacher"]
     ce, full = statistics.mean(runs["ce"]), statistics.mean(runs["full"])
-    print(f"\nteacher {teacher_stats['parameters']:,} params (held-out perplexity "
-          f"{teacher_stats['heldout']['perplexity']:.2f}); students {student_params:,} params; "
-          f"{args.seeds} seeds; total {time.perf_counter() - t0:.0f}s")
+    print(f"\nteacher {teacher['parameters']:,} params (held-out perplexity {teacher['heldout']['perplexity']:.2f}); "
+          f"students {results['student_parameters']:,} params; seeds per row: {len(runs['ce'])}")
     print("| targets | bytes/token (Parquet) | nominal bytes/token | KL(full‖rebuilt) nats | held-out perplexity "
           "(mean ± sd) | share of the full-KD gain |")
     print("|---|---|---|---|---|---|")
-    results = {"teacher": teacher_stats, "student_parameters": student_params, "codecs": codec_rows, "runs": runs}
     for name, values in runs.items():
         mean, sd = statistics.mean(values), statistics.stdev(values) if len(values) > 1 else 0.0
         share = (ce - mean) / (ce - full) if ce != full else float("nan")
@@ -153,8 +180,6 @@ def main() -> None:
         b, nb, kl = ((f"{c['bytes_per_token']:.1f}", f"{c['nominal_bytes_per_token']:.0f}",
                       f"{c['kl_full_to_rebuilt']:.3f}") if c else ("-", "-", "-"))
         print(f"| {name} | {b} | {nb} | {kl} | {mean:.3f} ± {sd:.3f} | {share:.0%} |")
-    if args.json:
-        Path(args.json).write_text(json.dumps(results, indent=2, default=str))
 
 
 def _online_full_kd(source, teacher, tok, dims, schedule: dict, seed: int, scratch: Path, val_texts: list[str]):

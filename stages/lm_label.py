@@ -79,7 +79,6 @@ class LmLabelStage(MapStage):
 
     type = "lm_label"
     Config = LmLabelConfig
-    code_version = "1"
     inputs = {
         "data": InputRole(doc="documents: id + text column"),
         "teacher": InputRole(required=False, kind="files", doc="a checkpoint artifact holding files/model/"),
@@ -132,7 +131,12 @@ class LmLabelStage(MapStage):
         facts.origins.update(lm_vocab="config.teacher")
         return facts
 
+    def uses_seed(self) -> bool:
+        """mode: sampled: the seed (with each row id) draws the stored ids."""
+        return self.config.mode == "sampled"
+
     def fingerprint(self) -> dict[str, str]:
+        """The teacher's files (weights, config, tokenizer), or its hub id + revision, when given by path."""
         cfg = self.config
         return {"teacher": teacher_fingerprint(cfg.teacher, cfg.revision)} if cfg.teacher else {}
 
@@ -198,7 +202,7 @@ class LmLabelStage(MapStage):
                 logits = window_logits(self.model, [rows[i]["input_ids"] for i in batch], pad_id=pad_id,
                                        device=self.device)
             for i, z in zip(batch, logits):
-                rows[i].update(self._encode(z[rows[i]["target_start"]:].numpy(), rows[i]["id"], ctx.seed))
+                rows[i].update(self._encode(z[rows[i]["target_start"]:].numpy(), rows[i]["id"], ctx.seed or 0))
         return self._table(rows)
 
     def _encode(self, logits, row_id: str, seed: int) -> dict[str, Any]:
@@ -252,14 +256,17 @@ class LmLabelStage(MapStage):
         """Mode, target tokens, on-disk bytes/token of the distribution columns, and the mean
         KL(full || rebuilt) per token, read back from the shards."""
         import pyarrow.compute as pc
-        import pyarrow.parquet as pq
+
+        from pipeline import storage
 
         cfg = self.config
-        shards = sorted((ctx.out_dir.parent / "shards").glob("*.parquet"))
+        out = ctx.output()
+        shards = [out.shard_path(i) for i in out.shard_indices()]
         dist_cols = DIST_COLUMNS[cfg.mode] + (["sample_logprobs"] if cfg.store_logprobs else [])
         tokens, dist_bytes, kl_sum, all_bytes, rows = 0, 0, 0.0, 0, 0
         for path in shards:
-            meta = pq.ParquetFile(path).metadata
+            parquet = storage.parquet_file(path)
+            meta = parquet.metadata
             rows += meta.num_rows
             for g in range(meta.num_row_groups):
                 rg = meta.row_group(g)
@@ -268,7 +275,7 @@ class LmLabelStage(MapStage):
                     all_bytes += chunk.total_compressed_size
                     if chunk.path_in_schema.split(".")[0] in dist_cols:
                         dist_bytes += chunk.total_compressed_size
-            t = pq.read_table(path, columns=["input_ids", "target_start", "kl_rebuilt"])
+            t = parquet.read(columns=["input_ids", "target_start", "kl_rebuilt"])
             n = pc.subtract(pc.subtract(pc.list_value_length(t["input_ids"]), 1), t["target_start"])
             tokens += pc.sum(n).as_py() or 0
             kl_sum += pc.sum(pc.multiply(n.cast("float64"), t["kl_rebuilt"].cast("float64"))).as_py() or 0.0

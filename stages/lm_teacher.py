@@ -32,7 +32,7 @@ class LmTeacherConfig(StageConfig):
 class LmTeacherStage(TaskStage):
     type = "lm_teacher"
     Config = LmTeacherConfig
-    code_version = "1"
+    seeded = True  # sentencepiece, initial weights, batch order, dropout
     inputs = {"data": InputRole(many=True, doc="documents (id + text), one or more read stages"),
               "heldout": InputRole(required=False, many=True, doc="held-out documents for perplexity")}
     config: LmTeacherConfig

@@ -50,13 +50,22 @@ class TrainLmConfig(StageConfig):
 class TrainLmStage(TaskStage):
     type = "train_lm"
     Config = TrainLmConfig
-    code_version = "1"
+    seeded = True  # initial weights, batch order, dropout
     inputs = {
         "data": InputRole(doc="lm_label shards (topk or sampled targets)"),
         "tokenizer": InputRole(required=False, kind="files", doc="a stage with files/model/ (the teacher)"),
         "heldout": InputRole(required=False, doc="held-out documents for perplexity"),
     }
     config: TrainLmConfig
+
+    def fingerprint(self) -> dict[str, str]:
+        """The tokenizer directory's files, when `tokenizer` is a path."""
+        from pathlib import Path
+
+        from pipeline.hashing import hash_tree
+
+        tok = self.config.tokenizer
+        return {"tokenizer": hash_tree(tok)} if tok and Path(tok).is_dir() else {}
 
     def validate(self, *, input_columns) -> list[Problem]:
         from pathlib import Path

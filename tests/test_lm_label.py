@@ -164,3 +164,28 @@ def test_kill_9_mid_label_then_resume_gives_identical_shards(tmp_path, teacher):
                    env=env_crash, check=True, timeout=600)
     assert 2 <= done_at_kill < 9
     assert _shard_hashes(crashed_wd) == clean
+
+
+def test_lm_teacher_trains_a_padded_vocab_gpt2_that_lm_label_reads_as_an_input(tmp_path):
+    from stages.lm_teacher import LmTeacherStage
+
+    docs = make_artifact(tmp_path / "docs", pa.table({"id": [f"d{i}" for i in range(len(DEFAULT_SENTENCES))],
+                                                      "text": DEFAULT_SENTENCES}))
+    heldout = make_artifact(tmp_path / "held", pa.table({"id": ["h"], "text": ["a cat reads a book"]}))
+    ctx = make_context(tmp_path, inputs={"data": [docs], "heldout": [heldout]}, name="teacher")
+    cfg = LmTeacherStage.Config(vocab_size=60, pad_vocab_to=64, max_length=16,
+                                model={"d_model": 16, "layers": 1, "heads": 2, "max_positions": 16},
+                                train={"epochs": 2, "batch_size": 4, "warmup_steps": 1})
+    summary = LmTeacherStage(config=cfg).run(ctx)
+    assert summary["embedding_rows"] % 64 == 0 and summary["embedding_rows"] > summary["vocab_size"]
+    assert summary["windows"] >= len(DEFAULT_SENTENCES) and summary["steps"] == 2 * -(-summary["windows"] // 4)
+    assert summary["heldout"]["perplexity"] > 1
+    teacher_art = make_artifact(tmp_path / "teacher-art", files={
+        str(p.relative_to(ctx.out_dir)): p.read_bytes() for p in (ctx.out_dir / "model").iterdir()})
+    stage = LmLabelStage(config=LmLabelStage.Config(max_length=16, mode="topk", k=4))
+    label_ctx = make_context(tmp_path, inputs={"data": [docs], "teacher": [teacher_art]}, name="label")
+    assert stage.validate(input_columns={"data": [["id", "text"]], "teacher": [None]}) == []
+    stage.setup(label_ctx)
+    out = stage.process(docs.read_table(), label_ctx, shard_index=0)
+    assert out.num_rows == summary["windows"]  # same windows as the teacher trained on
+    assert max(max(max(p) for p in row) for row in out.column("topk_ids").to_pylist()) < summary["vocab_size"]

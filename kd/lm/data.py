@@ -7,7 +7,6 @@ steps before it. Batches never cross shards: shards are shuffled, then rows with
 from __future__ import annotations
 
 import random
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -40,7 +39,7 @@ def steps_per_epoch(shard_rows: list[int], batch_size: int) -> int:
 class ShardBatches:
     """Tensors for (shard, rows) pairs, keeping only the current shard's columns in memory."""
 
-    def __init__(self, shard_paths: list[Path], *, mode: str, k: int, temperature: float = 1.0):
+    def __init__(self, shard_paths: list, *, mode: str, k: int, temperature: float = 1.0):
         self.paths, self.mode, self.k, self.temperature = shard_paths, mode, k, temperature
         self.columns = ["input_ids", "target_start"] + (
             ["topk_ids", "topk_logprobs"] if mode == "topk" else ["sample_ids", "sample_counts"])
@@ -49,10 +48,10 @@ class ShardBatches:
         self._loaded: tuple[int, Any] = (-1, None)
 
     def _table(self, shard: int):
-        import pyarrow.parquet as pq
+        from pipeline import storage
 
-        if self._loaded[0] != shard:
-            self._loaded = (shard, pq.read_table(self.paths[shard], columns=self.columns))
+        if self._loaded[0] != shard:  # local path or s3:// URI
+            self._loaded = (shard, storage.read_parquet(self.paths[shard], columns=self.columns))
         return self._loaded[1]
 
     def batch(self, shard: int, rows: list[int]) -> dict[str, Any]:
