@@ -225,7 +225,7 @@ def _extra_commands() -> list:
     import importlib
 
     out = []
-    for module in ("pipeline.verify", "pipeline.report", "pipeline.predict"):
+    for module in ("pipeline.verify", "pipeline.report", "pipeline.predict", "kd.audit.command"):
         try:
             out.append(importlib.import_module(module).add_parser)
         except ModuleNotFoundError as e:
