@@ -113,7 +113,12 @@ def _table(headers: list[str], rows: list[list[Any]]) -> str:
                      + ["| " + " | ".join(cell(v) for v in r) + " |" for r in rows])
 
 
-def markdown(report: dict[str, Any], images: list[tuple[str, str]]) -> str:
+def markdown(report: dict[str, Any], images: dict[str, str]) -> str:
+    """The audit as Markdown; each plot sits in its own section (`images`: section -> PNG name)."""
+
+    def figure(section: str) -> list[str]:
+        return [f"![{section}]({images[section]})", ""] if section in images else []
+
     md = [f"# Label audit: {report['artifact']}", "",
           f"task: {report['task']}, rows: {report['rows']}"
           + (f", teachers: {', '.join(report['teachers'])}" if report.get("teachers") else ""), ""]
@@ -122,6 +127,7 @@ def markdown(report: dict[str, Any], images: list[tuple[str, str]]) -> str:
         g = report["gold"]
         md += ["## Teacher vs gold", "", f"accuracy {g['accuracy']} on {g['rows']} gold rows", "",
                _table(["class", "rows", "accuracy"], [[n, v["rows"], v["accuracy"]] for n, v in g["per_class"].items()]), ""]
+        md += figure("Teacher vs gold")
     if report.get("calibration"):
         c = report["calibration"]
         md += ["## Calibration", "", f"- ECE ({c['n_bins']} bins, torchmetrics): **{report['ece']}**",
@@ -132,6 +138,7 @@ def markdown(report: dict[str, Any], images: list[tuple[str, str]]) -> str:
             md.append(f"- held-out NLL (T fitted on the other half, both ways): {c['heldout_nll_t1']} at T=1 -> "
                       f"{c['heldout_nll_fitted_t']} (fold temperatures {c['fold_temperatures']})")
         md.append("")
+        md += figure("Calibration")
     if "label_issues" in report:
         li = report["label_issues"]
         md += ["## Likely gold-label errors (cleanlab find_label_issues)", "",
@@ -147,6 +154,7 @@ def markdown(report: dict[str, Any], images: list[tuple[str, str]]) -> str:
                       [[k, v["samples"], v["agree"], v["agreement"]] for k, v in a["per_op"].items()]), "",
                _table(["exact ops", "samples", "agree", "agreement"],
                       [[k, v["samples"], v["agree"], v["agreement"]] for k, v in a["per_combination"].items()]), ""]
+        md += figure("Augmentation agreement")
     if report.get("ensemble"):
         e = report["ensemble"]
         md += ["## Ensemble agreement", "", f"all members agree on {e['all_agree']:.1%} of rows; "
@@ -159,7 +167,7 @@ def markdown(report: dict[str, Any], images: list[tuple[str, str]]) -> str:
         t = report["topk"]
         md += ["## Top-k cache", "", _table(list(t), [list(t.values())]), "",
                "KL(renormalised top-k || teacher) = -log(stored mass) per position, so its mean is exact.", ""]
-    md += [f"## {title}\n\n![{title}]({f})\n" for title, f in images]
+        md += figure("Top-k cache")
     return "\n".join(md)
 
 
@@ -188,7 +196,7 @@ def to_html(md: str, title: str) -> str:
             out.append(f"<h2>{text[3:]}</h2>")
         elif line.startswith("# "):
             out.append(f"<h1>{text[2:]}</h1>")
-        elif line.startswith("&gt; "):
+        elif text.startswith("&gt; "):
             out.append(f'<p class="note">{text[5:]}</p>')
         elif line.startswith("- "):
             out.append(f"<li>{text[2:]}</li>")
@@ -206,7 +214,7 @@ def write_audit(report: dict[str, Any], out: Path) -> dict[str, Path]:
     images = plot_gold(report, out) + plot_reliability(report, out) + plot_augmentation(report, out) + plot_topk(report, out)
     public = {k: v for k, v in report.items() if not k.startswith("_")}
     (out / "audit.json").write_text(json.dumps(public, indent=2, sort_keys=True, default=str) + "\n", encoding="utf-8")
-    md = markdown(public, images)
+    md = markdown(public, dict(images))
     (out / "audit.md").write_text(md, encoding="utf-8")
     (out / "audit.html").write_text(to_html(md, f"label audit: {report['artifact']}"), encoding="utf-8")
     return {"json": out / "audit.json", "md": out / "audit.md", "html": out / "audit.html"}
