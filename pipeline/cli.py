@@ -55,6 +55,12 @@ def cmd_plan(args: argparse.Namespace) -> int:
     from pipeline.runner import plan_graph
 
     graph = _graph(args)
+    if args.estimate:
+        from pipeline.estimate import estimate_graph, format_estimates
+
+        estimates = estimate_graph(graph, probe_rows=args.probe_rows, log=lambda m: print(m, file=sys.stderr))
+        print(format_estimates(estimates, gpu_hour_cost=args.gpu_hour_cost))
+        return 0
     for plan in plan_graph(graph, only=args.only, start=args.start, stop=args.stop):
         print(f"{plan.name:<20} {plan.status:<7} {plan.node.type:<10} {plan.key}  {plan.reason}")
     return 0
@@ -191,6 +197,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("plan", help="show what would run and why")
     _add_manifest_args(p)
+    p.add_argument("--estimate", action="store_true", help="probe each stage on a sample: rows, bytes, time, cost")
+    p.add_argument("--probe-rows", type=int, default=256, help="sample rows per probed stage (--estimate)")
+    p.add_argument("--gpu-hour-cost", type=float, help="price of one GPU (or machine) hour, for --estimate")
     p.set_defaults(func=cmd_plan)
 
     p = sub.add_parser("inspect", help="schema, rows, metadata and first rows of an artifact")
