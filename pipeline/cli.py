@@ -56,6 +56,12 @@ def cmd_plan(args: argparse.Namespace) -> int:
     from pipeline.runner import plan_graph
 
     graph = _graph(args)
+    if args.estimate:
+        from pipeline.estimate import estimate_graph, format_estimates
+
+        estimates = estimate_graph(graph, probe_rows=args.probe_rows, log=lambda m: print(m, file=sys.stderr))
+        print(format_estimates(estimates, gpu_hour_cost=args.gpu_hour_cost))
+        return 0
     for plan in plan_graph(graph, only=args.only, start=args.start, stop=args.stop):
         print(f"{plan.name:<20} {plan.status:<7} {plan.node.type:<10} {plan.key}  {plan.reason}")
     return 0
@@ -228,6 +234,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("plan", help="show what would run and why")
     _add_manifest_args(p)
+    p.add_argument("--estimate", action="store_true", help="probe each stage on a sample: rows, bytes, time, cost")
+    p.add_argument("--probe-rows", type=int, default=256, help="sample rows per probed stage (--estimate)")
+    p.add_argument("--gpu-hour-cost", type=float, help="price of one GPU (or machine) hour, for --estimate")
     p.set_defaults(func=cmd_plan)
 
     p = sub.add_parser("inspect", help="schema, rows, metadata and first rows of an artifact")
@@ -263,7 +272,7 @@ def _extra_commands() -> list:
 
     out = []
     for module in ("pipeline.verify", "pipeline.report", "pipeline.predict", "pipeline.key_table",
-                   "pipeline.code_identity"):
+                   "pipeline.code_identity", "kd.audit.command"):
         try:
             out.append(importlib.import_module(module).add_parser)
         except ModuleNotFoundError as e:

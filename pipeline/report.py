@@ -12,6 +12,7 @@ import argparse
 import html
 import json
 import shutil
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -116,6 +117,27 @@ def _speed_plot(rows: list[dict[str, Any]], path: Path) -> bool:
     return True
 
 
+def _audit_sections(run_dir: Path, out: Path) -> list[tuple[str, str, list[tuple[str, str]]]]:
+    """`kdpipe audit` results saved under runs/RUN/audit/STAGE/: one summary line and the plots."""
+    sections = []
+    for audit_json in sorted((run_dir / "audit").glob("*/audit.json")):
+        stage = audit_json.parent.name
+        a = json.loads(audit_json.read_text(encoding="utf-8"))
+        facts = [f"{k} {a[k]}" for k in ("ece", "temperature") if a.get(k) is not None]
+        if a.get("gold"):
+            facts.append(f"teacher accuracy on gold {a['gold']['accuracy']} ({a['gold']['rows']} rows)")
+        if "label_issues" in a:
+            facts.append(f"likely gold-label errors {a['label_issues']['count']}")
+        if a.get("augmentation"):
+            facts.append(f"augmentation agreement {a['augmentation']['agreement']}")
+        images = []
+        for png in sorted(audit_json.parent.glob("*.png")):
+            shutil.copyfile(png, out / f"audit-{stage}-{png.name}")
+            images.append((f"Audit {stage}: {png.stem}", f"audit-{stage}-{png.name}"))
+        sections.append((stage, "; ".join(facts) + f" (details: ../audit/{stage}/audit.html)", images))
+    return sections
+
+
 def build_report(workdir: str | Path, run: str) -> tuple[Path, str]:
     run_dir = Path(workdir) / "runs" / run
     if not run_dir.is_dir():
@@ -132,12 +154,16 @@ def build_report(workdir: str | Path, run: str) -> tuple[Path, str]:
         shutil.copyfile(png, out / f"curves-{name}.png")
         images.append((f"Training curves: {name}", f"curves-{name}.png"))
     table = markdown_table(rows)
+    audits = _audit_sections(run_dir, out)
+    images += [img for _, _, imgs in audits for img in imgs]
     md = [f"# kdpipe report: {run}", "", table, ""]
+    md += [f"## Label audit: {stage}\n\n{summary}\n" for stage, summary, _ in audits]
     md += [f"## {title}\n\n![{title}]({file})\n" for title, file in images]
     (out / "report.md").write_text("\n".join(md), encoding="utf-8")
     head = "".join(f"<th>{html.escape(c)}</th>" for c in COLUMNS)
     body = "".join("<tr>" + "".join(f"<td>{html.escape(_cell(r, c))}</td>" for c in COLUMNS) + "</tr>" for r in rows)
-    figs = "".join(f"<h2>{html.escape(t)}</h2><img src=\"{html.escape(f)}\" alt=\"{html.escape(t)}\">" for t, f in images)
+    figs = "".join(f"<h2>Label audit: {html.escape(stage)}</h2><p>{html.escape(summary)}</p>" for stage, summary, _ in audits)
+    figs += "".join(f"<h2>{html.escape(t)}</h2><img src=\"{html.escape(f)}\" alt=\"{html.escape(t)}\">" for t, f in images)
     (out / "report.html").write_text(
         f"<!doctype html><html><head><meta charset=\"utf-8\"><title>kdpipe report: {html.escape(run)}</title>"
         "<style>body{font-family:sans-serif}table{border-collapse:collapse}td,th{border:1px solid #ccc;"
@@ -150,6 +176,11 @@ def cmd_report(args: argparse.Namespace) -> int:
     out, table = build_report(args.workdir, args.run)
     print(table)
     print(f"\nreport: {out / 'report.md'} (and report.html)")
+    if args.open:
+        import webbrowser
+
+        if not webbrowser.open((out / "report.html").resolve().as_uri()):
+            print("no browser found here; open the report.html above", file=sys.stderr)
     return 0
 
 
@@ -157,4 +188,5 @@ def add_parser(subparsers) -> None:
     p = subparsers.add_parser("report", help="Markdown/HTML report of a run: teacher vs students")
     p.add_argument("run", help="run name (the manifest's `name`)")
     p.add_argument("--workdir", default="data")
+    p.add_argument("--open", action="store_true", help="open report.html in a browser")
     p.set_defaults(func=cmd_report)
