@@ -108,6 +108,10 @@ def cmd_inspect(args: argparse.Namespace) -> int:
             print(f"input {role}: " + ", ".join(f"{i['stage']} ({i['key']})" for i in ins))
         if info.get("summary"):
             print(f"summary: {json.dumps(info['summary'], sort_keys=True)}")
+        lm = (info.get("summary") or {}).get("lm")
+        if lm:
+            print(f"token distributions: mode {lm['mode']}, k {lm['k']}, {lm['tokens']} tokens, "
+                  f"{lm['bytes_per_token']} bytes/token on disk, KL(full || rebuilt) {lm['kl_full_to_rebuilt']} nats")
     if art.num_shards():
         print(f"rows: {info.get('rows', '?')} in {art.num_shards()} shard(s)")
         print("schema:")

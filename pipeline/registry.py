@@ -21,6 +21,9 @@ STAGES: dict[str, str] = {
     "seq2seq_teacher": "stages.seq2seq_teacher:Seq2SeqTeacherStage",
     "train_seq2seq": "stages.train_seq2seq:TrainSeq2SeqStage",
     "agreement": "stages.agreement:AgreementStage",
+    "lm_label": "stages.lm_label:LmLabelStage",
+    "train_lm": "stages.train_lm:TrainLmStage",
+    "lm_teacher": "stages.lm_teacher:LmTeacherStage",
 }
 
 
