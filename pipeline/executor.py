@@ -168,7 +168,7 @@ class Executor:
             extra = ray.get(task.remote(stage, ctx, self.cwd))
             shards, ran = [], 1
         seconds = time.perf_counter() - start
-        self._write_manifest(plan, shards, extra, seconds, upstream_dirs)
+        self._write_manifest(plan, shards, extra, seconds, upstream_dirs, timing=_timing(shards))
         return {"shards_run": ran, "shards_total": len(shards) if shards else (1 if stage.kind == "task" else 0),
                 "rows": sum(s["rows"] for s in shards), "seconds": round(seconds, 3), "shards": shards}
 
@@ -291,7 +291,7 @@ class Executor:
         return self._merge(done, results), len(results)
 
     def _write_manifest(self, plan: StagePlan, shards: list[dict[str, Any]], extra: dict[str, Any],
-                        seconds: float, upstream_dirs: dict[str, Path]) -> None:
+                        seconds: float, upstream_dirs: dict[str, Path], timing: dict[str, Any] | None = None) -> None:
         art = Artifact(plan.art_dir)
         manifest = {
             "type": plan.node.type,
@@ -308,9 +308,21 @@ class Executor:
             "files": file_checksums(art.files_dir),
             "summary": extra,
             "seconds": round(seconds, 3),
+            "timing": timing or {},
             "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         }
         write_json(art.manifest_path, manifest)
+
+
+def _timing(shards: list[dict[str, Any]]) -> dict[str, Any]:
+    """Where the stage's time went, summed over the shards this call ran (resumed shards carry
+    no compute time): the stage's own work and the Parquet write + marker; the rest of the
+    stage's wall time is actor start-up and hand-off (bench/label.py --profile splits it)."""
+    timed = [s for s in shards if "compute_seconds" in s]
+    if not timed:
+        return {}
+    return {"shards_timed": len(timed), "compute_seconds": round(sum(s["compute_seconds"] for s in timed), 3),
+            "write_seconds": round(sum(s["seconds"] for s in timed), 3)}
 
 
 def update_alias(workdir: Path, run_name: str, stage_name: str, art_dir: Path) -> None:
