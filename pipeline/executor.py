@@ -92,10 +92,12 @@ class _ShardWorkerImpl:
     """Ray actor body for map stages: setup once, then one shard per call."""
 
     def __init__(self, stage: Stage, ctx: StageContext, provenance: dict[str, str], cwd: str):
+        start = time.perf_counter()
         _enter_worker(cwd, ctx.num_cpus)
         self.stage, self.ctx = stage, ctx
         stage.setup(ctx)
         self.metadata = {**provenance, **{f"kdpipe.{k}": v for k, v in stage.metadata().items()}}
+        self.setup_seconds: float | None = round(time.perf_counter() - start, 4)  # reported with the first shard
 
     def process(self, index: int, input_path: str, art_dir: str) -> dict[str, Any]:
         import pyarrow.parquet as pq
@@ -108,6 +110,8 @@ class _ShardWorkerImpl:
         stats = write_shard(Path(art_dir), index, out, self.metadata)
         stats.update(input_rows=table.num_rows, compute_seconds=round(compute, 4),
                      node_id=ray.get_runtime_context().get_node_id())
+        if self.setup_seconds is not None:
+            stats["setup_seconds"], self.setup_seconds = self.setup_seconds, None
         return stats
 
 
@@ -316,13 +320,15 @@ class Executor:
 
 def _timing(shards: list[dict[str, Any]]) -> dict[str, Any]:
     """Where the stage's time went, summed over the shards this call ran (resumed shards carry
-    no compute time): the stage's own work and the Parquet write + marker; the rest of the
-    stage's wall time is actor start-up and hand-off (bench/label.py --profile splits it)."""
+    no compute time): the stage's own work, the Parquet write + marker, and each actor's setup
+    (model load); the rest of the wall time is process start-up, hand-off and scheduling."""
     timed = [s for s in shards if "compute_seconds" in s]
     if not timed:
         return {}
+    setups = [s["setup_seconds"] for s in timed if "setup_seconds" in s]
     return {"shards_timed": len(timed), "compute_seconds": round(sum(s["compute_seconds"] for s in timed), 3),
-            "write_seconds": round(sum(s["seconds"] for s in timed), 3)}
+            "write_seconds": round(sum(s["seconds"] for s in timed), 3),
+            "actors": len(setups), "slowest_setup_seconds": max(setups, default=0.0)}
 
 
 def update_alias(workdir: Path, run_name: str, stage_name: str, art_dir: Path) -> None:
