@@ -8,7 +8,9 @@ Reports, from one run on the same sentences:
     excluded and reported apart) with 1 and with N workers per map stage, and per stage: model
     (spaCy / augmentation) time, Parquet write time and the rest (actor start-up, hand-off);
   * ratios: pos_tag stage (1 worker) / raw nlp.pipe, whole chain (1 worker) / raw nlp.pipe
-    (goal >= 0.8) and / the bare chain, and N workers / (N x one worker).
+    (goal >= 0.8) and / the bare chain, and N workers / (N x one worker);
+  * with --profile, each step of pos_tag and augment timed in-process (spaCy parse vs
+    augmentation vs Arrow vs Parquet write, hash and marker).
 
 --scale is a fraction of --data (1 = all 67,349 SST-2 train sentences, Tang defaults n_iter 20).
 
@@ -107,6 +109,44 @@ def kdpipe_run(workdir: Path, data: Path, n: int, *, workers: int, shards: int, 
     return {"seconds": seconds, "stages": stages, "augment": aug}
 
 
+def profile_in_process(tmp: Path, table, *, model: str, batch_size: int, shards: int, n_iter: int) -> dict:
+    """pos_tag and augment on `table` through their own setup/process/write_shard in this process
+    (no Ray), each step timed: spaCy parse vs Arrow columns vs write; augmentation vs the rest."""
+    import stages.augment as augment_mod
+    import stages.pos_tag as pos_tag_mod
+    from _profile import Timers, breakdown, run_shards
+    from pipeline.artifact import Artifact
+    from pipeline.testing import make_artifact, make_context
+    from stages.augment import AugmentStage
+    from stages.pos_tag import PosTagStage
+    from stages.unigram import UnigramStage
+
+    data = make_artifact(tmp / "in", table, rows_per_shard=max(1, math.ceil(table.num_rows / shards)))
+    out = {}
+    tag_timers = Timers()
+    stage = PosTagStage(config=PosTagStage.Config(spacy_model=model, batch_size=batch_size))
+    start = time.perf_counter()
+    run_shards(stage, make_context(tmp / "ctx", inputs={"data": [data]}), data, tmp / "tagged", tag_timers,
+               extra=[(pos_tag_mod, "tag_texts", "spaCy parse (nlp.pipe)")])
+    out["pos_tag"] = {"wall_seconds": time.perf_counter() - start,
+                      "breakdown": breakdown(tag_timers.as_dict(), process_parts=["spaCy parse (nlp.pipe)"])}
+    tagged = make_artifact(tmp / "tagged_art", Artifact(tmp / "tagged").read_table(),
+                           rows_per_shard=max(1, math.ceil(table.num_rows / shards)))
+    uni_ctx = make_context(tmp / "uni", inputs={"data": [tagged]})
+    start = time.perf_counter()
+    UnigramStage(config=UnigramStage.Config()).run(uni_ctx)
+    out["unigram"] = {"wall_seconds": time.perf_counter() - start}
+    table_art = make_artifact(tmp / "uni_art", files={"unigram.parquet": (uni_ctx.out_dir / "unigram.parquet").read_bytes()})
+    aug_timers = Timers()
+    stage = AugmentStage(config=AugmentStage.Config(n_iter=n_iter))
+    start = time.perf_counter()
+    run_shards(stage, make_context(tmp / "actx", inputs={"data": [tagged], "table": [table_art]}), tagged,
+               tmp / "augmented", aug_timers, extra=[(augment_mod, "augment_example", "augmentation")])
+    out["augment"] = {"wall_seconds": time.perf_counter() - start,
+                      "breakdown": breakdown(aug_timers.as_dict(), process_parts=["augmentation"])}
+    return out
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", type=Path, default=SST2_TRAIN, help="SST-2 train.tsv (GLUE layout: sentence<TAB>label)")
@@ -117,6 +157,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--shards", type=int, default=8, help="input shards (same for every worker count)")
     ap.add_argument("--workers", default="1,2", help="comma-separated worker counts to compare (1 first)")
     ap.add_argument("--n-iter", type=int, default=20, help="augmentation samples per sentence (Tang: 20)")
+    ap.add_argument("--profile", action="store_true", help="also time each step of pos_tag and augment in-process")
     return ap.parse_args(argv)
 
 
@@ -134,6 +175,8 @@ def main(argv: list[str] | None = None) -> int:
     from pipeline.executor import init_ray
 
     tmp = Path(tempfile.mkdtemp(prefix="kdab", dir="/tmp"))
+    profile = profile_in_process(tmp / "profile", table, model=args.model, batch_size=args.batch_size,
+                                 shards=args.shards, n_iter=args.n_iter) if args.profile else None
     ray_start = time.perf_counter()
     init_ray(address=None, num_cpus=None, temp_dir=tmp / "ray")
     ray_s = time.perf_counter() - ray_start
@@ -153,6 +196,7 @@ def main(argv: list[str] | None = None) -> int:
               "raw_tagging_seconds": raw_s, "bare_augment_seconds": aug_s, "bare_samples": kept,
               "ray_init_seconds": ray_s, "runs": {str(w): r for w, r in runs.items()}}
     result["ratios"] = ratios(result)
+    result["profile"] = profile
     result["bench_seconds"] = time.perf_counter() - t0
     print(report(result))
     write_json(args.json, result)
@@ -192,8 +236,10 @@ def report(r: dict) -> str:
         for name, st in run["stages"].items():
             detail = ""
             if "compute_seconds" in st:
-                rest = st["seconds"] - st["compute_seconds"] - st["write_seconds"]
-                detail = f" = model {st['compute_seconds']:.1f} + write {st['write_seconds']:.1f} + rest {rest:.1f}"
+                setup = st.get("slowest_setup_seconds", 0.0)
+                rest = st["seconds"] - st["compute_seconds"] - st["write_seconds"] - setup
+                detail = (f" = actor setup {setup:.1f} + model {st['compute_seconds']:.1f} + write "
+                          f"{st['write_seconds']:.1f} + start-up/hand-off {rest:.1f}")
             parts.append(f"{name} {st['seconds']:.1f}s{detail}")
         lines.append(f"kdpipe end to end, {w} worker(s):       {n / run['seconds']:8.1f} sentences/s "
                      f"({run['seconds']:.1f}s: {'; '.join(parts)})")
@@ -203,6 +249,10 @@ def report(r: dict) -> str:
     aug = next(iter(r["runs"].values()))["augment"]
     lines.append(f"transfer set: {aug['rows']} rows from {aug['input_rows']} ({aug['growth']}x), "
                  f"{aug['samples']} samples, op rates {aug['op_rates']}, empty inputs {aug['empty_inputs']}")
+    for name, p in (r.get("profile") or {}).items():
+        lines.append(f"in-process {name}: {p['wall_seconds']:.2f}s")
+        for k, v in (p.get("breakdown") or {}).items():
+            lines.append(f"    {k:48s} {v:8.3f}s {100 * v / max(p['wall_seconds'], 1e-9):5.1f}%")
     lines.append(f"benchmark ran {r['bench_seconds']:.1f}s")
     return "\n".join(lines)
 
