@@ -57,13 +57,25 @@ class Timers:
 
 def write_targets() -> list[tuple[Any, str, str]]:
     """The steps of pipeline.artifact.write_shard: Parquet encode+write, hash, marker (the
-    marker's own fsync included); the shard's fsync and rename are the rest."""
+    marker's own fsync included); the shard's fsync and rename are the rest. Whichever of the
+    storage layer's functions this checkout has are wrapped."""
     import pyarrow.parquet as pq
 
     import pipeline.artifact as artifact
+    import pipeline.hashing as hashing
 
-    return [(pq, "write_table", "parquet_write"), (artifact, "sha256_file", "hash"),
-            (artifact, "write_json", "marker")]
+    targets = [(pq, "write_table", "parquet_write"), (hashing, "sha256_file", "hash")]
+    if hasattr(artifact, "sha256_file"):
+        targets.append((artifact, "sha256_file", "hash"))
+    try:
+        import pipeline.storage as storage
+    except ImportError:
+        storage = None
+    if storage is not None and hasattr(storage, "write_json"):
+        targets.append((storage, "write_json", "marker"))
+    else:
+        targets.append((artifact, "write_json", "marker"))
+    return targets
 
 
 def run_shards(stage, ctx, in_art, out_dir: Path, timers: Timers, *, extra: list[tuple[Any, str, str]]) -> int:

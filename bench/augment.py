@@ -19,7 +19,6 @@ Reports, from one run on the same sentences:
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import shutil
@@ -83,6 +82,7 @@ def bare_augment(ids: list[str], texts: list[str], tags, *, n_iter: int, seed: i
 
 def kdpipe_run(workdir: Path, data: Path, n: int, *, workers: int, shards: int, model: str,
                batch_size: int, n_iter: int) -> dict:
+    from pipeline.artifact import Artifact
     from pipeline.graph import build_graph
     from pipeline.manifest import parse_manifest
     from pipeline.runner import run_graph
@@ -101,12 +101,11 @@ def kdpipe_run(workdir: Path, data: Path, n: int, *, workers: int, shards: int, 
     start = time.perf_counter()
     summary = run_graph(build_graph(manifest), progress=False, log=lambda *a: None)
     seconds = time.perf_counter() - start
-    stages = {}
+    stages, manifests = {}, {}
     for st in summary:
-        timing = json.loads((Path(st["path"]) / "manifest.json").read_text()).get("timing") or {}
-        stages[st["name"]] = {"seconds": st["seconds"], **timing}
-    aug = json.loads((workdir / "runs" / "bench-augment" / "augment" / "manifest.json").read_text())["summary"]
-    return {"seconds": seconds, "stages": stages, "augment": aug}
+        manifests[st["name"]] = Artifact(st["path"]).manifest
+        stages[st["name"]] = {"seconds": st["seconds"], **(manifests[st["name"]].get("timing") or {})}
+    return {"seconds": seconds, "stages": stages, "augment": manifests["augment"]["summary"]}
 
 
 def profile_in_process(tmp: Path, table, *, model: str, batch_size: int, shards: int, n_iter: int) -> dict:
