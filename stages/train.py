@@ -312,7 +312,7 @@ def _loss(cfg: TrainConfig, logits, gold, teacher, temperature: float, progress:
 
 
 def _dev_metrics(student, table: dict[str, Any]) -> dict[str, float]:
-    from stages.evaluate import accuracy, macro_f1, token_f1
+    from kd.metrics import accuracy, macro_f1, token_f1
 
     if student.task == "token_classification":  # epoch selection by token accuracy
         pred = student.predict(table["texts"])
