@@ -150,6 +150,7 @@ def cmd_schema(args: argparse.Namespace) -> int:
 
 
 def cmd_stages(args: argparse.Namespace) -> int:
+    from pipeline.code_identity import CodeIdentity
     from pipeline.registry import get_stage_class, stage_types
     from pipeline.stage import throughput_fields
 
@@ -159,7 +160,7 @@ def cmd_stages(args: argparse.Namespace) -> int:
         except KeyError:
             raise KdpipeError(f"unknown stage type {type_key!r}; known: {', '.join(stage_types())}") from None
         doc = (cls.__module__ and sys.modules[cls.__module__].__doc__ or cls.__doc__ or "").strip()
-        print(f"{type_key} ({cls.kind} stage, code version {cls.code_version})")
+        print(f"{type_key} ({cls.kind} stage, code digest {CodeIdentity(type_key).digest})")
         if args.type:
             print("\n" + doc + "\n")
         else:
@@ -221,11 +222,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _extra_commands() -> list:
-    """Commands that live beside the stages they serve (report, predict, verify)."""
+    """Commands that live beside the code they serve (report, predict, verify, keys, code-digest)."""
     import importlib
 
     out = []
-    for module in ("pipeline.verify", "pipeline.report", "pipeline.predict"):
+    for module in ("pipeline.verify", "pipeline.report", "pipeline.predict", "pipeline.key_table",
+                   "pipeline.code_identity"):
         try:
             out.append(importlib.import_module(module).add_parser)
         except ModuleNotFoundError as e:

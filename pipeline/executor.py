@@ -66,7 +66,7 @@ def _provenance(plan: StagePlan, graph: Graph) -> dict[str, str]:
         "kdpipe.stage_name": plan.name,
         "kdpipe.run": graph.manifest.name,
         "kdpipe.key": plan.key,
-        "kdpipe.code_version": type(plan.node.stage).code_version,
+        "kdpipe.code": plan.key_parts["code"],
         "kdpipe.config": json.dumps(plan.node.stage.config.model_dump(mode="json"), sort_keys=True),
         "kdpipe.inputs": json.dumps(plan.key_parts["inputs"], sort_keys=True),
     }
@@ -82,7 +82,7 @@ def make_context(plan: StagePlan, graph: Graph, upstream_dirs: dict[str, Path]) 
         out_dir=art_dir / "files",
         scratch_dir=art_dir / "scratch",
         inputs=inputs,
-        seed=graph.manifest.seed,
+        seed=graph.manifest.seed if plan.node.stage.uses_seed() else None,
         num_cpus=max(1, int(res.get("num_cpus", 1))),
         workdir=Path(graph.manifest.workdir).resolve(),
     )
@@ -298,9 +298,9 @@ class Executor:
             "key": plan.key,
             "run": self.graph.manifest.name,
             "stage_name": plan.name,
-            "code_version": type(plan.node.stage).code_version,
             "config": plan.node.stage.config.model_dump(mode="json"),
             "key_parts": plan.key_parts,
+            "code_modules": plan.code_modules,  # lets a later plan name the changed file
             "inputs": {role: [{"stage": n, "key": upstream_dirs[n].name, "path": str(upstream_dirs[n])}
                               for n in names] for role, names in plan.node.inputs.items()},
             "rows": sum(s["rows"] for s in shards),

@@ -1,7 +1,10 @@
 """Cache keys and the plan: which stages are cached, which resume, which run, and why.
 
-key = sha256(stage type, code_version, engine format, canonical config minus throughput knobs,
-             keys of every upstream artifact, content hashes of outside files and model weights)
+key = sha256(stage type, code digest, library versions, engine format, canonical config minus
+             throughput knobs, the manifest seed (only for stages that use it), keys of every
+             upstream artifact, content hashes of outside files and model weights)
+
+`pipeline/key_table.py` renders exactly this, per stage type, into RELIABILITY.md.
 """
 from __future__ import annotations
 
@@ -11,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.artifact import Artifact, completed_shards
+from pipeline.code_identity import code_identity, describe_change
 from pipeline.graph import Graph, Node, external_artifact
 from pipeline.hashing import hash_obj
 from pipeline.stage import throughput_fields
@@ -30,6 +34,8 @@ class StagePlan:
     # Shards already finished and verified when planning; execution (under the same workdir
     # lock) resumes from these instead of hashing every shard again.
     completed: dict[int, dict[str, Any]] = dataclasses.field(default_factory=dict)
+    # Per-module digests behind key_parts["code"]; recorded so a later plan can name the file.
+    code_modules: dict[str, str] = dataclasses.field(default_factory=dict)
 
     @property
     def done_shards(self) -> int:
@@ -41,17 +47,28 @@ class StagePlan:
 
 
 def key_parts_for(node: Node, upstream_keys: dict[str, str], seed: int = 0) -> dict[str, Any]:
+    """Everything that can change the node's output. Each part is one named entry, so a new
+    kind of part (e.g. resolved numerics) is one more line here and one more row in the table."""
     config = node.stage.config
     semantic = config.model_dump(mode="json", exclude=throughput_fields(type(config)))
-    return {
+    code = code_identity(node.type)
+    parts = {
         "type": node.type,
-        "code_version": type(node.stage).code_version,
+        "code": code.digest,
+        "libraries": code.libraries(),
         "engine_format": ENGINE_FORMAT,
         "config": semantic,
-        "seed": seed,  # the manifest's global seed reaches every stage through ctx.seed
         "inputs": {role: [upstream_keys[n] for n in names] for role, names in sorted(node.inputs.items())},
         "fingerprint": node.stage.fingerprint(),
     }
+    if node.stage.uses_seed():
+        parts["seed"] = seed
+    return parts
+
+
+def code_modules_for(node: Node) -> dict[str, str]:
+    """Per-module digests behind `key_parts["code"]`, kept beside the key to explain changes."""
+    return code_identity(node.type).modules
 
 
 def artifacts_root(workdir: Path) -> Path:
@@ -66,15 +83,21 @@ def alias_path(workdir: Path, run_name: str, stage_name: str) -> Path:
     return workdir / "runs" / run_name / stage_name
 
 
-def explain_change(old: dict[str, Any], new: dict[str, Any]) -> str:
-    """Human account of why two key_parts differ, most specific first."""
+def explain_change(old: dict[str, Any], new: dict[str, Any], *, old_modules: dict[str, str] | None = None,
+                   new_modules: dict[str, str] | None = None) -> str:
+    """Plain-words account of why two key_parts differ, most specific first."""
     reasons: list[str] = []
     if old.get("type") != new.get("type"):
         reasons.append(f"stage type changed {old.get('type')} -> {new.get('type')}")
-    if old.get("code_version") != new.get("code_version"):
-        reasons.append(f"code version changed {old.get('code_version')} -> {new.get('code_version')}")
+    if old.get("code") != new.get("code"):
+        files = describe_change(old_modules or {}, new_modules or {}) if old_modules and new_modules else []
+        reasons.append(f"code changed: {', '.join(files)}" if files else "code changed")
+    ol, nl = old.get("libraries", {}), new.get("libraries", {})
+    for lib in sorted(set(ol) | set(nl)):
+        if ol.get(lib) != nl.get(lib):
+            reasons.append(f"{lib} {ol.get(lib, 'not used')} -> {nl.get(lib, 'not used')}")
     if old.get("seed") != new.get("seed"):
-        reasons.append(f"manifest seed changed {old.get('seed')} -> {new.get('seed')}")
+        reasons.append(f"manifest seed changed {old.get('seed', 'unused')} -> {new.get('seed', 'unused')}")
     if old.get("engine_format") != new.get("engine_format"):
         reasons.append("artifact format changed")
     oc, nc = old.get("config", {}), new.get("config", {})
@@ -84,21 +107,24 @@ def explain_change(old: dict[str, Any], new: dict[str, Any]) -> str:
     oi, ni = old.get("inputs", {}), new.get("inputs", {})
     for role in sorted(set(oi) | set(ni)):
         if oi.get(role) != ni.get(role):
-            reasons.append(f"input {role!r} changed (upstream artifact is new)")
+            reasons.append(f"input data changed ({role!r}: the upstream artifact is new)")
     of, nf = old.get("fingerprint", {}), new.get("fingerprint", {})
     for k in sorted(set(of) | set(nf)):
         if of.get(k) != nf.get(k):
             reasons.append(f"{k} changed" if k in of and k in nf else f"{k} {'added' if k in nf else 'removed'}")
+    known = {"type", "code", "libraries", "seed", "engine_format", "config", "inputs", "fingerprint"}
+    for part in sorted((set(old) | set(new)) - known):  # parts added later (e.g. numerics)
+        if old.get(part) != new.get(part):
+            reasons.append(f"{part} changed {json.dumps(old.get(part))} -> {json.dumps(new.get(part))}")
     return "; ".join(reasons) or "key changed"
 
 
-def _previous_key_parts(workdir: Path, run_name: str, stage_name: str) -> dict[str, Any] | None:
+def _previous_manifest(workdir: Path, run_name: str, stage_name: str) -> dict[str, Any] | None:
     alias = alias_path(workdir, run_name, stage_name)
     try:
-        manifest = Artifact(alias.resolve()).manifest
+        return Artifact(alias.resolve()).manifest
     except (OSError, ValueError):
         return None
-    return manifest.get("key_parts")
 
 
 def make_plan(graph: Graph, *, selected: list[str] | None = None, verify: bool = True) -> list[StagePlan]:
@@ -111,6 +137,7 @@ def make_plan(graph: Graph, *, selected: list[str] | None = None, verify: bool =
             if ref.startswith("@"):
                 keys[ref] = external_artifact(manifest, ref).key
         parts = key_parts_for(node, keys, manifest.seed)
+        modules = code_modules_for(node)
         key = hash_obj(parts)[:KEY_LENGTH]
         keys[node.name] = key
         art_dir = artifact_dir(workdir, node.type, key)
@@ -121,18 +148,19 @@ def make_plan(graph: Graph, *, selected: list[str] | None = None, verify: bool =
         else:
             if node.stage.kind != "task":
                 done = completed_shards(art_dir, verify=verify)
-            prev = _previous_key_parts(workdir, manifest.name, node.name)
+            prev = _previous_manifest(workdir, manifest.name, node.name)
             if art.is_complete():
                 status, reason = "run", "cached artifact failed verification (altered or truncated); recomputing"
             elif done:
                 status, reason = "resume", f"resuming: {len(done)} shard(s) already complete"
             elif (art_dir / "scratch").is_dir():
                 status, reason = "resume", "resuming from scratch state of an interrupted run"
-            elif prev is None:
+            elif prev is None or "key_parts" not in prev:
                 status, reason = "run", "not computed before"
             else:
-                status, reason = "run", explain_change(prev, parts)
-        plans.append(StagePlan(node, key, parts, art_dir, status, reason, done))
+                status, reason = "run", explain_change(prev["key_parts"], parts, old_modules=prev.get("code_modules"),
+                                                       new_modules=modules)
+        plans.append(StagePlan(node, key, parts, art_dir, status, reason, done, modules))
     if selected is not None:
         chosen = set(selected)
         plans = [p for p in plans if p.name in chosen or p.status == "cached" or _needed_by(p, chosen, graph)]

@@ -206,7 +206,7 @@ class AugmentStage(MapStage):
 
     type = "augment"
     Config = AugmentConfig
-    code_version = "1"
+    seeded = True
     inputs = {"data": InputRole(doc="a pos_tag stage"),
               "table": InputRole(kind="files", doc="a unigram stage")}
 

@@ -91,7 +91,6 @@ class LabelStage(MapStage):
 
     type = "label"
     Config = LabelConfig
-    code_version = "1"
     inputs = {
         "data": InputRole(doc="rows to label: id + the teacher's text column"),
         "teacher": InputRole(required=False, many=True, kind="files",
@@ -178,7 +177,12 @@ class LabelStage(MapStage):
         cols = ["id"] + (["words"] if cfg.task == "token_classification" else [])
         return cols + [c + _suffix(n, len(names)) for n in names for c in base]
 
+    def uses_seed(self) -> bool:
+        """config.allow_new_head: the seed draws the new head's weights."""
+        return self.config.allow_new_head
+
     def fingerprint(self) -> dict[str, str]:
+        """Each teacher's files (weights, config, tokenizer), or its hub id + revision."""
         return {f"teacher {s.name}": teacher_fingerprint(s.path, s.revision) for s in self.config.teacher_specs()}
 
     def resources(self) -> dict[str, float]:

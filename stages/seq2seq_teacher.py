@@ -39,7 +39,7 @@ class Seq2SeqTeacherConfig(StageConfig):
 class Seq2SeqTeacherStage(TaskStage):
     type = "seq2seq_teacher"
     Config = Seq2SeqTeacherConfig
-    code_version = "2"
+    seeded = True
     inputs = {"data": InputRole(doc="parallel corpus: id, source and target columns")}
 
     config: Seq2SeqTeacherConfig
