@@ -241,7 +241,7 @@ class AugmentStage(MapStage):
         return [*LINEAGE, *texts, *rest]
 
     def setup(self, ctx: StageContext) -> None:
-        from stages.unigram import load_unigram_table
+        from kd.unigram_table import load_unigram_table
 
         self.table = load_unigram_table(ctx.input("table").files_dir)
         self.sample_rng = SampleRng()

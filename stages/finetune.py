@@ -94,6 +94,7 @@ class FinetuneStage(TaskStage):
         "dev": InputRole(required=False, doc="labeled rows for early stopping and dev accuracy"),
     }
     default_num_cpus = 2
+    model_folder = "model"
 
     config: FinetuneConfig
 

@@ -106,6 +106,21 @@ class TrainStage(TaskStage):
         "dev": InputRole(required=False, doc="dev set for epoch selection"),
     }
     config: TrainConfig
+    model_folder = "student"
+
+    @classmethod
+    def report_section(cls, *, name: str, files_dir: Path, manifest: dict[str, Any]):
+        """One student row (dev accuracy from training, no speed) and its training curves."""
+        from pipeline.stage import ReportSection
+
+        m = json.loads((files_dir / "metrics.json").read_text())
+        row = {"model": name, "role": "student", "type": m.get("student"), "params": m.get("parameters"),
+               "size_bytes": sum(f.stat().st_size for f in (files_dir / "student").rglob("*") if f.is_file()),
+               "metric": "dev accuracy" if m.get("dev_accuracy") is not None else "",
+               "value": m.get("dev_accuracy"), "sent/s": None, "speed-up": None,
+               "labels": ", ".join(lab.get("stage") or lab["key"] for lab in m.get("labels", [])) or "gold only"}
+        curves = files_dir / "curves.png"
+        return ReportSection([row], [(f"Training curves: {name}", curves)] if curves.is_file() else [])
 
     # --- planning --------------------------------------------------------------------------
     def tokenizer_kind(self, has_spm_input: bool) -> str:
@@ -313,7 +328,7 @@ def _loss(cfg: TrainConfig, logits, gold, teacher, temperature: float, progress:
 
 
 def _dev_metrics(student, table: dict[str, Any]) -> dict[str, float]:
-    from stages.evaluate import accuracy, macro_f1, token_f1
+    from kd.metrics import accuracy, macro_f1, token_f1
 
     if student.task == "token_classification":  # epoch selection by token accuracy
         pred = student.predict(table["texts"])
