@@ -111,8 +111,11 @@ class Stage:
     # Ray resources per worker; model stages raise this.
     default_num_cpus: ClassVar[float] = 1
 
-    def __init__(self, *, config: StageConfig):
+    def __init__(self, *, config: StageConfig, input_refs: dict[str, list[str]] | None = None):
         self.config = config
+        # role -> the manifest's names of the upstream stages (`name` or `@RUN/STAGE`), for
+        # stages whose output names its inputs (label's teacher columns); None outside a graph.
+        self.input_refs = input_refs
 
     # --- planning (driver side, before Ray; must be cheap and side-effect free) -----------
     def validate(self, *, input_columns: dict[str, list[list[str] | None]]) -> list[Problem]:

@@ -172,7 +172,7 @@ class TrainStage(TaskStage):
         labels = ctx.inputs.get("labels") or []
         dev = ctx.optional_input("dev")
         sources = label_sources(labels)
-        label_names = resolve_label_names(data, sources, cfg.label_column)
+        label_names = resolve_label_names(data, sources, cfg.label_column, cfg.task)
         num_labels = len(label_names)
         temperature = cfg.temperature or next((s.temperature for s in sources if s.temperature), 1.0)
         if cfg.ensemble.mode == "weighted" and len(cfg.ensemble.weights or []) != sum(len(s.columns) for s in sources):
