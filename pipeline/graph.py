@@ -103,7 +103,7 @@ def build_graph(manifest: Manifest) -> Graph:
             problems.extend(pydantic_problems(e, prefix=f"{loc}.config"))
             continue
         inputs = {role: [v] if isinstance(v, str) else list(v) for role, v in spec.inputs.items()}
-        nodes[spec.name] = Node(i, spec.name, spec.type, cls(config=config), inputs)
+        nodes[spec.name] = Node(i, spec.name, spec.type, cls(config=config, input_refs=inputs), inputs)
 
     all_names = [s.name for s in manifest.stages]
     for node in nodes.values():

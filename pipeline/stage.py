@@ -137,8 +137,11 @@ class Stage:
     # same model (evaluate's measured rows replace the rows train reports for its own student).
     report_order: ClassVar[int] = 0
 
-    def __init__(self, *, config: StageConfig):
+    def __init__(self, *, config: StageConfig, input_refs: dict[str, list[str]] | None = None):
         self.config = config
+        # role -> the manifest's names of the upstream stages (`name` or `@RUN/STAGE`), for
+        # stages whose output names its inputs (label's teacher columns); None outside a graph.
+        self.input_refs = input_refs
 
     # --- planning (driver side, before Ray; must be cheap and side-effect free) -----------
     def validate(self, *, input_columns: dict[str, list[list[str] | None]]) -> list[Problem]:

@@ -5,9 +5,11 @@ artifacts, optional and possibly several: without them this is the no-KD baselin
 (an `spm` artifact, optional), `dev` (optional, for epoch selection; never the test set).
 
 Streaming: one data shard is in memory at a time. Shards are visited in a seeded order per epoch,
-rows within a shard are ordered by a hash of (seed, epoch, id), and teacher logits are joined to
-the shard by id (the label shard with the same index is tried first, then every label shard is
-scanned), so the result depends neither on worker count nor on shard layout.
+rows within a shard are ordered by a hash of (seed, epoch, id), and a batch never crosses a shard
+boundary. Teacher logits are joined to the shard by id (the label shard with the same index is
+tried first, then every label shard is scanned). So the result does not depend on the worker
+count nor on how the label artifacts are sharded, but it does depend on the `data` artifact's
+shard layout (its source's `rows_per_shard`): which rows share a batch changes with it.
 
 Gold labels on augmented rows (`aug_index >= 0`) are ignored when a teacher is present, as in
 Tang et al. 2019: an augmented sentence may no longer carry its parent's label, and the teacher's
@@ -30,7 +32,7 @@ from pydantic import Field
 
 from pipeline.artifact import write_json
 from pipeline.hashing import hash_obj, hash_tree
-from pipeline.stage import InputRole, Problem, StageConfig, StageContext, TaskStage, throughput
+from pipeline.stage import InputRole, Problem, StageConfig, StageContext, TaskStage, throughput, throughput_fields
 from stages.train_data import ShardStream, label_sources, read_eval_table, resolve_label_names
 
 
@@ -186,7 +188,7 @@ class TrainStage(TaskStage):
         labels = ctx.inputs.get("labels") or []
         dev = ctx.optional_input("dev")
         sources = label_sources(labels)
-        label_names = resolve_label_names(data, sources, cfg.label_column)
+        label_names = resolve_label_names(data, sources, cfg.label_column, cfg.task)
         num_labels = len(label_names)
         temperature = cfg.temperature or next((s.temperature for s in sources if s.temperature), 1.0)
         if cfg.ensemble.mode == "weighted" and len(cfg.ensemble.weights or []) != sum(len(s.columns) for s in sources):
@@ -208,7 +210,7 @@ class TrainStage(TaskStage):
         stream = ShardStream(data=data, sources=sources, label_names=label_names, cfg=cfg,
                              use_gold_on_augmented=cfg.gold_on_augmented or not sources)
         total_steps = cfg.epochs * stream.batches_per_epoch()
-        state = _Resume(ctx.scratch_dir, hash_obj([cfg.model_dump(mode="json", exclude={"num_cpus"}), seed,
+        state = _Resume(ctx.scratch_dir, hash_obj([cfg.model_dump(mode="json", exclude=throughput_fields(TrainConfig)), seed,
                                                    [a.key for a in labels], data.key]))
         start_epoch, step, history, best = state.restore(module, optimizer)
         resumed_from = start_epoch if start_epoch else None
