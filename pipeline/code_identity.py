@@ -117,12 +117,12 @@ def _with_parents(name: str) -> list[str]:
 
 
 @functools.lru_cache(maxsize=None)
-def _module_info(path: Path, name: str, mtime_ns: int, size: int) -> tuple[str, frozenset[str], frozenset[str]]:
+def _module_info(source: bytes, name: str, is_package: bool) -> tuple[str, frozenset[str], frozenset[str]]:
     """(digest of the normalized source, referenced module names, third-party imports) of one
-    file; cached by (path, mtime, size) so planning a long manifest parses each file once."""
-    source = path.read_text(encoding="utf-8")
-    digest = hashlib.sha256(normalized_source(source).encode()).hexdigest()
-    candidates, external = _referenced_modules(ast.parse(source), name, path.name == "__init__.py")
+    module; cached by its bytes, so planning a long manifest parses each file once."""
+    text = source.decode("utf-8")
+    digest = hashlib.sha256(normalized_source(text).encode()).hexdigest()
+    candidates, external = _referenced_modules(ast.parse(text), name, is_package)
     return digest, frozenset(candidates), frozenset(external)
 
 
@@ -143,8 +143,7 @@ def closure(module: str, root: Path | None = None) -> tuple[dict[str, str], set[
         path = module_file(name, root)
         if path is None:
             continue
-        stat = path.stat()
-        digest, candidates, imported = _module_info(path, name, stat.st_mtime_ns, stat.st_size)
+        digest, candidates, imported = _module_info(path.read_bytes(), name, path.name == "__init__.py")
         modules[path.relative_to(root).as_posix()] = digest
         external |= {e for e in imported if e and e not in packages}
         for candidate in candidates:
