@@ -13,7 +13,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-from pipeline.artifact import Artifact, completed_shards
+from pipeline import storage
+from pipeline.artifact import Artifact, completed_shards, read_alias
 from pipeline.code_identity import code_identity, describe_change
 from pipeline.graph import Graph, Node, external_artifact
 from pipeline.hashing import hash_obj
@@ -28,7 +29,7 @@ class StagePlan:
     node: Node
     key: str
     key_parts: dict[str, Any]
-    art_dir: Path
+    art_dir: Any  # Path for a local workdir, URI string for an object store
     status: str  # cached | resume | run
     reason: str
     # Shards already finished and verified when planning; execution (under the same workdir
@@ -71,16 +72,19 @@ def code_modules_for(node: Node) -> dict[str, str]:
     return code_identity(node.type).modules
 
 
-def artifacts_root(workdir: Path) -> Path:
-    return workdir / "artifacts"
+def artifacts_root(workdir):
+    return storage.join(workdir, "artifacts") if storage.is_remote(workdir) else Path(workdir) / "artifacts"
 
 
-def artifact_dir(workdir: Path, type_key: str, key: str) -> Path:
+def artifact_dir(workdir, type_key: str, key: str):
+    if storage.is_remote(workdir):
+        return storage.join(storage.normalize(workdir), "artifacts", type_key, key)
     return artifacts_root(workdir) / type_key / key
 
 
 def alias_path(workdir: Path, run_name: str, stage_name: str) -> Path:
-    return workdir / "runs" / run_name / stage_name
+    """The readable symlink of a local workdir (the pointer file is artifact.alias_loc)."""
+    return Path(workdir) / "runs" / run_name / stage_name
 
 
 def explain_change(old: dict[str, Any], new: dict[str, Any], *, old_modules: dict[str, str] | None = None,
@@ -119,17 +123,20 @@ def explain_change(old: dict[str, Any], new: dict[str, Any], *, old_modules: dic
     return "; ".join(reasons) or "key changed"
 
 
-def _previous_manifest(workdir: Path, run_name: str, stage_name: str) -> dict[str, Any] | None:
-    alias = alias_path(workdir, run_name, stage_name)
+def _previous_manifest(workdir, run_name: str, stage_name: str) -> dict[str, Any] | None:
+    art = read_alias(workdir, run_name, stage_name)
     try:
-        return Artifact(alias.resolve()).manifest
+        return art.manifest if art is not None else None
     except (OSError, ValueError):
         return None
 
 
-def make_plan(graph: Graph, *, selected: list[str] | None = None, verify: bool = True) -> list[StagePlan]:
+def make_plan(graph: Graph, *, selected: list[str] | None = None, verify: bool = False) -> list[StagePlan]:
+    """verify=False (the default) trusts the digests stored in completion markers and manifests
+    and checks only that every listed shard is present with its recorded size (one listing per
+    artifact); `kdpipe verify` re-hashes."""
     manifest = graph.manifest
-    workdir = Path(manifest.workdir)
+    workdir = manifest.workdir if storage.is_remote(manifest.workdir) else Path(manifest.workdir)
     keys: dict[str, str] = {}
     plans: list[StagePlan] = []
     for node in graph.nodes.values():
@@ -141,30 +148,46 @@ def make_plan(graph: Graph, *, selected: list[str] | None = None, verify: bool =
         key = hash_obj(parts)[:KEY_LENGTH]
         keys[node.name] = key
         art_dir = artifact_dir(workdir, node.type, key)
-        art = Artifact(art_dir)
-        done: dict[int, dict[str, Any]] = {}
-        if art.is_complete() and _artifact_intact(art, node, verify):
-            status, reason = "cached", f"cache hit: same config, code and inputs ({key})"
-        else:
-            if node.stage.kind != "task":
-                done = completed_shards(art_dir, verify=verify)
-            prev = _previous_manifest(workdir, manifest.name, node.name)
-            if art.is_complete():
-                status, reason = "run", "cached artifact failed verification (altered or truncated); recomputing"
-            elif done:
-                status, reason = "resume", f"resuming: {len(done)} shard(s) already complete"
-            elif (art_dir / "scratch").is_dir():
-                status, reason = "resume", "resuming from scratch state of an interrupted run"
-            elif prev is None or "key_parts" not in prev:
-                status, reason = "run", "not computed before"
-            else:
-                status, reason = "run", explain_change(prev["key_parts"], parts, old_modules=prev.get("code_modules"),
-                                                       new_modules=modules)
+        status, reason, done = _status(node, key, parts, art_dir, workdir, manifest.name, verify, modules)
         plans.append(StagePlan(node, key, parts, art_dir, status, reason, done, modules))
     if selected is not None:
         chosen = set(selected)
         plans = [p for p in plans if p.name in chosen or p.status == "cached" or _needed_by(p, chosen, graph)]
     return plans
+
+
+def refresh(plan: StagePlan, graph: Graph, *, verify: bool = False) -> StagePlan:
+    """The same stage planned again against the store as it is now (another run may have
+    finished or advanced it meanwhile); keys are unchanged, nothing is re-fingerprinted."""
+    manifest = graph.manifest
+    workdir = manifest.workdir if storage.is_remote(manifest.workdir) else Path(manifest.workdir)
+    status, reason, done = _status(plan.node, plan.key, plan.key_parts, plan.art_dir, workdir, manifest.name,
+                                   verify, plan.code_modules)
+    return dataclasses.replace(plan, status=status, reason=reason, completed=done)
+
+
+def _status(node: Node, key: str, parts: dict[str, Any], art_dir, workdir, run_name: str,
+            verify: bool, modules: dict[str, str]) -> tuple[str, str, dict[int, dict[str, Any]]]:
+    art = Artifact(art_dir)
+    done: dict[int, dict[str, Any]] = {}
+    if art.is_complete() and _artifact_intact(art, node, verify):
+        status, reason = "cached", f"cache hit: same config, code and inputs ({key})"
+    else:
+        if node.stage.kind != "task":
+            done = completed_shards(art_dir, verify=verify)
+        prev = _previous_manifest(workdir, run_name, node.name)
+        if art.is_complete():
+            status, reason = "run", "cached artifact failed verification (altered or truncated); recomputing"
+        elif done:
+            status, reason = "resume", f"resuming: {len(done)} shard(s) already complete"
+        elif storage.is_dir(storage.join(art_dir, "scratch")):
+            status, reason = "resume", "resuming from scratch state of an interrupted run"
+        elif prev is None or "key_parts" not in prev:
+            status, reason = "run", "not computed before"
+        else:
+            status, reason = "run", explain_change(prev["key_parts"], parts, old_modules=prev.get("code_modules"),
+                                                   new_modules=modules)
+    return status, reason, done
 
 
 def _needed_by(plan: StagePlan, chosen: set[str], graph: Graph) -> bool:
@@ -173,15 +196,24 @@ def _needed_by(plan: StagePlan, chosen: set[str], graph: Graph) -> bool:
 
 
 def _artifact_intact(art: Artifact, node: Node, verify: bool) -> bool:
-    manifest = art.manifest
-    if node.stage.kind == "task":
-        from pipeline.artifact import file_checksums
+    """Every file and shard the manifest lists is there with its recorded size (and sha256 if
+    verify), and no stray shard: one listing per folder, no reads."""
+    from pipeline.artifact import file_checksums
 
-        if not verify:
-            return True
-        return file_checksums(art.files_dir) == manifest.get("files", {})
+    try:
+        manifest = art.manifest
+    except (OSError, ValueError):
+        return False
+    if node.stage.kind == "task":
+        recorded = manifest.get("files", {})
+        if verify:
+            return file_checksums(art.sub("files")) == recorded
+        present = storage.list_files(art.sub("files"), hidden=True)
+        return present == {rel: meta.get("bytes") for rel, meta in recorded.items()}
     shards = manifest.get("shards", [])
-    done = completed_shards(art.path, verify=verify)
-    return len(done) == len(shards) and all(
-        done.get(s["index"], {}).get("sha256") == s["sha256"] for s in shards
-    ) and art.num_shards() == len(shards)
+    if art.listed_shards() != {s["index"]: s["bytes"] for s in shards}:
+        return False
+    if verify:
+        done = completed_shards(art.loc, verify=True)
+        return all(done.get(s["index"], {}).get("sha256") == s["sha256"] for s in shards)
+    return True

@@ -86,7 +86,15 @@ class StageContext:
     inputs: dict[str, list["Artifact"]]
     seed: int | None = 0  # None for stages whose output must not depend on the manifest seed
     num_cpus: int = 1
-    workdir: Path | None = None
+    workdir: Path | str | None = None
+    # Where this stage's artifact lives (a path or an s3:// URI); default: out_dir's parent.
+    artifact_loc: str | None = None
+
+    def output(self) -> "Artifact":
+        """This stage's own artifact (map stages read their finished shards in finalize/summarize)."""
+        from pipeline.artifact import Artifact
+
+        return Artifact(self.artifact_loc or self.out_dir.parent)
 
     def input(self, role: str) -> "Artifact":
         arts = self.inputs.get(role) or []
