@@ -156,6 +156,8 @@ def test_plan_reasons_name_the_changed_file_library_and_field():
                  'numerics changed null -> {"dtype": "float32"}'):
         assert part in reason
     assert "unigram" not in reason
+    legacy = {"type": "augment", "code_version": "1", "config": {}, "inputs": {}, "fingerprint": {}, "seed": 0}
+    assert explain_change(legacy, {**legacy, "code": "b"}).startswith("made before code digests existed")
 
 
 @pytest.mark.parametrize("bad", ["0" * 15, "not-a-digest"])
