@@ -93,7 +93,9 @@ def explain_change(old: dict[str, Any], new: dict[str, Any], *, old_modules: dic
     reasons: list[str] = []
     if old.get("type") != new.get("type"):
         reasons.append(f"stage type changed {old.get('type')} -> {new.get('type')}")
-    if old.get("code") != new.get("code"):
+    if "code" not in old:
+        reasons.append("made before code digests existed (its code version was set by hand)")
+    elif old.get("code") != new.get("code"):
         files = describe_change(old_modules or {}, new_modules or {}) if old_modules and new_modules else []
         reasons.append(f"code changed: {', '.join(files)}" if files else "code changed")
     ol, nl = old.get("libraries", {}), new.get("libraries", {})
@@ -116,7 +118,7 @@ def explain_change(old: dict[str, Any], new: dict[str, Any], *, old_modules: dic
     for k in sorted(set(of) | set(nf)):
         if of.get(k) != nf.get(k):
             reasons.append(f"{k} changed" if k in of and k in nf else f"{k} {'added' if k in nf else 'removed'}")
-    known = {"type", "code", "libraries", "seed", "engine_format", "config", "inputs", "fingerprint"}
+    known = {"type", "code", "code_version", "libraries", "seed", "engine_format", "config", "inputs", "fingerprint"}
     for part in sorted((set(old) | set(new)) - known):  # parts added later (e.g. numerics)
         if old.get(part) != new.get(part):
             reasons.append(f"{part} changed {json.dumps(old.get(part))} -> {json.dumps(new.get(part))}")
