@@ -1,7 +1,8 @@
 """Cache keys and the plan: which stages are cached, which resume, which run, and why.
 
 key = sha256(stage type, code_version, engine format, canonical config minus throughput knobs,
-             keys of every upstream artifact, content hashes of outside files and model weights)
+             keys of every upstream artifact, content hashes of outside files and model weights,
+             and for model stages the resolved device kind and dtype (pipeline.devices))
 """
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from typing import Any
 from pipeline.artifact import Artifact, completed_shards
 from pipeline.graph import Graph, Node, external_artifact
 from pipeline.hashing import hash_obj
-from pipeline.stage import throughput_fields
+from pipeline.stage import unkeyed_fields
 
 ENGINE_FORMAT = "1"
 KEY_LENGTH = 20
@@ -42,8 +43,8 @@ class StagePlan:
 
 def key_parts_for(node: Node, upstream_keys: dict[str, str], seed: int = 0) -> dict[str, Any]:
     config = node.stage.config
-    semantic = config.model_dump(mode="json", exclude=throughput_fields(type(config)))
-    return {
+    semantic = config.model_dump(mode="json", exclude=unkeyed_fields(type(config)))
+    parts = {
         "type": node.type,
         "code_version": type(node.stage).code_version,
         "engine_format": ENGINE_FORMAT,
@@ -52,6 +53,10 @@ def key_parts_for(node: Node, upstream_keys: dict[str, str], seed: int = 0) -> d
         "inputs": {role: [upstream_keys[n] for n in names] for role, names in sorted(node.inputs.items())},
         "fingerprint": node.stage.fingerprint(),
     }
+    numerics = node.stage.numerics()
+    if numerics is not None:  # resolved device kind and dtype: they change the numbers
+        parts["numerics"] = numerics.as_dict()
+    return parts
 
 
 def artifacts_root(workdir: Path) -> Path:
@@ -75,6 +80,8 @@ def explain_change(old: dict[str, Any], new: dict[str, Any]) -> str:
         reasons.append(f"code version changed {old.get('code_version')} -> {new.get('code_version')}")
     if old.get("seed") != new.get("seed"):
         reasons.append(f"manifest seed changed {old.get('seed')} -> {new.get('seed')}")
+    if old.get("numerics") != new.get("numerics"):
+        reasons.append(f"device/dtype changed {_numerics(old)} -> {_numerics(new)}")
     if old.get("engine_format") != new.get("engine_format"):
         reasons.append("artifact format changed")
     oc, nc = old.get("config", {}), new.get("config", {})
@@ -90,6 +97,11 @@ def explain_change(old: dict[str, Any], new: dict[str, Any]) -> str:
         if of.get(k) != nf.get(k):
             reasons.append(f"{k} changed" if k in of and k in nf else f"{k} {'added' if k in nf else 'removed'}")
     return "; ".join(reasons) or "key changed"
+
+
+def _numerics(parts: dict[str, Any]) -> str:
+    n = parts.get("numerics")
+    return f"{n['device']}/{n['dtype']}" if n else "unrecorded"
 
 
 def _previous_key_parts(workdir: Path, run_name: str, stage_name: str) -> dict[str, Any] | None:

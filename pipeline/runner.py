@@ -10,8 +10,10 @@ from typing import Any
 from pipeline.artifact import write_json
 from pipeline.graph import Graph, build_graph, external_artifact
 from pipeline.lock import WorkdirLock
-from pipeline.manifest import Manifest, load_manifest
+from pipeline.errors import ManifestError
+from pipeline.manifest import Manifest, check_ray_address, load_manifest
 from pipeline.plan import StagePlan, make_plan
+from pipeline.stage import Problem
 
 
 def load_graph(manifest_path: str | Path, *, overrides: dict[str, str] | None = None,
@@ -36,6 +38,7 @@ def run_graph(graph: Graph, *, only: list[str] | None = None, start: str | None 
     from pipeline.executor import Executor, init_ray, update_alias
 
     manifest: Manifest = graph.manifest
+    _check_address(address)
     selected = graph.select(only=only, start=start, stop=stop) if (only or start or stop) else None
     workdir = Path(manifest.workdir)
     workdir.mkdir(parents=True, exist_ok=True)
@@ -46,6 +49,12 @@ def run_graph(graph: Graph, *, only: list[str] | None = None, start: str | None 
         dirs: dict[str, Path] = {ref: external_artifact(manifest, ref).path
                                  for node in graph.nodes.values() for ref in node.upstream() if ref.startswith("@")}
         executor = None
+        to_run = [p for p in plans if p.status != "cached"]
+        if to_run:
+            init_ray(address=address or manifest.ray.address, num_cpus=manifest.ray.num_cpus,
+                     temp_dir=_ray_temp_dir())
+            executor = Executor(graph, progress=_progress_factory(progress))
+            executor.check_placement(to_run)  # before any stage writes: an unplaceable run leaves nothing
         for plan in plans:
             dirs[plan.name] = plan.art_dir
             entry = {"name": plan.name, "type": plan.node.type, "key": plan.key,
@@ -57,11 +66,7 @@ def run_graph(graph: Graph, *, only: list[str] | None = None, start: str | None 
                              seconds=0.0)
                 log(f"[{plan.name}] cached ({plan.key})")
             else:
-                if executor is None:
-                    ray_cfg = manifest.ray
-                    init_ray(address=address or ray_cfg.address, num_cpus=ray_cfg.num_cpus,
-                             temp_dir=_ray_temp_dir())
-                    executor = Executor(graph, progress=_progress_factory(progress))
+                assert executor is not None
                 log(f"[{plan.name}] {'resuming' if plan.status == 'resume' else 'running'}: {plan.reason}")
                 result = executor.run_stage(plan, dirs)
                 nodes = sorted({s.get("node_id") for s in result.pop("shards") if s.get("node_id")})
@@ -77,6 +82,13 @@ def run_graph(graph: Graph, *, only: list[str] | None = None, start: str | None 
     if summary_json:
         write_json(Path(summary_json), {"run": manifest.name, "stages": summary})
     return summary
+
+
+def _check_address(address: str | None) -> None:
+    try:
+        check_ray_address(address)
+    except ValueError as e:
+        raise ManifestError([Problem("--address", str(e))]) from None
 
 
 def _ray_temp_dir() -> Path | None:

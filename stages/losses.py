@@ -85,7 +85,7 @@ def combine_teachers(logits: Sequence["torch.Tensor"], *, mode: str = "mean",
         return stacked.mean(dim=0)
     if weights is None or len(weights) != len(logits):
         raise ValueError(f"ensemble mode 'weighted' needs {len(logits)} weights, got {weights!r}")
-    w = torch.tensor([float(x) for x in weights], dtype=torch.float32)
+    w = torch.tensor([float(x) for x in weights], dtype=torch.float32, device=stacked.device)
     if float(w.sum()) <= 0:
         raise ValueError("ensemble weights must sum to a positive number")
     w = w / w.sum()

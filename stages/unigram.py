@@ -10,13 +10,13 @@ from __future__ import annotations
 from collections import Counter
 from typing import Any
 
-from pipeline.stage import InputRole, Problem, StageConfig, StageContext, TaskStage
+from pipeline.stage import InputRole, Problem, ResourceConfig, StageContext, TaskStage
 
 TABLE_FILE = "unigram.parquet"
 SKIP_TAGS = frozenset({"SPACE"})
 
 
-class UnigramConfig(StageConfig):
+class UnigramConfig(ResourceConfig):
     lowercase: bool = False
 
 
