@@ -25,7 +25,6 @@ class SpmConfig(ResourceConfig):
 class SpmStage(TaskStage):
     type = "spm"
     Config = SpmConfig
-    code_version = "1"
     inputs = {"data": InputRole(required=True, doc="transfer set shards")}
     config: SpmConfig
 
