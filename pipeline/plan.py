@@ -106,8 +106,6 @@ def explain_change(old: dict[str, Any], new: dict[str, Any], *, old_modules: dic
             reasons.append(f"{lib} {ol.get(lib, 'not used')} -> {nl.get(lib, 'not used')}")
     if old.get("seed") != new.get("seed"):
         reasons.append(f"manifest seed changed {old.get('seed', 'unused')} -> {new.get('seed', 'unused')}")
-    if old.get("numerics") != new.get("numerics"):
-        reasons.append(f"device/dtype changed {_numerics(old)} -> {_numerics(new)}")
     if old.get("engine_format") != new.get("engine_format"):
         reasons.append("artifact format changed")
     oc, nc = old.get("config", {}), new.get("config", {})
@@ -122,16 +120,11 @@ def explain_change(old: dict[str, Any], new: dict[str, Any], *, old_modules: dic
     for k in sorted(set(of) | set(nf)):
         if of.get(k) != nf.get(k):
             reasons.append(f"{k} changed" if k in of and k in nf else f"{k} {'added' if k in nf else 'removed'}")
-    known = {"type", "code", "libraries", "seed", "numerics", "engine_format", "config", "inputs", "fingerprint"}
+    known = {"type", "code", "libraries", "seed", "engine_format", "config", "inputs", "fingerprint"}
     for part in sorted((set(old) | set(new)) - known):  # parts added later (e.g. numerics)
         if old.get(part) != new.get(part):
             reasons.append(f"{part} changed {json.dumps(old.get(part))} -> {json.dumps(new.get(part))}")
     return "; ".join(reasons) or "key changed"
-
-
-def _numerics(parts: dict[str, Any]) -> str:
-    n = parts.get("numerics")
-    return f"{n['device']}/{n['dtype']}" if n else "unrecorded"
 
 
 def _previous_manifest(workdir, run_name: str, stage_name: str) -> dict[str, Any] | None:
