@@ -56,7 +56,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     from pipeline.runner import plan_graph
 
     graph = _graph(args)
-    for plan in plan_graph(graph, only=args.only, start=args.start, stop=args.stop):
+    for plan in plan_graph(graph, only=args.only, start=args.start, stop=args.stop, verify=args.verify):
         print(f"{plan.name:<20} {plan.status:<7} {plan.node.type:<10} {plan.key}  {plan.reason}")
     return 0
 
@@ -227,6 +227,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("plan", help="show what would run and why")
     _add_manifest_args(p)
+    p.add_argument("--verify", action="store_true", help="re-hash cached shards and files (default: trust stored digests)")
     p.set_defaults(func=cmd_plan)
 
     p = sub.add_parser("inspect", help="schema, rows, metadata and first rows of an artifact")
