@@ -56,6 +56,12 @@ def cmd_plan(args: argparse.Namespace) -> int:
     from pipeline.runner import plan_graph
 
     graph = _graph(args)
+    if args.estimate:
+        from pipeline.estimate import estimate_graph, format_estimates
+
+        estimates = estimate_graph(graph, probe_rows=args.probe_rows, log=lambda m: print(m, file=sys.stderr))
+        print(format_estimates(estimates, gpu_hour_cost=args.gpu_hour_cost))
+        return 0
     for plan in plan_graph(graph, only=args.only, start=args.start, stop=args.stop, verify=args.verify):
         print(f"{plan.name:<20} {plan.status:<7} {plan.node.type:<10} {plan.key}  {plan.reason}")
     return 0
@@ -102,6 +108,10 @@ def cmd_inspect(args: argparse.Namespace) -> int:
             print(f"input {role}: " + ", ".join(f"{i['stage']} ({i['key']})" for i in ins))
         if info.get("summary"):
             print(f"summary: {json.dumps(info['summary'], sort_keys=True)}")
+        lm = (info.get("summary") or {}).get("lm")
+        if lm:
+            print(f"token distributions: mode {lm['mode']}, k {lm['k']}, {lm['tokens']} tokens, "
+                  f"{lm['bytes_per_token']} bytes/token on disk, KL(full || rebuilt) {lm['kl_full_to_rebuilt']} nats")
     if art.num_shards():
         print(f"rows: {info.get('rows', '?')} in {art.num_shards()} shard(s)")
         print("schema:")
@@ -184,6 +194,7 @@ def cmd_schema(args: argparse.Namespace) -> int:
 
 
 def cmd_stages(args: argparse.Namespace) -> int:
+    from pipeline.code_identity import CodeIdentity
     from pipeline.registry import get_stage_class, stage_types
     from pipeline.stage import throughput_fields
 
@@ -193,7 +204,7 @@ def cmd_stages(args: argparse.Namespace) -> int:
         except KeyError:
             raise KdpipeError(f"unknown stage type {type_key!r}; known: {', '.join(stage_types())}") from None
         doc = (cls.__module__ and sys.modules[cls.__module__].__doc__ or cls.__doc__ or "").strip()
-        print(f"{type_key} ({cls.kind} stage, code version {cls.code_version})")
+        print(f"{type_key} ({cls.kind} stage, code digest {CodeIdentity(type_key).digest})")
         if args.type:
             print("\n" + doc + "\n")
         else:
@@ -228,6 +239,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("plan", help="show what would run and why")
     _add_manifest_args(p)
     p.add_argument("--verify", action="store_true", help="re-hash cached shards and files (default: trust stored digests)")
+    p.add_argument("--estimate", action="store_true", help="probe each stage on a sample: rows, bytes, time, cost")
+    p.add_argument("--probe-rows", type=int, default=256, help="sample rows per probed stage (--estimate)")
+    p.add_argument("--gpu-hour-cost", type=float, help="price of one GPU (or machine) hour, for --estimate")
     p.set_defaults(func=cmd_plan)
 
     p = sub.add_parser("inspect", help="schema, rows, metadata and first rows of an artifact")
@@ -258,11 +272,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _extra_commands() -> list:
-    """Commands that live beside the stages they serve (report, predict, verify)."""
+    """Commands that live beside the code they serve (report, predict, verify, keys, code-digest)."""
     import importlib
 
     out = []
-    for module in ("pipeline.verify", "pipeline.report", "pipeline.predict"):
+    for module in ("pipeline.verify", "pipeline.report", "pipeline.predict", "pipeline.key_table",
+                   "pipeline.code_identity", "kd.audit.command"):
         try:
             out.append(importlib.import_module(module).add_parser)
         except ModuleNotFoundError as e:

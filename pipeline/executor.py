@@ -67,7 +67,7 @@ def _provenance(plan: StagePlan, graph: Graph) -> dict[str, str]:
         "kdpipe.stage_name": plan.name,
         "kdpipe.run": graph.manifest.name,
         "kdpipe.key": plan.key,
-        "kdpipe.code_version": type(plan.node.stage).code_version,
+        "kdpipe.code": plan.key_parts["code"],
         "kdpipe.config": json.dumps(plan.node.stage.config.model_dump(mode="json"), sort_keys=True),
         "kdpipe.inputs": json.dumps(plan.key_parts["inputs"], sort_keys=True),
     }
@@ -91,7 +91,7 @@ def make_context(plan: StagePlan, graph: Graph, upstream_dirs: dict[str, Any]) -
         out_dir=local / "files",
         scratch_dir=local / "scratch",
         inputs=inputs,
-        seed=graph.manifest.seed,
+        seed=graph.manifest.seed if plan.node.stage.uses_seed() else None,
         num_cpus=max(1, int(res.get("num_cpus", 1))),
         workdir=storage.normalize(workdir) if storage.is_remote(workdir) else Path(workdir).resolve(),
         artifact_loc=art_loc,
@@ -102,10 +102,12 @@ class _ShardWorkerImpl:
     """Ray actor body for map stages: setup once, then one shard per call."""
 
     def __init__(self, stage: Stage, ctx: StageContext, provenance: dict[str, str], cwd: str):
+        start = time.perf_counter()
         _enter_worker(cwd, ctx.num_cpus)
         self.stage, self.ctx = stage, ctx
         stage.setup(ctx)
         self.metadata = {**provenance, **{f"kdpipe.{k}": v for k, v in stage.metadata().items()}}
+        self.setup_seconds: float | None = round(time.perf_counter() - start, 4)  # reported with the first shard
 
     def process(self, index: int, input_path: str, art_dir: str) -> dict[str, Any]:
         import ray
@@ -117,6 +119,8 @@ class _ShardWorkerImpl:
         stats = write_shard(art_dir, index, out, self.metadata)
         stats.update(input_rows=table.num_rows, compute_seconds=round(compute, 4),
                      node_id=ray.get_runtime_context().get_node_id())
+        if self.setup_seconds is not None:
+            stats["setup_seconds"], self.setup_seconds = self.setup_seconds, None
         return stats
 
 
@@ -206,7 +210,7 @@ class Executor:
             extra, files = result["summary"], result["files"]
             shards, ran = [], 1
         seconds = time.perf_counter() - start
-        self._write_manifest(plan, shards, extra, files, seconds, upstream_dirs)
+        self._write_manifest(plan, shards, extra, files, seconds, upstream_dirs, timing=_timing(shards))
         return {"shards_run": ran, "shards_total": len(shards) if shards else (1 if stage.kind == "task" else 0),
                 "rows": sum(s["rows"] for s in shards), "seconds": round(seconds, 3), "shards": shards}
 
@@ -334,15 +338,16 @@ class Executor:
         return self._merge(done, results), len(results)
 
     def _write_manifest(self, plan: StagePlan, shards: list[dict[str, Any]], extra: dict[str, Any],
-                        files: dict[str, Any], seconds: float, upstream_dirs: dict[str, Any]) -> None:
+                        files: dict[str, Any], seconds: float, upstream_dirs: dict[str, Any],
+                        timing: dict[str, Any] | None = None) -> None:
         manifest = {
             "type": plan.node.type,
             "key": plan.key,
             "run": self.graph.manifest.name,
             "stage_name": plan.name,
-            "code_version": type(plan.node.stage).code_version,
             "config": plan.node.stage.config.model_dump(mode="json"),
             "key_parts": plan.key_parts,
+            "code_modules": plan.code_modules,  # lets a later plan name the changed file
             "inputs": {role: [{"stage": n, "key": storage.basename(upstream_dirs[n]), "path": str(upstream_dirs[n])}
                               for n in names] for role, names in plan.node.inputs.items()},
             "rows": sum(s["rows"] for s in shards),
@@ -350,9 +355,23 @@ class Executor:
             "files": files,
             "summary": extra,
             "seconds": round(seconds, 3),
+            "timing": timing or {},
             "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         }
         storage.write_json(storage.join(_resolved(plan.art_dir), MANIFEST), manifest)
+
+
+def _timing(shards: list[dict[str, Any]]) -> dict[str, Any]:
+    """Where the stage's time went, summed over the shards this call ran (resumed shards carry
+    no compute time): the stage's own work, the Parquet write + marker, and each actor's setup
+    (model load); the rest of the wall time is process start-up, hand-off and scheduling."""
+    timed = [s for s in shards if "compute_seconds" in s]
+    if not timed:
+        return {}
+    setups = [s["setup_seconds"] for s in timed if "setup_seconds" in s]
+    return {"shards_timed": len(timed), "compute_seconds": round(sum(s["compute_seconds"] for s in timed), 3),
+            "write_seconds": round(sum(s["seconds"] for s in timed), 3),
+            "actors": len(setups), "slowest_setup_seconds": max(setups, default=0.0)}
 
 
 def update_alias(workdir, run_name: str, stage_name: str, art_dir) -> None:

@@ -206,7 +206,7 @@ class AugmentStage(MapStage):
 
     type = "augment"
     Config = AugmentConfig
-    code_version = "1"
+    seeded = True
     inputs = {"data": InputRole(doc="a pos_tag stage"),
               "table": InputRole(kind="files", doc="a unigram stage")}
 
@@ -241,7 +241,7 @@ class AugmentStage(MapStage):
         return [*LINEAGE, *texts, *rest]
 
     def setup(self, ctx: StageContext) -> None:
-        from stages.unigram import load_unigram_table
+        from kd.unigram_table import load_unigram_table
 
         self.table = load_unigram_table(ctx.input("table").files_dir)
         self.sample_rng = SampleRng()
