@@ -119,6 +119,6 @@ def _ray_temp_dir() -> Path | None:
 
 
 def plan_graph(graph: Graph, *, only: list[str] | None = None, start: str | None = None,
-               stop: str | None = None) -> list[StagePlan]:
+               stop: str | None = None, verify: bool = False) -> list[StagePlan]:
     selected = graph.select(only=only, start=start, stop=stop) if (only or start or stop) else None
-    return make_plan(graph, selected=selected)
+    return make_plan(graph, selected=selected, verify=verify)
