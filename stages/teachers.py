@@ -103,11 +103,57 @@ def read_config(local: Path) -> dict[str, Any]:
 
 
 def label_names(config: dict[str, Any]) -> list[str]:
-    """Label names in index order from a config's id2label (keys are strings in JSON)."""
+    """Label names in index order from a config's id2label (keys are strings in JSON, ints in a
+    loaded PretrainedConfig). The one parser of id2label in kdpipe."""
     id2label = config.get("id2label") or {}
     if not id2label:
         return [f"LABEL_{i}" for i in range(int(config.get("num_labels", 2)))]
     return [str(id2label.get(str(i), id2label.get(i, f"LABEL_{i}"))) for i in range(len(id2label))]
+
+
+PLACEHOLDER_RE = re.compile(r"^LABEL_\d+$")
+
+
+def placeholder_names(names: list[str]) -> bool:
+    """transformers' default names (LABEL_0, LABEL_1, ...): they carry no meaning, only a position."""
+    return bool(names) and all(PLACEHOLDER_RE.match(str(n)) for n in names)
+
+
+class LabelOrderError(ValueError):
+    """A teacher's label names cannot be matched with the data's."""
+
+
+def label_order(teacher: list[str], target: list[str] | None, *, label_map: dict[str, str] | None = None,
+                teacher_name: str = "teacher") -> list[int]:
+    """For each of the `target` (data) labels in order, the index of the teacher's logit for it:
+    `logits[:, order]` puts the teacher's logits into the data's order. Matching is by name
+    (after `label_map`, teacher name -> data name). Placeholder names (LABEL_i) without a map
+    keep their positions. Without target names the teacher's order is kept."""
+    mapping = dict(label_map or {})
+    unknown = sorted(set(mapping) - set(teacher))
+    if unknown:
+        raise LabelOrderError(f"label_map names {unknown}, which are not labels of teacher {teacher_name!r} "
+                              f"{teacher}; its keys are the teacher's label names")
+    mapped = [mapping.get(n, n) for n in teacher]
+    identity = list(range(len(teacher)))
+    if len(set(mapped)) != len(mapped):
+        raise LabelOrderError(f"teacher {teacher_name!r} labels {teacher} map to {mapped}, which repeats a name; "
+                              "map each teacher label to a different data label")
+    if not target:
+        return identity
+    target = [str(n) for n in target]
+    if sorted(mapped) == sorted(target):
+        return [mapped.index(n) for n in target]
+    if len(teacher) == len(target) and placeholder_names(teacher) and not mapping:
+        return identity
+    if len(teacher) != len(target):
+        raise LabelOrderError(f"teacher {teacher_name!r} has {len(teacher)} labels {teacher} but the data has "
+                              f"{len(target)} label_names {target}; use a teacher trained on these labels")
+    example = ", ".join(f"{t}: {d}" for t, d in zip(teacher, target))
+    raise LabelOrderError(
+        f"teacher {teacher_name!r} has labels {teacher} but the data's label_names are {target}; if they are "
+        f"the same classes, say which is which in the label stage's config, e.g. `label_map: {{{example}}}` "
+        "(teacher name: data name; check each pair), else use a teacher trained on these labels")
 
 
 def check_teacher(path: str, *, revision: str | None, task: Task, trust_remote_code: bool,

@@ -5,9 +5,11 @@ artifacts, optional and possibly several: without them this is the no-KD baselin
 (an `spm` artifact, optional), `dev` (optional, for epoch selection; never the test set).
 
 Streaming: one data shard is in memory at a time. Shards are visited in a seeded order per epoch,
-rows within a shard are ordered by a hash of (seed, epoch, id), and teacher logits are joined to
-the shard by id (the label shard with the same index is tried first, then every label shard is
-scanned), so the result depends neither on worker count nor on shard layout.
+rows within a shard are ordered by a hash of (seed, epoch, id), and a batch never crosses a shard
+boundary. Teacher logits are joined to the shard by id (the label shard with the same index is
+tried first, then every label shard is scanned). So the result does not depend on the worker
+count nor on how the label artifacts are sharded, but it does depend on the `data` artifact's
+shard layout (its source's `rows_per_shard`): which rows share a batch changes with it.
 
 Gold labels on augmented rows (`aug_index >= 0`) are ignored when a teacher is present, as in
 Tang et al. 2019: an augmented sentence may no longer carry its parent's label, and the teacher's
@@ -30,7 +32,7 @@ from pydantic import Field
 
 from pipeline.artifact import write_json
 from pipeline.hashing import hash_obj, hash_tree
-from pipeline.stage import InputRole, Problem, StageConfig, StageContext, TaskStage, throughput
+from pipeline.stage import InputRole, Problem, StageConfig, StageContext, TaskStage, throughput, throughput_fields
 from stages.train_data import ShardStream, label_sources, read_eval_table, resolve_label_names
 
 
@@ -98,7 +100,7 @@ def derive_seed(*parts: Any) -> int:
 class TrainStage(TaskStage):
     type = "train"
     Config = TrainConfig
-    code_version = "1"
+    seeded = True
     inputs = {
         "data": InputRole(required=True, doc="transfer set with id, text and gold label"),
         "labels": InputRole(required=False, many=True, doc="teacher label artifact(s)"),
@@ -106,6 +108,21 @@ class TrainStage(TaskStage):
         "dev": InputRole(required=False, doc="dev set for epoch selection"),
     }
     config: TrainConfig
+    model_folder = "student"
+
+    @classmethod
+    def report_section(cls, *, name: str, files_dir: Path, manifest: dict[str, Any]):
+        """One student row (dev accuracy from training, no speed) and its training curves."""
+        from pipeline.stage import ReportSection
+
+        m = json.loads((files_dir / "metrics.json").read_text())
+        row = {"model": name, "role": "student", "type": m.get("student"), "params": m.get("parameters"),
+               "size_bytes": sum(f.stat().st_size for f in (files_dir / "student").rglob("*") if f.is_file()),
+               "metric": "dev accuracy" if m.get("dev_accuracy") is not None else "",
+               "value": m.get("dev_accuracy"), "sent/s": None, "speed-up": None,
+               "labels": ", ".join(lab.get("stage") or lab["key"] for lab in m.get("labels", [])) or "gold only"}
+        curves = files_dir / "curves.png"
+        return ReportSection([row], [(f"Training curves: {name}", curves)] if curves.is_file() else [])
 
     # --- planning --------------------------------------------------------------------------
     def tokenizer_kind(self, has_spm_input: bool) -> str:
@@ -152,6 +169,7 @@ class TrainStage(TaskStage):
         return problems
 
     def fingerprint(self) -> dict[str, str]:
+        """The tokenizer's and the `architecture_from` model's files, when given."""
         out = {}
         for name, path in (("tokenizer", self.config.tokenizer.path), ("architecture", self.config.student.architecture_from)):
             if path and Path(path).exists():
@@ -170,7 +188,7 @@ class TrainStage(TaskStage):
         labels = ctx.inputs.get("labels") or []
         dev = ctx.optional_input("dev")
         sources = label_sources(labels)
-        label_names = resolve_label_names(data, sources, cfg.label_column)
+        label_names = resolve_label_names(data, sources, cfg.label_column, cfg.task)
         num_labels = len(label_names)
         temperature = cfg.temperature or next((s.temperature for s in sources if s.temperature), 1.0)
         if cfg.ensemble.mode == "weighted" and len(cfg.ensemble.weights or []) != sum(len(s.columns) for s in sources):
@@ -192,7 +210,7 @@ class TrainStage(TaskStage):
         stream = ShardStream(data=data, sources=sources, label_names=label_names, cfg=cfg,
                              use_gold_on_augmented=cfg.gold_on_augmented or not sources)
         total_steps = cfg.epochs * stream.batches_per_epoch()
-        state = _Resume(ctx.scratch_dir, hash_obj([cfg.model_dump(mode="json", exclude={"num_cpus"}), seed,
+        state = _Resume(ctx.scratch_dir, hash_obj([cfg.model_dump(mode="json", exclude=throughput_fields(TrainConfig)), seed,
                                                    [a.key for a in labels], data.key]))
         start_epoch, step, history, best = state.restore(module, optimizer)
         resumed_from = start_epoch if start_epoch else None
@@ -312,7 +330,7 @@ def _loss(cfg: TrainConfig, logits, gold, teacher, temperature: float, progress:
 
 
 def _dev_metrics(student, table: dict[str, Any]) -> dict[str, float]:
-    from stages.evaluate import accuracy, macro_f1, token_f1
+    from kd.metrics import accuracy, macro_f1, token_f1
 
     if student.task == "token_classification":  # epoch selection by token accuracy
         pred = student.predict(table["texts"])
