@@ -6,8 +6,9 @@ sample, on as many torch threads as one of their workers gets; task stages run o
 are scaled linearly by rows (a rough guide: training time also depends on epochs and early
 stopping). From the probe: output rows (input rows x the sample's growth), output bytes
 (the sample written as zstd Parquet, per row), and the wall time at the configured concurrency:
-setup + actor start + rows x seconds-per-row / workers, where workers = `concurrency` or the CPUs
-(GPUs) available over each worker's share, capped by the shard count. Cached stages cost nothing and
+worker start (its imports, timed now in a fresh process) + setup + rows x seconds-per-row /
+workers, where workers = `concurrency` or the CPUs (GPUs) available over each worker's share,
+capped by the shard count. Cached stages cost nothing and
 report their real rows and bytes. Every probe writes only under a temporary folder: the artifact
 store is left byte-identical."""
 from __future__ import annotations
@@ -27,9 +28,20 @@ from pipeline.plan import make_plan
 from pipeline.stage import StageContext
 from pipeline.testing import make_artifact
 
-# Spawning a Ray actor and importing torch/transformers in it (ENVIRONMENT.md: 7-10 s with the
-# model load, which the probe measures itself).
-ACTOR_START_S = 4.0
+# What a new Ray worker imports before a model stage's setup; timed in a fresh process at estimate
+# time, so the figure follows the machine's current load (ENVIRONMENT.md: 7-10 s per actor with
+# the model load, which the probe measures itself).
+WORKER_IMPORTS = ("ray", "pyarrow.parquet", "torch", "transformers")
+
+
+def worker_start_seconds() -> float:
+    import subprocess
+    import sys
+
+    start = time.perf_counter()
+    subprocess.run([sys.executable, "-c", "import " + ", ".join(WORKER_IMPORTS)], check=False,
+                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=600)
+    return time.perf_counter() - start
 
 
 @dataclasses.dataclass
@@ -95,6 +107,7 @@ def estimate_graph(graph: Graph, *, probe_rows: int = 256, cpus: float | None = 
     if gpus is None:
         gpus = float(_cuda_count())
     plans = {p.name: p for p in make_plan(graph)}
+    actor_start: list[float] = []  # timed once, when the first map stage is probed
     probes: dict[str, _Probe] = {}
     out: list[StageEstimate] = []
     tmp = Path(tempfile.mkdtemp(prefix="kdpipe-estimate-"))
@@ -116,7 +129,10 @@ def estimate_graph(graph: Graph, *, probe_rows: int = 256, cpus: float | None = 
                 continue
             log(f"[{name}] probing ...")
             try:
-                est, probe = _probe_stage(node, manifest, probes, tmp / name, probe_rows=probe_rows, cpus=cpus, gpus=gpus)
+                if node.stage.kind == "map" and not actor_start:
+                    actor_start.append(worker_start_seconds())
+                est, probe = _probe_stage(node, manifest, probes, tmp / name, probe_rows=probe_rows, cpus=cpus,
+                                          gpus=gpus, actor_start=actor_start[0] if actor_start else 0.0)
             except Exception as e:  # a probe on a sample may fail where the full run would not
                 out.append(StageEstimate(name, node.type, "not probed", note=f"probe failed: {type(e).__name__}: {e}"[:300]))
                 continue
@@ -136,13 +152,13 @@ def _cuda_count() -> int:
 
 
 def _probe_stage(node, manifest, probes: dict[str, _Probe], tmp: Path, *, probe_rows: int, cpus: float,
-                 gpus: float) -> tuple[StageEstimate, _Probe]:
+                 gpus: float, actor_start: float) -> tuple[StageEstimate, _Probe]:
 
     stage = type(node.stage)(config=node.stage.config)  # fresh: setup() loads models; keep them off the graph
     inputs = {role: [probes[n].art for n in names] for role, names in node.inputs.items()}
     threads = max(1, int(stage.resources().get("num_cpus", 1)))
     ctx = StageContext(stage_name=node.name, out_dir=tmp / "files", scratch_dir=tmp / "scratch", inputs=inputs,
-                       seed=manifest.seed, num_cpus=threads, workdir=tmp)
+                       seed=manifest.seed if stage.uses_seed() else None, num_cpus=threads, workdir=tmp)
     ctx.out_dir.mkdir(parents=True)
     ctx.scratch_dir.mkdir(parents=True)
     gpu_share = stage.resources().get("num_gpus", 0.0)
@@ -178,8 +194,9 @@ def _probe_stage(node, manifest, probes: dict[str, _Probe], tmp: Path, *, probe_
             workers = _workers(stage, data.shards, cpus, gpus)
             # Shards go to workers whole: the busiest worker takes ceil(shards / workers) of them.
             busiest = math.ceil(data.shards / workers) / data.shards
-            seconds = setup_s + ACTOR_START_S + data.rows * busiest * per_row_s
-            note = f"{per_row_s * 1000:.2f} ms/row on {threads} thread(s), setup {setup_s:.1f} s, probe {sample_in.num_rows} rows"
+            seconds = actor_start + setup_s + data.rows * busiest * per_row_s
+            note = (f"{per_row_s * 1000:.2f} ms/row on {threads} thread(s), worker start {actor_start:.1f} s, "
+                    f"setup {setup_s:.1f} s, probe {sample_in.num_rows} rows")
             return (StageEstimate(node.name, node.type, "probed", rows, out_bytes, round(seconds, 1), workers,
                                   gpu_share, note), _Probe(art, rows, data.shards))
         # task: run on sampled inputs, scale by the main input's rows

@@ -111,6 +111,10 @@ def audit_label_artifact(label_dir: str | Path, *, data_dir: str | Path | None =
             "count": int(len(issues)), "share": round(len(issues) / len(rows), 4),
             "top": [{"id": ids[r], "text": texts[r], "gold": names[gold_all[r]], "teacher": names[pred[r]],
                      "p_gold": round(float(probs[r, gold_all[r]]), 4)} for r in issues[:top]]}
+        if report["gold"]["accuracy"] < 0.9 and len(issues):
+            report["notes"].append(f"teacher accuracy {report['gold']['accuracy']}: confident learning flags rows where "
+                                   "the teacher confidently disagrees with gold, so with a teacher this weak many flags "
+                                   "are teacher errors; read them as rows worth a look, not as wrong gold labels")
         overlap = _teacher_overlap(art, {ids[r] for r in rows})
         if overlap:
             report["teacher_training_overlap"] = overlap

@@ -62,7 +62,9 @@ def plot_reliability(report: dict[str, Any], out: Path) -> list[tuple[str, str]]
     width = 1.0 / cal["n_bins"]
     ax.bar([b["lo"] for b in bins], [b["accuracy"] for b in bins], width=width, align="edge",
            edgecolor="black", color="#4c72b0", label="accuracy in bin")
-    ax.plot([b["confidence"] for b in bins], [b["accuracy"] for b in bins], "o", color="#dd8452", label="mean confidence")
+    # The gap between a bar's top (accuracy) and its marker (mean confidence) is what ECE averages.
+    ax.plot([(b["lo"] + b["hi"]) / 2 for b in bins], [b["confidence"] for b in bins], "_", markersize=14,
+            markeredgewidth=3, color="#c44e52", label="mean confidence in bin")
     ax.plot([0, 1], [0, 1], "--", color="gray", label="perfect calibration")
     ax.set_xlim(0, 1)
     ax.set_ylim(0, 1)
