@@ -148,9 +148,15 @@ def build_graph(manifest: Manifest) -> Graph:
 
 def external_artifact(manifest: Manifest, ref: str):
     """`@RUN/STAGE`: an artifact another manifest already produced in the same workdir."""
-    from pipeline.artifact import Artifact
+    from pipeline import storage
+    from pipeline.artifact import Artifact, read_alias
 
     run, _, stage = ref[1:].partition("/")
+    found = read_alias(manifest.workdir, run, stage)
+    if found is not None:
+        return found
+    if storage.is_remote(manifest.workdir):
+        return Artifact(storage.join(manifest.workdir, "runs", run, stage))  # absent: not complete
     return Artifact((Path(manifest.workdir) / "runs" / run / stage).resolve())
 
 
@@ -242,6 +248,10 @@ def _check_kinds_and_columns(graph: Graph, problems: list[Problem]) -> None:
 
 
 def _check_workdir(manifest: Manifest, problems: list[Problem]) -> None:
+    from pipeline import storage
+
+    if storage.is_remote(manifest.workdir):
+        return  # credentials and bucket are checked by the first write, with the store's own error
     workdir = Path(manifest.workdir)
     probe = workdir
     while not probe.exists() and probe != probe.parent:

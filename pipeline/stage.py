@@ -84,9 +84,17 @@ class StageContext:
     out_dir: Path
     scratch_dir: Path
     inputs: dict[str, list["Artifact"]]
-    seed: int = 0
+    seed: int | None = 0  # None for stages whose output must not depend on the manifest seed
     num_cpus: int = 1
-    workdir: Path | None = None
+    workdir: Path | str | None = None
+    # Where this stage's artifact lives (a path or an s3:// URI); default: out_dir's parent.
+    artifact_loc: str | None = None
+
+    def output(self) -> "Artifact":
+        """This stage's own artifact (map stages read their finished shards in finalize/summarize)."""
+        from pipeline.artifact import Artifact
+
+        return Artifact(self.artifact_loc or self.out_dir.parent)
 
     def input(self, role: str) -> "Artifact":
         arts = self.inputs.get(role) or []
@@ -105,8 +113,10 @@ class Stage:
     type: ClassVar[str]
     kind: ClassVar[Literal["source", "map", "task"]]
     Config: ClassVar[type[StageConfig]]
-    # Bump when the stage's output for the same config and inputs changes.
-    code_version: ClassVar[str] = "1"
+    # Whether the manifest's global `seed` can change this stage's output. Only then does it
+    # enter the cache key and reach the stage as `ctx.seed` (None otherwise). The code itself
+    # needs no version: its digest enters the key (pipeline/code_identity.py).
+    seeded: ClassVar[bool] = False
     inputs: ClassVar[dict[str, InputRole]] = {}
     # Ray resources per worker; model stages raise this.
     default_num_cpus: ClassVar[float] = 1
@@ -136,6 +146,11 @@ class Stage:
         """Checks that need upstream facts (e.g. the teacher's label count vs the data's label
         names). A Problem whose loc starts with 'stages[' points at the stage that must change."""
         return []
+
+    def uses_seed(self) -> bool:
+        """True when the manifest seed changes this stage's output (override when a config
+        field decides it; its docstring's first line then appears in the key table)."""
+        return self.seeded
 
     def fingerprint(self) -> dict[str, str]:
         """Content hashes of everything outside the store the output depends on

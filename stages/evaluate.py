@@ -77,7 +77,6 @@ class EvaluateConfig(StageConfig):
 class EvaluateStage(TaskStage):
     type = "evaluate"
     Config = EvaluateConfig
-    code_version = "1"
     inputs = {
         "data": InputRole(required=True, doc="gold artifact (dev or test)"),
         "models": InputRole(required=True, many=True, kind="files", doc="train and/or checkpoint artifacts"),
@@ -104,6 +103,7 @@ class EvaluateStage(TaskStage):
         return problems
 
     def fingerprint(self) -> dict[str, str]:
+        """The teacher checkpoint's files, when `teacher_model` is given."""
         from pipeline.hashing import hash_tree
 
         path = self.config.teacher_model

@@ -88,7 +88,7 @@ class FinetuneConfig(StageConfig):
 class FinetuneStage(TaskStage):
     type = "finetune"
     Config = FinetuneConfig
-    code_version = "1"
+    seeded = True
     inputs = {
         "data": InputRole(doc="labeled training rows"),
         "dev": InputRole(required=False, doc="labeled rows for early stopping and dev accuracy"),
@@ -146,6 +146,7 @@ class FinetuneStage(TaskStage):
         return problems
 
     def fingerprint(self) -> dict[str, str]:
+        """The base model's files (weights, config, tokenizer), or its hub id + revision."""
         source, _ = self.model_source()
         name = f"base model {self.config.base_model}"
         if source and Path(source).is_dir():

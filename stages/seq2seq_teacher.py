@@ -344,7 +344,7 @@ def check_columns(input_columns: dict, role: str, wanted: dict[str, str]) -> lis
 class Seq2SeqTeacherStage(TaskStage):
     type = "seq2seq_teacher"
     Config = Seq2SeqTeacherConfig
-    code_version = "2"
+    seeded = True
     inputs = {"data": InputRole(doc="parallel corpus: id, source and target columns")}
 
     config: Seq2SeqTeacherConfig

@@ -98,7 +98,7 @@ def derive_seed(*parts: Any) -> int:
 class TrainStage(TaskStage):
     type = "train"
     Config = TrainConfig
-    code_version = "1"
+    seeded = True
     inputs = {
         "data": InputRole(required=True, doc="transfer set with id, text and gold label"),
         "labels": InputRole(required=False, many=True, doc="teacher label artifact(s)"),
@@ -152,6 +152,7 @@ class TrainStage(TaskStage):
         return problems
 
     def fingerprint(self) -> dict[str, str]:
+        """The tokenizer's and the `architecture_from` model's files, when given."""
         out = {}
         for name, path in (("tokenizer", self.config.tokenizer.path), ("architecture", self.config.student.architecture_from)):
             if path and Path(path).exists():

@@ -155,7 +155,7 @@ def word_kd_loss(model, batch: list[dict[str, Any]], schedule: TrainSchedule, al
 class TrainSeq2SeqStage(TaskStage):
     type = "train_seq2seq"
     Config = TrainSeq2SeqConfig
-    code_version = "2"
+    seeded = True
     inputs = {
         "data": InputRole(doc="parallel corpus: id, source and reference columns"),
         "labels": InputRole(required=False, doc="label stage output, task seq2seq"),

@@ -25,7 +25,6 @@ class UnigramStage(TaskStage):
 
     type = "unigram"
     Config = UnigramConfig
-    code_version = "1"
     inputs = {"data": InputRole(doc="a pos_tag stage")}
 
     config: UnigramConfig
