@@ -113,6 +113,18 @@ def render_augment(r: dict[str, Any]) -> str:
              "pos_tag_2w_over_1w": ("pos_tag stage, 2 workers ÷ 1 worker", "")}
     out += ["", "| ratio | measured | goal |", "|---|---|---|"]
     out += [f"| {names.get(k, (k, ''))[0]} | {_f(v, 2)} | {names.get(k, (k, ''))[1]} |" for k, v in r["ratios"].items()]
+    out += ["", "| stage, from `manifest.json` `timing` (workers) | wall | actor setup (slowest) | model | write |",
+            "|---|---|---|---|---|"]
+    for w, run in r["runs"].items():
+        for name in ("pos_tag", "augment"):
+            st = run["stages"].get(name, {})
+            if "compute_seconds" in st:
+                out.append(f"| {name} ({w}) | {st['seconds']:.1f} | {st.get('slowest_setup_seconds', 0):.1f} | "
+                           f"{st['compute_seconds']:.1f} | {st['write_seconds']:.1f} |")
+    for name, prof in (r.get("profile") or {}).items():
+        if prof.get("breakdown"):
+            out += ["", f"In-process {name} ({prof['wall_seconds']:.1f} s, no Ray): " + ", ".join(
+                f"{k} {v:.2f} s" for k, v in sorted(prof["breakdown"].items(), key=lambda kv: _step_rank(kv[0]))) + "."]
     return "\n".join(out)
 
 
