@@ -194,6 +194,10 @@ def _external_facts(art, ref: str) -> Facts:
     values = {k.removeprefix("kdpipe."): v for k, v in art.file_metadata().items()}
     if "label_names" in values:
         values["label_names"] = json.loads(values["label_names"])
+    else:  # a files artifact (e.g. a fine-tuned teacher) may name its labels in its summary
+        summary = art.manifest.get("summary") or {}
+        if isinstance(summary.get("label_names"), list):
+            values["label_names"] = [str(n) for n in summary["label_names"]]
     return Facts({k: values[k] for k in ("label_names", "mask_token") if k in values},
                  {k: f"inputs ({ref})" for k in values})
 
