@@ -4,7 +4,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import sys
 from pathlib import Path
 from typing import Any
@@ -36,14 +35,16 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     graph = _graph(args)
     summary = run_graph(graph, only=args.only, start=args.start, stop=args.stop, address=args.address,
-                        progress=not args.no_progress, summary_json=args.summary_json)
+                        progress=not args.no_progress, summary_json=args.summary_json, verify=args.verify)
     print(f"\n{'stage':<20} {'status':<8} {'shards':>9} {'rows':>9} {'seconds':>8}  artifact")
     for s in summary:
         rows = "-" if s["type"] in _task_types(graph) else s["rows"]  # task stages write files
         print(f"{s['name']:<20} {s['status']:<8} {s['shards_run']:>4}/{s['shards_total']:<4} "
               f"{rows:>9} {s['seconds']:>8.1f}  {s['path']}")
-    runs = Path(graph.manifest.workdir) / "runs" / graph.manifest.name
-    print(f"\nartifacts by stage name: {runs}/<stage>")
+    from pipeline import storage
+
+    runs = storage.join(graph.manifest.workdir, "runs", graph.manifest.name)
+    print(f"\nartifacts by stage name: {runs}/<stage>  (`kdpipe ls --workdir {graph.manifest.workdir}`)")
     return 0
 
 
@@ -55,30 +56,50 @@ def cmd_plan(args: argparse.Namespace) -> int:
     from pipeline.runner import plan_graph
 
     graph = _graph(args)
+    if args.estimate:
+        from pipeline.estimate import estimate_graph, format_estimates
+
+        estimates = estimate_graph(graph, probe_rows=args.probe_rows, log=lambda m: print(m, file=sys.stderr))
+        print(format_estimates(estimates, gpu_hour_cost=args.gpu_hour_cost))
+        return 0
     for plan in plan_graph(graph, only=args.only, start=args.start, stop=args.stop):
         print(f"{plan.name:<20} {plan.status:<7} {plan.node.type:<10} {plan.key}  {plan.reason}")
     return 0
 
 
 def resolve_target(target: str, workdir: str) -> Path:
-    """An artifact directory from a path (the artifact, its shards/ folder) or RUN/STAGE."""
+    """A local folder holding an artifact's model files: from a path (the artifact, its shards/
+    folder), an s3:// artifact URI or RUN/STAGE. Remote artifacts are copied locally (files/)."""
+    from pipeline.artifact import Artifact
+
+    return Artifact(resolve_artifact(target, workdir)).path
+
+
+def resolve_artifact(target: str, workdir: str) -> str:
+    """The location (path or URI) of one artifact named by path, URI or RUN/STAGE."""
+    from pipeline import storage
+    from pipeline.artifact import read_alias
+
+    if storage.is_remote(target):
+        return target.rstrip("/").removesuffix("/shards")
     path = Path(target)
-    if not path.exists():
-        path = Path(workdir) / "runs" / target
-    if not path.exists():
-        raise KdpipeError(f"no artifact at {target!r} (nor {path}); give a path or RUN/STAGE "
-                          "(`kdpipe ls` lists them)")
-    if path.name == "shards":
-        path = path.parent
-    return path.resolve()
+    if path.exists():
+        return str((path.parent if path.name == "shards" else path).resolve())
+    run, _, stage = target.partition("/")
+    art = read_alias(workdir, run, stage) if stage else None
+    if art is None:
+        raise KdpipeError(f"no artifact at {target!r} (nor an alias {target!r} in workdir {workdir!r}); "
+                          "give a path or RUN/STAGE (`kdpipe ls` lists them)")
+    return art.loc
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
+    from pipeline import storage
     from pipeline.artifact import Artifact
 
-    art = Artifact(resolve_target(args.target, args.workdir))
+    art = Artifact(resolve_artifact(args.target, args.workdir))
     info: dict[str, Any] = art.manifest if art.is_complete() else {}
-    print(f"artifact: {art.path}")
+    print(f"artifact: {art.loc}")
     print(f"complete: {art.is_complete()}")
     if info:
         print(f"type: {info['type']}   key: {info['key']}   stage: {info.get('run')}/{info.get('stage_name')}")
@@ -87,6 +108,10 @@ def cmd_inspect(args: argparse.Namespace) -> int:
             print(f"input {role}: " + ", ".join(f"{i['stage']} ({i['key']})" for i in ins))
         if info.get("summary"):
             print(f"summary: {json.dumps(info['summary'], sort_keys=True)}")
+        lm = (info.get("summary") or {}).get("lm")
+        if lm:
+            print(f"token distributions: mode {lm['mode']}, k {lm['k']}, {lm['tokens']} tokens, "
+                  f"{lm['bytes_per_token']} bytes/token on disk, KL(full || rebuilt) {lm['kl_full_to_rebuilt']} nats")
     if art.num_shards():
         print(f"rows: {info.get('rows', '?')} in {art.num_shards()} shard(s)")
         print("schema:")
@@ -99,9 +124,13 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         import pandas as pd
 
         with pd.option_context("display.max_columns", 20, "display.width", 160, "display.max_colwidth", 60):
-            print(art.read_shard(0).slice(0, args.rows).to_pandas())
-        print(f"\nload it: pandas.read_parquet({str(art.shards_dir)!r})")
-    elif art.files_dir.is_dir():
+            print(art.read_shard(art.shard_indices()[0]).slice(0, args.rows).to_pandas())
+        if art.remote:
+            print(f"\nload it: fs, path = pyarrow.fs.FileSystem.from_uri({str(art.shards_dir)!r}); "
+                  "pandas.read_parquet(path, filesystem=fs)")
+        else:
+            print(f"\nload it: pandas.read_parquet({str(art.shards_dir)!r})")
+    elif info.get("files") or storage.list_files(art.sub("files")):
         print("files:")
         for rel, meta in sorted(info.get("files", {}).items()):
             print(f"  {rel}  ({meta['bytes']} bytes)")
@@ -109,35 +138,50 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def cmd_ls(args: argparse.Namespace) -> int:
-    from pipeline.artifact import Artifact
+    from pipeline.artifact import list_aliases
 
-    runs = Path(args.workdir) / "runs"
-    if not runs.is_dir():
-        print(f"no runs under {runs}")
+    aliases = list_aliases(args.workdir)
+    if not aliases:
+        print(f"no runs under {args.workdir}")
         return 0
-    for run in sorted(p for p in runs.iterdir() if p.is_dir()):
-        print(run.name)
-        for alias in sorted(p for p in run.iterdir() if p.is_symlink()):
-            art = Artifact(alias.resolve())
-            status = "complete" if art.is_complete() else "incomplete"
-            rows = art.manifest.get("rows", "") if art.is_complete() else ""
-            print(f"  {alias.name:<20} {art.path.parent.name:<10} {art.key}  {status:<10} {rows}")
+    for run, stages in aliases.items():
+        print(run)
+        for stage, art in stages.items():
+            complete = art.is_complete()
+            rows = art.manifest.get("rows", "") if complete else ""
+            print(f"  {stage:<20} {art.type:<10} {art.key}  {'complete' if complete else 'incomplete':<10} {rows}")
     return 0
 
 
 def cmd_gc(args: argparse.Namespace) -> int:
-    root = Path(args.workdir) / "artifacts"
-    runs = Path(args.workdir) / "runs"
-    keep = {p.resolve() for p in runs.glob("*/*") if p.is_symlink()} if runs.is_dir() else set()
-    freed = 0
-    for art in sorted(root.glob("*/*")) if root.is_dir() else []:
-        if art.resolve() in keep:
-            continue
-        size = sum(f.stat().st_size for f in art.rglob("*") if f.is_file())
-        freed += size
-        print(f"{'would remove' if args.dry_run else 'removing'} {art} ({size / 1e6:.1f} MB)")
-        if not args.dry_run:
-            shutil.rmtree(art)
+    """Delete artifacts that no run alias points to and no live run uses (claims.py)."""
+    from pipeline import storage
+    from pipeline.artifact import list_aliases
+    from pipeline.claims import Claims, artifact_id, live_uses
+
+    root = storage.normalize(args.workdir)
+    arts_root = storage.join(root, "artifacts")
+    with Claims(root, run="gc") as claims:
+        claims.acquire(claims.gc_loc, what="`kdpipe gc` on this workdir")
+        keep = {artifact_id(a.loc) for stages in list_aliases(root).values() for a in stages.values()}
+        in_use = live_uses(root)  # read after taking the gc claim: see claims.py
+        freed = 0
+        for type_key, kind in storage.list_dir(arts_root).items():
+            if kind != "dir":
+                continue
+            for key, sub in storage.list_dir(storage.join(arts_root, type_key)).items():
+                ident = f"{type_key}/{key}"
+                if sub != "dir" or ident in keep:
+                    continue
+                loc = storage.join(arts_root, type_key, key)
+                if ident in in_use:
+                    print(f"keeping {loc}: in use by running `kdpipe run` {in_use[ident]!r}")
+                    continue
+                size = sum(storage.list_files(loc, hidden=True).values())
+                freed += size
+                print(f"{'would remove' if args.dry_run else 'removing'} {loc} ({size / 1e6:.1f} MB)")
+                if not args.dry_run:
+                    storage.delete_tree(loc)
     print(f"{'would free' if args.dry_run else 'freed'} {freed / 1e6:.1f} MB")
     return 0
 
@@ -150,6 +194,7 @@ def cmd_schema(args: argparse.Namespace) -> int:
 
 
 def cmd_stages(args: argparse.Namespace) -> int:
+    from pipeline.code_identity import CodeIdentity
     from pipeline.registry import get_stage_class, stage_types
     from pipeline.stage import throughput_fields
 
@@ -159,7 +204,7 @@ def cmd_stages(args: argparse.Namespace) -> int:
         except KeyError:
             raise KdpipeError(f"unknown stage type {type_key!r}; known: {', '.join(stage_types())}") from None
         doc = (cls.__module__ and sys.modules[cls.__module__].__doc__ or cls.__doc__ or "").strip()
-        print(f"{type_key} ({cls.kind} stage, code version {cls.code_version})")
+        print(f"{type_key} ({cls.kind} stage, code digest {CodeIdentity(type_key).digest})")
         if args.type:
             print("\n" + doc + "\n")
         else:
@@ -187,10 +232,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--address", help="Ray cluster address (default: embedded local Ray)")
     p.add_argument("--summary-json", metavar="PATH", help="write a per-stage summary as JSON")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--verify", action="store_true",
+                   help="re-hash cached shards and files before trusting them (default: sizes and stored digests)")
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("plan", help="show what would run and why")
     _add_manifest_args(p)
+    p.add_argument("--estimate", action="store_true", help="probe each stage on a sample: rows, bytes, time, cost")
+    p.add_argument("--probe-rows", type=int, default=256, help="sample rows per probed stage (--estimate)")
+    p.add_argument("--gpu-hour-cost", type=float, help="price of one GPU (or machine) hour, for --estimate")
     p.set_defaults(func=cmd_plan)
 
     p = sub.add_parser("inspect", help="schema, rows, metadata and first rows of an artifact")
@@ -203,7 +253,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workdir", default="data")
     p.set_defaults(func=cmd_ls)
 
-    p = sub.add_parser("gc", help="delete artifacts no run alias points to")
+    p = sub.add_parser("gc", help="delete artifacts no run alias points to and no running run uses")
     p.add_argument("--workdir", default="data")
     p.add_argument("--dry-run", action="store_true")
     p.set_defaults(func=cmd_gc)
@@ -221,11 +271,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _extra_commands() -> list:
-    """Commands that live beside the stages they serve (report, predict, verify)."""
+    """Commands that live beside the code they serve (report, predict, verify, keys, code-digest)."""
     import importlib
 
     out = []
-    for module in ("pipeline.verify", "pipeline.report", "pipeline.predict"):
+    for module in ("pipeline.verify", "pipeline.report", "pipeline.predict", "pipeline.key_table",
+                   "pipeline.code_identity", "kd.audit.command"):
         try:
             out.append(importlib.import_module(module).add_parser)
         except ModuleNotFoundError as e:

@@ -13,10 +13,11 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-from pipeline.artifact import Artifact, file_checksums, write_json, write_shard
+from pipeline import storage
+from pipeline.artifact import MANIFEST, Artifact, MissingShard, file_checksums, write_alias, write_shard
 from pipeline.errors import StageFailed
 from pipeline.graph import Graph
-from pipeline.plan import StagePlan, alias_path
+from pipeline.plan import StagePlan
 from pipeline.stage import Stage, StageContext
 
 MAX_SHARD_ATTEMPTS = 3
@@ -66,25 +67,34 @@ def _provenance(plan: StagePlan, graph: Graph) -> dict[str, str]:
         "kdpipe.stage_name": plan.name,
         "kdpipe.run": graph.manifest.name,
         "kdpipe.key": plan.key,
-        "kdpipe.code_version": type(plan.node.stage).code_version,
+        "kdpipe.code": plan.key_parts["code"],
         "kdpipe.config": json.dumps(plan.node.stage.config.model_dump(mode="json"), sort_keys=True),
         "kdpipe.inputs": json.dumps(plan.key_parts["inputs"], sort_keys=True),
     }
 
 
-def make_context(plan: StagePlan, graph: Graph, upstream_dirs: dict[str, Path]) -> StageContext:
-    inputs = {role: [Artifact(upstream_dirs[name].resolve()) for name in names]
+def _resolved(loc) -> str:
+    return storage.normalize(loc) if storage.is_remote(loc) else str(Path(loc).resolve())
+
+
+def make_context(plan: StagePlan, graph: Graph, upstream_dirs: dict[str, Any]) -> StageContext:
+    inputs = {role: [Artifact(_resolved(upstream_dirs[name])) for name in names]
               for role, names in plan.node.inputs.items()}
-    art_dir = plan.art_dir.resolve()
+    art_loc = _resolved(plan.art_dir)
+    # A remote artifact's task stage works in a local folder that is uploaded when it finishes
+    # (see _run_task_impl); these local paths are placeholders replaced on the worker.
+    local = storage.local_mirror(art_loc + "#work") if storage.is_remote(art_loc) else Path(art_loc)
     res = plan.node.stage.resources()
+    workdir = graph.manifest.workdir
     return StageContext(
         stage_name=plan.name,
-        out_dir=art_dir / "files",
-        scratch_dir=art_dir / "scratch",
+        out_dir=local / "files",
+        scratch_dir=local / "scratch",
         inputs=inputs,
-        seed=graph.manifest.seed,
+        seed=graph.manifest.seed if plan.node.stage.uses_seed() else None,
         num_cpus=max(1, int(res.get("num_cpus", 1))),
-        workdir=Path(graph.manifest.workdir).resolve(),
+        workdir=storage.normalize(workdir) if storage.is_remote(workdir) else Path(workdir).resolve(),
+        artifact_loc=art_loc,
     )
 
 
@@ -92,22 +102,25 @@ class _ShardWorkerImpl:
     """Ray actor body for map stages: setup once, then one shard per call."""
 
     def __init__(self, stage: Stage, ctx: StageContext, provenance: dict[str, str], cwd: str):
+        start = time.perf_counter()
         _enter_worker(cwd, ctx.num_cpus)
         self.stage, self.ctx = stage, ctx
         stage.setup(ctx)
         self.metadata = {**provenance, **{f"kdpipe.{k}": v for k, v in stage.metadata().items()}}
+        self.setup_seconds: float | None = round(time.perf_counter() - start, 4)  # reported with the first shard
 
     def process(self, index: int, input_path: str, art_dir: str) -> dict[str, Any]:
-        import pyarrow.parquet as pq
         import ray
 
-        table = pq.read_table(input_path)
+        table = storage.read_parquet(input_path)
         start = time.perf_counter()
         out = self.stage.process(table, self.ctx, shard_index=index)
         compute = time.perf_counter() - start
-        stats = write_shard(Path(art_dir), index, out, self.metadata)
+        stats = write_shard(art_dir, index, out, self.metadata)
         stats.update(input_rows=table.num_rows, compute_seconds=round(compute, 4),
                      node_id=ray.get_runtime_context().get_node_id())
+        if self.setup_seconds is not None:
+            stats["setup_seconds"], self.setup_seconds = self.setup_seconds, None
         return stats
 
 
@@ -125,17 +138,43 @@ def _run_source_impl(stage: Stage, ctx: StageContext, provenance: dict[str, str]
         if index in done:
             continue
         part = table.slice(index * per, per)
-        s = write_shard(Path(art_dir), index, part, metadata)
+        s = write_shard(art_dir, index, part, metadata)
         s["node_id"] = ray.get_runtime_context().get_node_id()
         stats.append(s)
     return stats
 
 
 def _run_task_impl(stage: Stage, ctx: StageContext, cwd: str) -> dict[str, Any]:
+    """Run a task stage; returns its summary and the checksums of the files it wrote.
+
+    With a remote workdir the stage works in a local folder of this worker: scratch/ is pulled
+    from the store first (resume), mirrored back while the stage runs, and files/ is uploaded
+    once it returns (before the driver writes manifest.json, which commits the artifact)."""
+    import dataclasses
+    import shutil
+
     _enter_worker(cwd, ctx.num_cpus)
+    art_loc = ctx.artifact_loc
+    if art_loc is None or not storage.is_remote(art_loc):
+        ctx.out_dir.mkdir(parents=True, exist_ok=True)
+        ctx.scratch_dir.mkdir(parents=True, exist_ok=True)
+        summary = stage.run(ctx) or {}
+        return {"summary": summary, "files": file_checksums(ctx.out_dir)}
+    local = storage.local_mirror(art_loc + "#work")
+    shutil.rmtree(local, ignore_errors=True)
+    ctx = dataclasses.replace(ctx, out_dir=local / "files", scratch_dir=local / "scratch")
     ctx.out_dir.mkdir(parents=True, exist_ok=True)
     ctx.scratch_dir.mkdir(parents=True, exist_ok=True)
-    return stage.run(ctx) or {}
+    scratch = storage.FolderSync(ctx.scratch_dir, storage.join(art_loc, "scratch"))
+    scratch.pull()
+    try:
+        with scratch:
+            summary = stage.run(ctx) or {}
+        storage.delete_tree(storage.join(art_loc, "files"))  # leftovers of an interrupted upload
+        storage.upload_tree(ctx.out_dir, storage.join(art_loc, "files"))
+        return {"summary": summary, "files": file_checksums(ctx.out_dir)}
+    finally:
+        shutil.rmtree(local, ignore_errors=True)
 
 
 class Executor:
@@ -144,19 +183,21 @@ class Executor:
         self.progress = progress
         self.cwd = os.getcwd()
 
-    def run_stage(self, plan: StagePlan, upstream_dirs: dict[str, Path]) -> dict[str, Any]:
+    def run_stage(self, plan: StagePlan, upstream_dirs: dict[str, Any]) -> dict[str, Any]:
         import ray
 
         stage = plan.node.stage
         ctx = make_context(plan, self.graph, upstream_dirs)
-        plan.art_dir.mkdir(parents=True, exist_ok=True)
+        if not storage.is_remote(plan.art_dir):
+            Path(plan.art_dir).mkdir(parents=True, exist_ok=True)
         provenance = _provenance(plan, self.graph)
         res = stage.resources()
         start = time.perf_counter()
+        files: dict[str, Any] = {}
         if stage.kind == "source":
             done = plan.completed
             task = ray.remote(_run_source_impl).options(max_retries=MAX_SHARD_ATTEMPTS, **res)
-            stats = ray.get(task.remote(stage, ctx, provenance, self.cwd, str(plan.art_dir.resolve()), list(done)))
+            stats = ray.get(task.remote(stage, ctx, provenance, self.cwd, ctx.artifact_loc, list(done)))
             shards, extra = self._merge(done, stats), {}
             ran = len(stats)
         elif stage.kind == "map":
@@ -165,10 +206,11 @@ class Executor:
             extra = stage.summarize(shards, ctx)
         else:
             task = ray.remote(_run_task_impl).options(max_retries=MAX_SHARD_ATTEMPTS, **res)
-            extra = ray.get(task.remote(stage, ctx, self.cwd))
+            result = ray.get(task.remote(stage, ctx, self.cwd))
+            extra, files = result["summary"], result["files"]
             shards, ran = [], 1
         seconds = time.perf_counter() - start
-        self._write_manifest(plan, shards, extra, seconds, upstream_dirs)
+        self._write_manifest(plan, shards, extra, files, seconds, upstream_dirs, timing=_timing(shards))
         return {"shards_run": ran, "shards_total": len(shards) if shards else (1 if stage.kind == "task" else 0),
                 "rows": sum(s["rows"] for s in shards), "seconds": round(seconds, 3), "shards": shards}
 
@@ -183,9 +225,14 @@ class Executor:
         import ray
 
         data = ctx.input("data")
-        in_paths = data.shard_paths()
+        try:
+            # By the upstream manifest's shard index, never by position in a listing: a missing
+            # input shard is an error here, not a silent shift of every later index.
+            indices = data.check_shards()
+        except MissingShard as e:
+            raise StageFailed(f"stage {plan.name!r}: input {data.loc}: {e}") from None
         done = plan.completed
-        pending = [i for i in range(len(in_paths)) if i not in done]
+        pending = [i for i in indices if i not in done]
         if not pending:
             return self._merge(done, []), 0
         concurrency = getattr(stage.config, "concurrency", None)
@@ -202,7 +249,7 @@ class Executor:
         # the stage would wait forever. Shards go only to actors that finished setup, for the same
         # reason; an actor that cannot be placed simply never gets work (after STARTUP_GRACE_S).
         worker_cls = ray.remote(_ShardWorkerImpl).options(max_restarts=0, max_task_retries=0, **res)
-        art_dir = str(plan.art_dir.resolve())
+        art_dir = ctx.artifact_loc
         actors: list[Any] = []
         starting: dict[Any, Any] = {}  # ready ref -> actor still running setup
         idle: list[Any] = []
@@ -211,7 +258,7 @@ class Executor:
         setup_failures = 0
         in_flight: dict[Any, tuple[int, Any]] = {}
         results: list[dict[str, Any]] = []
-        bar = self.progress(total=len(in_paths), initial=len(done), desc=plan.name, unit="shard") \
+        bar = self.progress(total=len(indices), initial=len(done), desc=plan.name, unit="shard") \
             if self.progress else None
         rows = 0
         t0 = time.perf_counter()
@@ -223,7 +270,7 @@ class Executor:
 
         def submit(actor: Any) -> None:
             index = queue.pop(0)
-            ref = actor.process.remote(index, str(in_paths[index]), art_dir)
+            ref = actor.process.remote(index, str(data.shard_path(index)), art_dir)
             in_flight[ref] = (index, actor)
 
         initial: set[Any] = set()
@@ -291,33 +338,41 @@ class Executor:
         return self._merge(done, results), len(results)
 
     def _write_manifest(self, plan: StagePlan, shards: list[dict[str, Any]], extra: dict[str, Any],
-                        seconds: float, upstream_dirs: dict[str, Path]) -> None:
-        art = Artifact(plan.art_dir)
+                        files: dict[str, Any], seconds: float, upstream_dirs: dict[str, Any],
+                        timing: dict[str, Any] | None = None) -> None:
         manifest = {
             "type": plan.node.type,
             "key": plan.key,
             "run": self.graph.manifest.name,
             "stage_name": plan.name,
-            "code_version": type(plan.node.stage).code_version,
             "config": plan.node.stage.config.model_dump(mode="json"),
             "key_parts": plan.key_parts,
-            "inputs": {role: [{"stage": n, "key": upstream_dirs[n].name, "path": str(upstream_dirs[n])}
+            "code_modules": plan.code_modules,  # lets a later plan name the changed file
+            "inputs": {role: [{"stage": n, "key": storage.basename(upstream_dirs[n]), "path": str(upstream_dirs[n])}
                               for n in names] for role, names in plan.node.inputs.items()},
             "rows": sum(s["rows"] for s in shards),
             "shards": [{k: s[k] for k in ("index", "rows", "bytes", "sha256")} for s in shards],
-            "files": file_checksums(art.files_dir),
+            "files": files,
             "summary": extra,
             "seconds": round(seconds, 3),
+            "timing": timing or {},
             "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         }
-        write_json(art.manifest_path, manifest)
+        storage.write_json(storage.join(_resolved(plan.art_dir), MANIFEST), manifest)
 
 
-def update_alias(workdir: Path, run_name: str, stage_name: str, art_dir: Path) -> None:
-    link = alias_path(workdir, run_name, stage_name)
-    link.parent.mkdir(parents=True, exist_ok=True)
-    target = os.path.relpath(art_dir.resolve(), link.parent.resolve())
-    tmp = link.with_name(f".{link.name}.tmp-{os.getpid()}")
-    tmp.unlink(missing_ok=True)
-    os.symlink(target, tmp)
-    os.replace(tmp, link)
+def _timing(shards: list[dict[str, Any]]) -> dict[str, Any]:
+    """Where the stage's time went, summed over the shards this call ran (resumed shards carry
+    no compute time): the stage's own work, the Parquet write + marker, and each actor's setup
+    (model load); the rest of the wall time is process start-up, hand-off and scheduling."""
+    timed = [s for s in shards if "compute_seconds" in s]
+    if not timed:
+        return {}
+    setups = [s["setup_seconds"] for s in timed if "setup_seconds" in s]
+    return {"shards_timed": len(timed), "compute_seconds": round(sum(s["compute_seconds"] for s in timed), 3),
+            "write_seconds": round(sum(s["seconds"] for s in timed), 3),
+            "actors": len(setups), "slowest_setup_seconds": max(setups, default=0.0)}
+
+
+def update_alias(workdir, run_name: str, stage_name: str, art_dir) -> None:
+    write_alias(workdir, run_name, stage_name, Artifact(_resolved(art_dir)))

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import json
 import os
 from pathlib import Path
 
@@ -148,9 +147,15 @@ def build_graph(manifest: Manifest) -> Graph:
 
 def external_artifact(manifest: Manifest, ref: str):
     """`@RUN/STAGE`: an artifact another manifest already produced in the same workdir."""
-    from pipeline.artifact import Artifact
+    from pipeline import storage
+    from pipeline.artifact import Artifact, read_alias
 
     run, _, stage = ref[1:].partition("/")
+    found = read_alias(manifest.workdir, run, stage)
+    if found is not None:
+        return found
+    if storage.is_remote(manifest.workdir):
+        return Artifact(storage.join(manifest.workdir, "runs", run, stage))  # absent: not complete
     return Artifact((Path(manifest.workdir) / "runs" / run / stage).resolve())
 
 
@@ -191,15 +196,19 @@ def _toposort(nodes: dict[str, Node], problems: list[Problem]) -> list[str]:
 
 
 def _external_facts(art, ref: str) -> Facts:
-    values = {k.removeprefix("kdpipe."): v for k, v in art.file_metadata().items()}
-    if "label_names" in values:
-        values["label_names"] = json.loads(values["label_names"])
-    else:  # a files artifact (e.g. a fine-tuned teacher) may name its labels in its summary
-        summary = art.manifest.get("summary") or {}
-        if isinstance(summary.get("label_names"), list):
-            values["label_names"] = [str(n) for n in summary["label_names"]]
-    return Facts({k: values[k] for k in ("label_names", "mask_token") if k in values},
-                 {k: f"inputs ({ref})" for k in values})
+    """Facts of another run's artifact, as the stage type that made it reads them from its metadata."""
+    metadata = {k.removeprefix("kdpipe."): v for k, v in art.file_metadata().items()}
+    try:
+        made_by = get_stage_class(art.manifest.get("type"))
+    except (KeyError, TypeError):
+        made_by = Stage  # a stage type this checkout no longer has: the default reading
+    facts = made_by.artifact_facts(metadata)
+    values = dict(facts.values)
+    summary = art.manifest.get("summary") or {}
+    if "label_names" not in values and isinstance(summary.get("label_names"), list):
+        # a files artifact (a fine-tuned teacher) names its labels in its summary
+        values["label_names"] = [str(n) for n in summary["label_names"]]
+    return Facts(values, {k: facts.origins.get(k) or f"inputs ({ref})" for k in values})
 
 
 def _check_kinds_and_columns(graph: Graph, problems: list[Problem]) -> None:
@@ -246,6 +255,10 @@ def _check_kinds_and_columns(graph: Graph, problems: list[Problem]) -> None:
 
 
 def _check_workdir(manifest: Manifest, problems: list[Problem]) -> None:
+    from pipeline import storage
+
+    if storage.is_remote(manifest.workdir):
+        return  # credentials and bucket are checked by the first write, with the store's own error
     workdir = Path(manifest.workdir)
     probe = workdir
     while not probe.exists() and probe != probe.parent:

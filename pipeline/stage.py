@@ -77,6 +77,16 @@ class Facts:
 
 
 @dataclasses.dataclass
+class ReportSection:
+    """What one finished artifact adds to `kdpipe report`: rows of the model table, one per model,
+    with the keys model, role ('teacher' or 'student'), type, params, size_bytes, metric, value,
+    sent/s, speed-up, labels (a missing key is an empty cell); and figures as (title, png path)."""
+
+    rows: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+    figures: list[tuple[str, Path]] = dataclasses.field(default_factory=list)
+
+
+@dataclasses.dataclass
 class StageContext:
     """What a running stage may touch. Built by the engine, or by `pipeline.testing` in tests."""
 
@@ -84,9 +94,17 @@ class StageContext:
     out_dir: Path
     scratch_dir: Path
     inputs: dict[str, list["Artifact"]]
-    seed: int = 0
+    seed: int | None = 0  # None for stages whose output must not depend on the manifest seed
     num_cpus: int = 1
-    workdir: Path | None = None
+    workdir: Path | str | None = None
+    # Where this stage's artifact lives (a path or an s3:// URI); default: out_dir's parent.
+    artifact_loc: str | None = None
+
+    def output(self) -> "Artifact":
+        """This stage's own artifact (map stages read their finished shards in finalize/summarize)."""
+        from pipeline.artifact import Artifact
+
+        return Artifact(self.artifact_loc or self.out_dir.parent)
 
     def input(self, role: str) -> "Artifact":
         arts = self.inputs.get(role) or []
@@ -105,11 +123,19 @@ class Stage:
     type: ClassVar[str]
     kind: ClassVar[Literal["source", "map", "task"]]
     Config: ClassVar[type[StageConfig]]
-    # Bump when the stage's output for the same config and inputs changes.
-    code_version: ClassVar[str] = "1"
+    # Whether the manifest's global `seed` can change this stage's output. Only then does it
+    # enter the cache key and reach the stage as `ctx.seed` (None otherwise). The code itself
+    # needs no version: its digest enters the key (pipeline/code_identity.py).
+    seeded: ClassVar[bool] = False
     inputs: ClassVar[dict[str, InputRole]] = {}
     # Ray resources per worker; model stages raise this.
     default_num_cpus: ClassVar[float] = 1
+    # The folder under files/ where a finished artifact keeps a model `predict` can load
+    # (a student directory or an HF checkpoint); None for stages that produce no model.
+    model_folder: ClassVar[str | None] = None
+    # `kdpipe report` merges sections in this order; a later row replaces an earlier one for the
+    # same model (evaluate's measured rows replace the rows train reports for its own student).
+    report_order: ClassVar[int] = 0
 
     def __init__(self, *, config: StageConfig, input_refs: dict[str, list[str]] | None = None):
         self.config = config
@@ -140,10 +166,37 @@ class Stage:
         names). A Problem whose loc starts with 'stages[' points at the stage that must change."""
         return []
 
+    def uses_seed(self) -> bool:
+        """True when the manifest seed changes this stage's output (override when a config
+        field decides it; its docstring's first line then appears in the key table)."""
+        return self.seeded
+
     def fingerprint(self) -> dict[str, str]:
         """Content hashes of everything outside the store the output depends on
         (source files, model weights), keyed by a readable name for `plan` to report."""
         return {}
+
+    @classmethod
+    def artifact_facts(cls, metadata: dict[str, str]) -> Facts:
+        """Facts of a finished artifact of this type that another manifest reads (`@RUN/STAGE`),
+        from its shards' Parquet key-value metadata (`kdpipe.` prefix removed): by default every
+        value, JSON lists and objects decoded (label names), other values as written."""
+        import json
+
+        values: dict[str, Any] = {}
+        for key, raw in metadata.items():
+            try:
+                decoded = json.loads(raw)
+            except ValueError:
+                decoded = raw
+            values[key] = decoded if isinstance(decoded, (list, dict)) else raw
+        return Facts(values)
+
+    @classmethod
+    def report_section(cls, *, name: str, files_dir: Path, manifest: dict[str, Any]) -> ReportSection | None:
+        """This stage's part of `kdpipe report` for its finished artifact `name` (the run's alias),
+        whose files are in `files_dir` and whose manifest.json is `manifest`; None = nothing to show."""
+        return None
 
     def resources(self) -> dict[str, float]:
         num_cpus = getattr(self.config, "num_cpus", None) or self.default_num_cpus

@@ -10,8 +10,9 @@ For each artifact:
   none extra.
 
 Prints one line per bad shard or file (`BAD <path>: <reason>`) and exits 1 if any; exit 0 and a
-one-line tally otherwise. Reading is all it does: the next `kdpipe run` recomputes what is bad,
-because the plan re-verifies the same checksums.
+one-line tally otherwise. Reading is all it does: `kdpipe run --verify` re-hashes like this and
+recomputes what is bad (a plain `run` trusts the stored digests and checks sizes only, so that
+planning a cached artifact of many shards costs one listing, not a read of every byte).
 """
 from __future__ import annotations
 
@@ -21,18 +22,19 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from pipeline.artifact import MANIFEST, Artifact, file_checksums
+from pipeline import storage
+from pipeline.artifact import MANIFEST, Artifact, file_checksums, list_aliases, read_alias
 from pipeline.errors import KdpipeError
-from pipeline.hashing import sha256_file
 
 
 class TargetNotFound(KdpipeError):
     exit_code = 2
 
 
-def verify_artifact(path: Path) -> tuple[list[str], dict[str, int]]:
-    """Problems (one line each) and counts of what was checked in one artifact directory."""
+def verify_artifact(path) -> tuple[list[str], dict[str, int]]:
+    """Problems (one line each) and counts of what was checked in one artifact (path or URI)."""
     art = Artifact(path)
+    path = art.loc
     counts = {"artifacts": 1, "shards": 0, "files": 0, "rows": 0}
     if not art.is_complete():
         return [f"BAD {path}: no {MANIFEST} (an interrupted run; rerun `kdpipe run` to finish it)"], counts
@@ -46,27 +48,27 @@ def verify_artifact(path: Path) -> tuple[list[str], dict[str, int]]:
 
 
 def _verify_shards(art: Artifact, shards: list[dict[str, Any]], counts: dict[str, int]) -> list[str]:
-    import pyarrow.parquet as pq
-
     problems: list[str] = []
     first_schema = None
     listed = set()
+    present = storage.list_files(art.sub("shards"), recursive=False)
     for entry in sorted(shards, key=lambda s: s["index"]):
         shard = art.shard_path(entry["index"])
-        listed.add(shard.name)
+        name = storage.basename(shard)
+        listed.add(name)
         counts["shards"] += 1
-        if not shard.is_file():
+        if name not in present:
             problems.append(f"BAD {shard}: missing")
             continue
-        size = shard.stat().st_size
+        size = present[name]
         if size != entry.get("bytes"):
             problems.append(f"BAD {shard}: {size} bytes, manifest says {entry.get('bytes')} (truncated or altered)")
             continue
-        if sha256_file(shard) != entry.get("sha256"):
+        if storage.sha256(shard) != entry.get("sha256"):
             problems.append(f"BAD {shard}: sha256 differs from manifest (altered)")
             continue
         try:
-            meta = pq.read_metadata(shard)
+            meta = storage.parquet_file(shard).metadata
             schema = meta.schema.to_arrow_schema()
         except Exception as e:  # noqa: BLE001 - any reader failure means a bad shard
             problems.append(f"BAD {shard}: not readable Parquet ({type(e).__name__}: {e})")
@@ -81,9 +83,9 @@ def _verify_shards(art: Artifact, shards: list[dict[str, Any]], counts: dict[str
                             f"({_schema_diff(first_schema, schema)})")
             continue
         counts["rows"] += meta.num_rows
-    if art.shards_dir.is_dir():
-        for stray in sorted(p for p in art.shards_dir.glob("*.parquet") if p.name not in listed):
-            problems.append(f"BAD {stray}: not listed in {MANIFEST} (stray shard; readers would include it)")
+    for stray in sorted(n for n in present if n.endswith(".parquet") and n not in listed):
+        problems.append(f"BAD {storage.join(art.sub('shards'), stray)}: not listed in {MANIFEST} "
+                        "(stray shard; readers would include it)")
     return problems
 
 
@@ -96,9 +98,9 @@ def _schema_diff(first, other) -> str:
 
 def _verify_files(art: Artifact, recorded: dict[str, dict[str, Any]], counts: dict[str, int]) -> list[str]:
     problems: list[str] = []
-    actual = file_checksums(art.files_dir)
+    actual = file_checksums(art.sub("files"))
     for rel in sorted(set(recorded) | set(actual)):
-        path = art.files_dir / rel
+        path = storage.join(art.sub("files"), rel)
         counts["files"] += 1
         if rel not in actual:
             problems.append(f"BAD {path}: missing")
@@ -112,29 +114,40 @@ def _verify_files(art: Artifact, recorded: dict[str, dict[str, Any]], counts: di
     return problems
 
 
-def resolve_artifacts(target: str | None, workdir: Path) -> list[Path]:
-    """ARTIFACT dir, RUN/STAGE alias, RUN (all its stages), or everything under the workdir."""
+def resolve_artifacts(target: str | None, workdir: str) -> list[str]:
+    """ARTIFACT dir, RUN/STAGE alias, RUN (all its stages), or everything under the workdir;
+    the workdir may be a local folder or an s3:// URI."""
+    root = storage.normalize(workdir)
     if target is None:
-        root = workdir / "artifacts"
-        if not root.is_dir():
-            raise TargetNotFound(f"no artifacts under {root}; pass --workdir (default: data)")
-        return sorted(p for p in root.glob("*/*") if p.is_dir())
-    candidates = [Path(target), workdir / "runs" / target]
-    for path in candidates:
+        arts = storage.join(root, "artifacts")
+        found = [storage.join(arts, t, k) for t, kind in storage.list_dir(arts).items() if kind == "dir"
+                 for k, sub in storage.list_dir(storage.join(arts, t)).items() if sub == "dir"]
+        if not found:
+            raise TargetNotFound(f"no artifacts under {arts}; pass --workdir (default: data)")
+        return sorted(found)
+    if storage.is_remote(target):
+        loc = target.rstrip("/").removesuffix("/shards")
+        if storage.exists(storage.join(loc, MANIFEST)) or storage.is_dir(storage.join(loc, "completions")):
+            return [loc]
+    else:
+        path = Path(target)
         if path.name == "shards" and path.is_dir():
             path = path.parent
-        if (path / MANIFEST).exists() or (path / "completions").is_dir() or (path.is_symlink() and path.exists()):
-            return [path.resolve()]
-        if path.is_dir() and path.parent.name == "runs":
-            aliases = sorted(p for p in path.iterdir() if p.is_symlink())
-            if aliases:
-                return [p.resolve() for p in aliases]
-    raise TargetNotFound(f"no artifact or run at {target!r} (tried {', '.join(map(str, candidates))}); "
+        if (path / MANIFEST).exists() or (path / "completions").is_dir():
+            return [str(path.resolve())]
+    run, _, stage = target.partition("/")
+    if stage:
+        art = read_alias(root, run, stage)
+        if art is not None:
+            return [art.loc]
+    elif run in list_aliases(root):
+        return [art.loc for art in list_aliases(root)[run].values()]
+    raise TargetNotFound(f"no artifact or run at {target!r} in workdir {workdir!r}; "
                          "give an artifact path, RUN/STAGE or RUN (`kdpipe ls --workdir W` lists them)")
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
-    paths = resolve_artifacts(args.target, Path(args.workdir))
+    paths = resolve_artifacts(args.target, args.workdir)
     totals = {"artifacts": 0, "shards": 0, "files": 0, "rows": 0}
     bad = 0
     for path in paths:
@@ -149,7 +162,8 @@ def cmd_verify(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps({**totals, "problems": bad}))
     if bad:
-        print(f"verify: {bad} problem(s); {tally}. Rerun `kdpipe run` to recompute what is bad.", file=sys.stderr)
+        print(f"verify: {bad} problem(s); {tally}. Rerun `kdpipe run --verify` to recompute what is bad.",
+              file=sys.stderr)
         return 1
     if not args.json:
         print(f"ok: {tally}")

@@ -48,7 +48,6 @@ def agreement_metrics(teacher: list[int], student: list[int], names: list[str]) 
 class AgreementStage(TaskStage):
     type = "agreement"
     Config = AgreementConfig
-    code_version = "2"
     inputs = {
         "data": InputRole(doc="held-out rows: id + the students' column"),
         "labels": InputRole(doc="teacher label artifact (classification logits) for the same rows"),

@@ -206,7 +206,7 @@ class AugmentStage(MapStage):
 
     type = "augment"
     Config = AugmentConfig
-    code_version = "1"
+    seeded = True
     inputs = {"data": InputRole(doc="a pos_tag stage"),
               "table": InputRole(kind="files", doc="a unigram stage")}
 
@@ -241,7 +241,7 @@ class AugmentStage(MapStage):
         return [*LINEAGE, *texts, *rest]
 
     def setup(self, ctx: StageContext) -> None:
-        from stages.unigram import load_unigram_table
+        from kd.unigram_table import load_unigram_table
 
         self.table = load_unigram_table(ctx.input("table").files_dir)
         self.sample_rng = SampleRng()
@@ -301,11 +301,11 @@ class AugmentStage(MapStage):
     def finalize(self, shard_stats: list[dict[str, Any]], ctx: StageContext) -> list[dict[str, Any]]:
         if self.config.dedup != "artifact":
             return shard_stats
-        stats, self.cross_example_dropped = dedup_across_shards(ctx.out_dir.parent, shard_stats)
+        stats, self.cross_example_dropped = dedup_across_shards(ctx.output().loc, shard_stats)
         return stats
 
     def summarize(self, shard_stats: list[dict[str, Any]], ctx: StageContext) -> dict[str, Any]:
-        summary = summarize_output(ctx.out_dir.parent, ctx.input("data"), n_iter=self.config.n_iter)
+        summary = summarize_output(ctx.output().loc, ctx.input("data"), n_iter=self.config.n_iter)
         if self.config.dedup == "artifact":
             summary["cross_example_duplicates_dropped_this_run"] = getattr(self, "cross_example_dropped", 0)
         return summary
@@ -342,7 +342,7 @@ def dedup_across_shards(art_dir, shard_stats: list[dict[str, Any]]) -> tuple[lis
             continue
         shard = art.read_shard(st["index"])
         keep = pa.array([row not in drop for row in range(shard.num_rows)], pa.bool_())
-        new = write_shard(art.path, st["index"], shard.filter(keep), {})  # schema metadata is kept
+        new = write_shard(art.loc, st["index"], shard.filter(keep), {})  # schema metadata is kept
         out.append({**st, **new})
     return out, len(dup)
 

@@ -13,43 +13,17 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from pydantic import Field
 
+from kd.metrics import accuracy, macro_f1, token_f1
 from pipeline.artifact import write_json
 from pipeline.stage import InputRole, Problem, StageConfig, StageContext, TaskStage, throughput
 
 
-def accuracy(pred: Sequence[Any], gold: Sequence[Any]) -> float:
-    pairs = [(p, g) for p, g in zip(pred, gold) if g is not None and g != -1]
-    return sum(p == g for p, g in pairs) / len(pairs) if pairs else 0.0
-
-
-def macro_f1(pred: Sequence[Any], gold: Sequence[Any]) -> float:
-    """Unweighted mean of per-class F1 over the classes present in gold or predictions."""
-    pairs = [(p, g) for p, g in zip(pred, gold) if g is not None and g != -1]
-    classes = sorted({g for _, g in pairs} | {p for p, _ in pairs}, key=str)
-    scores = []
-    for c in classes:
-        tp = sum(p == c and g == c for p, g in pairs)
-        fp = sum(p == c and g != c for p, g in pairs)
-        fn = sum(p != c and g == c for p, g in pairs)
-        scores.append(0.0 if tp == 0 else 2 * tp / (2 * tp + fp + fn))
-    return sum(scores) / len(scores) if scores else 0.0
-
-
-def token_f1(pred: Sequence[Sequence[str]], gold: Sequence[Sequence[str]], *, outside: str = "O") -> float:
-    """Micro-F1 over tokens whose gold or predicted tag is not `outside`."""
-    tp = fp = fn = 0
-    for p_tags, g_tags in zip(pred, gold):
-        for p, g in zip(p_tags, g_tags):
-            if p != outside and p == g:
-                tp += 1
-            else:
-                fp += p != outside
-                fn += g != outside
-    return 0.0 if tp == 0 else 2 * tp / (2 * tp + fp + fn)
+# The metric a report shows for a model, by task: the first of these that was scored.
+PRIMARY_METRICS = ("accuracy", "bleu", "token_f1")
 
 
 def model_dir(art_path: Path) -> Path:
@@ -77,13 +51,33 @@ class EvaluateConfig(StageConfig):
 class EvaluateStage(TaskStage):
     type = "evaluate"
     Config = EvaluateConfig
-    code_version = "1"
     inputs = {
         "data": InputRole(required=True, doc="gold artifact (dev or test)"),
         "models": InputRole(required=True, many=True, kind="files", doc="train and/or checkpoint artifacts"),
         "teacher": InputRole(required=False, kind="files", doc="reference model for speed-up"),
     }
     config: EvaluateConfig
+    report_order = 1  # measured on held-out data with speed: these rows replace train's own
+
+    @classmethod
+    def report_section(cls, *, name: str, files_dir: Path, manifest: dict[str, Any]):
+        """One row per evaluated model: its primary metric, speed and speed-up vs the teacher."""
+        import json
+
+        from pipeline.stage import ReportSection
+
+        rows = []
+        for model in json.loads((files_dir / "metrics.json").read_text()).get("models", []):
+            scores = model.get("metrics", {})
+            metric = next((k for k in PRIMARY_METRICS if k in scores), "")
+            labels = model.get("labels_used")
+            rows.append({
+                "model": model["name"], "role": "teacher" if model.get("is_teacher") else "student",
+                "type": model.get("type"), "params": model.get("parameters"), "size_bytes": model.get("size_bytes"),
+                "metric": f"{metric} ({name})", "value": scores.get(metric), "sent/s": model.get("sentences_per_s"),
+                "speed-up": model.get("speedup_vs_teacher"),
+                "labels": "—" if model.get("is_teacher") else (", ".join(map(str, labels)) if labels else "gold only")})
+        return ReportSection(rows)
 
     def validate(self, *, input_columns) -> list[Problem]:
         cfg = self.config
@@ -104,6 +98,7 @@ class EvaluateStage(TaskStage):
         return problems
 
     def fingerprint(self) -> dict[str, str]:
+        """The teacher checkpoint's files, when `teacher_model` is given."""
         from pipeline.hashing import hash_tree
 
         path = self.config.teacher_model

@@ -88,12 +88,13 @@ class FinetuneConfig(StageConfig):
 class FinetuneStage(TaskStage):
     type = "finetune"
     Config = FinetuneConfig
-    code_version = "1"
+    seeded = True
     inputs = {
         "data": InputRole(doc="labeled training rows"),
         "dev": InputRole(required=False, doc="labeled rows for early stopping and dev accuracy"),
     }
     default_num_cpus = 2
+    model_folder = "model"
 
     config: FinetuneConfig
 
@@ -157,6 +158,7 @@ class FinetuneStage(TaskStage):
         return Facts()
 
     def fingerprint(self) -> dict[str, str]:
+        """The base model's files (weights, config, tokenizer), or its hub id + revision."""
         source, _ = self.model_source()
         name = f"base model {self.config.base_model}"
         if source and Path(source).is_dir():

@@ -96,7 +96,6 @@ class LabelStage(MapStage):
 
     type = "label"
     Config = LabelConfig
-    code_version = "1"
     inputs = {
         "data": InputRole(doc="rows to label: id + the teacher's text column"),
         "teacher": InputRole(required=False, many=True, kind="files",
@@ -209,7 +208,12 @@ class LabelStage(MapStage):
         cols = ["id"] + (["words"] if cfg.task == "token_classification" else [])
         return cols + [c + _suffix(n, len(names)) for n in names for c in base]
 
+    def uses_seed(self) -> bool:
+        """config.allow_new_head: the seed draws the new head's weights."""
+        return self.config.allow_new_head
+
     def fingerprint(self) -> dict[str, str]:
+        """Each teacher's files (weights, config, tokenizer), or its hub id + revision."""
         out = {f"teacher {s.name}": teacher_fingerprint(s.path, s.revision) for s in self.config.teacher_specs()}
         names = self.input_teacher_names()
         if names:  # they name the output columns, so they are part of what the artifact is
@@ -325,16 +329,17 @@ class LabelStage(MapStage):
     def summarize(self, shard_stats: list[dict[str, Any]], ctx: StageContext) -> dict[str, Any]:
         """Label metadata for manifest.json, and on-disk bytes per row for each output column
         (per target token for top-k), read from the Parquet footers."""
-        import pyarrow.parquet as pq
+        from pipeline import storage
 
-        shards = sorted((ctx.out_dir.parent / "shards").glob("*.parquet"))
+        out = ctx.output()
+        shards = [out.shard_path(i) for i in out.shard_indices()]
         if not shards:
             return {}
         col_bytes: dict[str, int] = {}
         leaf_values: dict[str, int] = {}
         rows = 0
         for path in shards:
-            parquet = pq.ParquetFile(path)
+            parquet = storage.parquet_file(path)
             meta = parquet.metadata
             rows += meta.num_rows
             # Leaf paths join nested names with '.', and teacher names may hold dots too.
@@ -347,7 +352,7 @@ class LabelStage(MapStage):
                     top = next((n for n in names if leaf == n or leaf.startswith(n + ".")), leaf)
                     col_bytes[top] = col_bytes.get(top, 0) + chunk.total_compressed_size
                     leaf_values[top] = leaf_values.get(top, 0) + chunk.num_values
-        file_md = {k.decode(): v.decode() for k, v in (pq.read_schema(shards[0]).metadata or {}).items()}
+        file_md = {k.decode(): v.decode() for k, v in (storage.parquet_file(shards[0]).schema_arrow.metadata or {}).items()}
         keep = ("task", "label_names", "label_permutation", "teacher_label_names", "teachers", "logit_columns", "temperature", "logits_dtype", "num_beams",
                 "num_return_sequences", "topk", "device", "dtype")
         md = {k: file_md[f"kdpipe.{k}"] for k in keep if f"kdpipe.{k}" in file_md}

@@ -58,7 +58,6 @@ class PosTagStage(MapStage):
 
     type = "pos_tag"
     Config = PosTagConfig
-    code_version = "1"
     inputs = {"data": InputRole(doc="shards with `id` and `text` (e.g. a read stage)")}
 
     config: PosTagConfig
@@ -85,15 +84,16 @@ class PosTagStage(MapStage):
         return out
 
     def fingerprint(self) -> dict[str, str]:
+        """The spaCy model's files, by content (a re-trained model keeps its name and version)."""
         resolved = resolve_spacy_model(self.config.spacy_model)
         if resolved is None:
             return {}
         import spacy.util
 
+        from pipeline.hashing import hash_tree
+
         path = Path(resolved) if Path(resolved).is_dir() else spacy.util.get_package_path(resolved)
-        meta = _read_meta(path)
-        return {f"spaCy model {self.config.spacy_model}":
-                f"{meta.get('lang', '?')}_{meta.get('name', resolved)}=={meta.get('version', '?')}"}
+        return {f"spaCy model {self.config.spacy_model}": hash_tree(path)}
 
     def setup(self, ctx: StageContext) -> None:
         import spacy
@@ -135,11 +135,3 @@ def tag_texts(nlp: Any, texts: list[str], *, batch_size: int = 256):
         spaces.append([bool(t.whitespace_) for t in doc])
     return words, pos, spaces
 
-
-def _read_meta(path: Path) -> dict[str, Any]:
-    import json
-
-    for candidate in [path / "meta.json", *sorted(path.glob("*/meta.json"))]:
-        if candidate.is_file():
-            return json.loads(candidate.read_text(encoding="utf-8"))
-    return {}

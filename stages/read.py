@@ -21,6 +21,8 @@ from pipeline.hashing import hash_tree
 from pipeline.stage import Facts, Problem, SourceStage, StageConfig, StageContext
 
 FORMATS = ("jsonl", "csv", "tsv", "parquet", "text", "parallel", "hf")
+# Branch names whose content changes over time; a revision must be a commit sha or a tag.
+MOVING_REVISIONS = ("main", "master")
 _SUFFIX_FORMAT = {".jsonl": "jsonl", ".json": "jsonl", ".csv": "csv", ".tsv": "tsv",
                   ".parquet": "parquet", ".txt": "text"}
 
@@ -169,11 +171,11 @@ def _coerce_labels(values: list[Any]) -> list[Any]:
 class ReadStage(SourceStage):
     type = "read"
     Config = ReadConfig
-    code_version = "1"
 
     config: ReadConfig
 
     def fingerprint(self) -> dict[str, str]:
+        """The source files' bytes (a hub dataset enters through its pinned `hf.revision`)."""
         cfg = self.config
         fmt = cfg.resolved_format()
         if fmt == "parallel":
@@ -199,8 +201,17 @@ class ReadStage(SourceStage):
         return cols + [c for c in extra if c not in cols]
 
     def validate(self, *, input_columns) -> list[Problem]:
-        if self.config.resolved_format() == "hf" and not Path(self.config.hf.name).exists():
-            return []  # a hub dataset: checked when it is loaded
+        hf = self.config.hf
+        if self.config.resolved_format() == "hf" and not Path(hf.name).exists():
+            # A hub dataset is checked when it is loaded; its content enters the key only through
+            # a revision that cannot move.
+            if hf.revision is None or hf.revision in MOVING_REVISIONS:
+                given = "has no `revision`" if hf.revision is None else f"names branch {hf.revision!r}, which moves"
+                return [Problem("config.hf.revision", f"hub dataset {hf.name!r} {given}, so a cached "
+                                "artifact could hide a changed dataset; pin it: `revision: <commit sha or "
+                                "tag>` (the sha is on the dataset page under 'Files and versions', or "
+                                f"`huggingface_hub.HfApi().dataset_info({hf.name!r}).sha`)")]
+            return []
         try:
             self.build_table()
         except ReadError as e:

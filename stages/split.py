@@ -30,7 +30,6 @@ def in_fraction(row_id: str, seed: int, fraction: float) -> bool:
 class SplitStage(MapStage):
     type = "split"
     Config = SplitConfig
-    code_version = "1"
     inputs = {"data": InputRole(doc="rows with an id column")}
 
     config: SplitConfig

@@ -26,7 +26,6 @@ class SpmConfig(StageConfig):
 class SpmStage(TaskStage):
     type = "spm"
     Config = SpmConfig
-    code_version = "1"
     inputs = {"data": InputRole(required=True, doc="transfer set shards")}
     config: SpmConfig
 

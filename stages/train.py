@@ -100,7 +100,7 @@ def derive_seed(*parts: Any) -> int:
 class TrainStage(TaskStage):
     type = "train"
     Config = TrainConfig
-    code_version = "1"
+    seeded = True
     inputs = {
         "data": InputRole(required=True, doc="transfer set with id, text and gold label"),
         "labels": InputRole(required=False, many=True, doc="teacher label artifact(s)"),
@@ -108,6 +108,21 @@ class TrainStage(TaskStage):
         "dev": InputRole(required=False, doc="dev set for epoch selection"),
     }
     config: TrainConfig
+    model_folder = "student"
+
+    @classmethod
+    def report_section(cls, *, name: str, files_dir: Path, manifest: dict[str, Any]):
+        """One student row (dev accuracy from training, no speed) and its training curves."""
+        from pipeline.stage import ReportSection
+
+        m = json.loads((files_dir / "metrics.json").read_text())
+        row = {"model": name, "role": "student", "type": m.get("student"), "params": m.get("parameters"),
+               "size_bytes": sum(f.stat().st_size for f in (files_dir / "student").rglob("*") if f.is_file()),
+               "metric": "dev accuracy" if m.get("dev_accuracy") is not None else "",
+               "value": m.get("dev_accuracy"), "sent/s": None, "speed-up": None,
+               "labels": ", ".join(lab.get("stage") or lab["key"] for lab in m.get("labels", [])) or "gold only"}
+        curves = files_dir / "curves.png"
+        return ReportSection([row], [(f"Training curves: {name}", curves)] if curves.is_file() else [])
 
     # --- planning --------------------------------------------------------------------------
     def tokenizer_kind(self, has_spm_input: bool) -> str:
@@ -154,6 +169,7 @@ class TrainStage(TaskStage):
         return problems
 
     def fingerprint(self) -> dict[str, str]:
+        """The tokenizer's and the `architecture_from` model's files, when given."""
         out = {}
         for name, path in (("tokenizer", self.config.tokenizer.path), ("architecture", self.config.student.architecture_from)):
             if path and Path(path).exists():
@@ -314,7 +330,7 @@ def _loss(cfg: TrainConfig, logits, gold, teacher, temperature: float, progress:
 
 
 def _dev_metrics(student, table: dict[str, Any]) -> dict[str, float]:
-    from stages.evaluate import accuracy, macro_f1, token_f1
+    from kd.metrics import accuracy, macro_f1, token_f1
 
     if student.task == "token_classification":  # epoch selection by token accuracy
         pred = student.predict(table["texts"])

@@ -75,9 +75,7 @@ def resolve_label_names(data: "Artifact", sources: list[LabelSource], label_colu
     if names:
         return [str(n) for n in names]
     if sources:  # teacher logits without names: their width is the class count
-        import pyarrow.parquet as pq
-
-        field_type = pq.read_schema(sources[0].artifact.shard_paths()[0]).field(sources[0].columns[0]).type
+        field_type = sources[0].artifact.schema().field(sources[0].columns[0]).type
         while not hasattr(field_type, "list_size"):  # token logits: list<fixed_size_list<float, C>>
             field_type = field_type.value_type
         return [str(i) for i in range(field_type.list_size)]
@@ -172,7 +170,7 @@ class ShardStream:
 
         cols = ["id", *source.columns]
         art = source.artifact
-        table = art.read_shard(shard_index, columns=cols) if art.shard_path(shard_index).is_file() else None
+        table = art.read_shard(shard_index, columns=cols) if art.has_shard(shard_index) else None
         pos = pc.index_in(ids, value_set=table["id"]) if table is not None else None
         if pos is None or pos.null_count:
             # Shards not aligned with the data: gather this shard's ids from every label shard.

@@ -26,10 +26,10 @@ from typing import Any, Literal
 
 from pydantic import Field
 
+from kd.seq2seq import (SPM_NAME, ModelDims, TrainSchedule, build_model, check_columns, encode, fit,
+                        load_spm_tokenizer, read_pairs, save_checkpoint, seeded, source_reliance, token_loss,
+                        train_sentencepiece)
 from pipeline.stage import InputRole, Problem, StageConfig, StageContext, TaskStage, throughput
-from stages.seq2seq_teacher import (SPM_NAME, ModelDims, TrainSchedule, build_model, check_columns, encode,
-                                    fit, load_spm_tokenizer, read_pairs, save_checkpoint, seeded, source_reliance,
-                                    token_loss, train_sentencepiece)
 
 Target = Literal["reference", "seqkd", "seqinter", "wordkd"]
 LABEL_COLUMNS = {"reference": [], "seqkd": ["hyp_text", "hyp_ids"], "seqinter": ["hyp_text", "hyp_ids"],
@@ -125,7 +125,7 @@ def word_kd_loss(model, batch: list[dict[str, Any]], schedule: TrainSchedule, al
     import torch
     import torch.nn.functional as F
 
-    from stages.seq2seq_teacher import teacher_forced
+    from kd.seq2seq import teacher_forced
 
     logits, labels = teacher_forced(model, batch)
     nll = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=-100,
@@ -155,7 +155,7 @@ def word_kd_loss(model, batch: list[dict[str, Any]], schedule: TrainSchedule, al
 class TrainSeq2SeqStage(TaskStage):
     type = "train_seq2seq"
     Config = TrainSeq2SeqConfig
-    code_version = "2"
+    seeded = True
     inputs = {
         "data": InputRole(doc="parallel corpus: id, source and reference columns"),
         "labels": InputRole(required=False, doc="label stage output, task seq2seq"),
@@ -163,6 +163,7 @@ class TrainSeq2SeqStage(TaskStage):
     }
 
     config: TrainSeq2SeqConfig
+    model_folder = "student"
 
     def validate(self, *, input_columns) -> list[Problem]:
         cfg = self.config

@@ -51,3 +51,6 @@ def sentiment_tsv(tmp_path: Path) -> Path:
     path = tmp_path / "sample.tsv"
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
     return path
+
+
+from s3 import s3_server, s3_workdir  # noqa: E402,F401  (fixtures: a moto S3 server on loopback)
