@@ -22,7 +22,9 @@ for _var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE"):
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-SST2_TRAIN = REPO.parent / "shared" / "data" / "sst2" / "train.tsv"
+# The real data sets (as in tests/conftest.py): ../shared/data unless KDPIPE_SHARED_DATA names another folder.
+SHARED_DATA = Path(os.environ.get("KDPIPE_SHARED_DATA", REPO.parent / "shared" / "data"))
+SST2_TRAIN = SHARED_DATA / "sst2" / "train.tsv"
 
 
 def scale_fraction(text: str, *, full_rows: int | None = None) -> float:

@@ -24,7 +24,52 @@ def provenance(results: dict[str, Any], name: str) -> str:
             f"Command: `{' '.join(bench['command'])}`._")
 
 
+STEP_ORDER = ("setup", "read", "tokenise", "batching", "padding", "forward", "spacy", "augmentation", "arrow",
+              "process", "write: parquet", "write: hash", "write: marker", "write: the rest")
+
+
+def _step_rank(step: str) -> int:
+    """Steps in the order a shard goes through them (JSON files keep keys sorted by name)."""
+    return next((i for i, prefix in enumerate(STEP_ORDER) if step.lower().startswith(prefix)), len(STEP_ORDER))
+
+
+def render_label_profile(r: dict[str, Any]) -> str:
+    """`bench/label.py --profile`: ratios to the fair loop and where the stage's time goes."""
+    p, ratio, t = r["profile"], r["profile"]["ratios"], r["profile"]["stage_timing"]
+    n = r["sentences"]
+    fair = ", ".join(f"{x:.1f} s" for x in p["fair_seconds_runs"])
+    out = [f"{n:,} SST-2 sentences, token budget {r['settings']['token_budget']}, {r['settings']['rows_per_shard']} "
+           f"rows per shard, 1 actor with {r['settings']['num_cpus']:g} CPUs; load average {r['loadavg'][0]} → "
+           f"{r['loadavg'][1]}.", "",
+           "| measure | value | goal |", "|---|---|---|",
+           f"| fair bare loop (before, after the stage) | {fair} → {_f(n / p['fair_seconds'])} sentences/s | |",
+           f"| label stage wall (whole run with `ray.init`: {p['whole_run_seconds']:.1f} s) | {p['stage_seconds']:.1f} s "
+           f"→ {_f(n / p['stage_seconds'])} sentences/s | |",
+           f"| stage wall ÷ fair bare loop | **{_f(ratio['stage_over_fair'], 2)}** | ≥ 0.95 |",
+           f"| stage model time ÷ fair bare loop | **{_f(ratio['model_time_over_fair'], 2)}** | |",
+           f"| whole run ÷ fair bare loop | {_f(ratio['whole_run_over_fair'], 2)} | |",
+           f"| fp32 matmul now (FLOP ceiling, {p['flops_per_token'] / 1e6:.1f} MFLOP/token) | "
+           f"{sum(p['matmul_gflops_runs']) / 2:.1f} GFLOP/s = {p['token_ceiling_per_s']:.0f} tokens/s | |",
+           f"| useful tokens/s ÷ ceiling: fair loop, stage wall | {_f(ratio['fair_tokens_over_ceiling'], 2)}, "
+           f"{_f(ratio['stage_tokens_over_ceiling'], 2)} | ≥ 0.85 |", "",
+           "| label stage wall, from the run's manifest `timing` | seconds | share |", "|---|---|---|"]
+    parts = [("actor setup (imports, model load)", t.get("slowest_setup_seconds", 0.0)),
+             ("model time (`process`: tokenise, batch, forward, Arrow)", t.get("compute_seconds", 0.0)),
+             ("shard write (Parquet, hash, marker)", t.get("write_seconds", 0.0)),
+             ("the rest: process start, shard hand-off, scheduling", t.get("rest_seconds", 0.0))]
+    out += [f"| {k} | {v:.1f} | {100 * v / p['stage_seconds']:.0f}% |" for k, v in parts]
+    ip = p["in_process"]
+    out += ["", f"In-process breakdown of the same stage code ({ip['rows']} sentences, {ip['batches']} batches, "
+            f"{ip['wall_seconds']:.1f} s, no Ray):", "", "| step | seconds | share | ms per batch |", "|---|---|---|---|"]
+    batches = max(ip["batches"], 1)
+    out += [f"| {k} | {v:.3f} | {100 * v / ip['wall_seconds']:.1f}% | {1000 * v / batches:.1f} |"
+            for k, v in sorted(ip["breakdown"].items(), key=lambda kv: _step_rank(kv[0]))]
+    return "\n".join(out)
+
+
 def render_label(r: dict[str, Any]) -> str:
+    if r.get("bench") == "label_profile":
+        return render_label_profile(r)
     rate, ratio = r["sentences_per_s"], r["ratios"]
     rows = [("kdpipe `read → label` on Ray, label stage wall time (actor start-up included)", rate["stage"]),
             ("the same, whole run including `ray.init`", rate["whole_run"]),
@@ -68,6 +113,18 @@ def render_augment(r: dict[str, Any]) -> str:
              "pos_tag_2w_over_1w": ("pos_tag stage, 2 workers ÷ 1 worker", "")}
     out += ["", "| ratio | measured | goal |", "|---|---|---|"]
     out += [f"| {names.get(k, (k, ''))[0]} | {_f(v, 2)} | {names.get(k, (k, ''))[1]} |" for k, v in r["ratios"].items()]
+    out += ["", "| stage, from `manifest.json` `timing` (workers) | wall | actor setup (slowest) | model | write |",
+            "|---|---|---|---|---|"]
+    for w, run in r["runs"].items():
+        for name in ("pos_tag", "augment"):
+            st = run["stages"].get(name, {})
+            if "compute_seconds" in st:
+                out.append(f"| {name} ({w}) | {st['seconds']:.1f} | {st.get('slowest_setup_seconds', 0):.1f} | "
+                           f"{st['compute_seconds']:.1f} | {st['write_seconds']:.1f} |")
+    for name, prof in (r.get("profile") or {}).items():
+        if prof.get("breakdown"):
+            out += ["", f"In-process {name} ({prof['wall_seconds']:.1f} s, no Ray): " + ", ".join(
+                f"{k} {v:.2f} s" for k, v in sorted(prof["breakdown"].items(), key=lambda kv: _step_rank(kv[0]))) + "."]
     return "\n".join(out)
 
 

@@ -231,13 +231,23 @@ def profile_in_process(tmp: Path, sentences: list[str], model: Path, args) -> di
 
 def run_profile(args, sentences: list[str], model: Path, tmp: Path, tsv: Path) -> dict:
     """Fair loop, in-process breakdown, the real Ray run, fair loop again: side by side, because
-    a loaded machine changes speed from minute to minute."""
+    a loaded machine changes speed from minute to minute. Each phase's figures are written to
+    --json as soon as they exist, so an interrupted run keeps what it measured."""
     n = len(sentences)
+    partial: dict = {}
+
+    def keep(**figures) -> None:
+        partial.update(figures)
+        write_json(args.json, {"bench": "label_profile", "partial": True, "sentences": n, **partial})
+
     fair1, tokens = bench_fair(sentences, model, args)
     gflops1 = matmul_gflops(int(args.num_cpus))
+    keep(fair1_seconds=fair1, useful_tokens=tokens, gflops1=gflops1)
     prof = profile_in_process(tmp / "prof", sentences[: args.profile_rows], model, args)
+    keep(in_process=prof)
     stage, total, summary = bench_stage(tmp, tsv, model, args)
     timing = summary["timing"]
+    keep(stage_seconds=stage, whole_run_seconds=total, stage_timing=timing)
     fair2, _ = bench_fair(sentences, model, args)
     gflops2 = matmul_gflops(int(args.num_cpus))
     fair = (fair1 + fair2) / 2

@@ -156,9 +156,11 @@ def pad(seqs: list[list[int]], value: int):
 
 
 def teacher_forced(model, batch: list[dict[str, Any]]):
-    """float32 logits of the targets given their sources ({src, tgt} ids), and the padded labels."""
-    src = pad([ex["src"] for ex in batch], 0)
-    labels = pad([ex["tgt"] for ex in batch], -100)
+    """float32 logits of the targets given their sources ({src, tgt} ids), and the padded labels,
+    on the model's device."""
+    device = next(model.parameters()).device
+    src = pad([ex["src"] for ex in batch], 0).to(device)
+    labels = pad([ex["tgt"] for ex in batch], -100).to(device)
     logits = model(input_ids=src, attention_mask=(src != 0).long(),
                    decoder_input_ids=decoder_inputs(model, labels)).logits
     return logits.float(), labels
@@ -178,13 +180,21 @@ def token_loss(model, batch: list[dict[str, Any]], schedule: TrainSchedule):
 
 def fit(model, examples: list[dict[str, Any]], schedule: TrainSchedule, *, scratch: Path, seed: int,
         checkpoint_every: int, loss_fn: LossFn = token_loss,
-        on_step: Callable[[int], None] | None = None) -> dict[str, Any]:
+        on_step: Callable[[int], None] | None = None, dtype=None) -> dict[str, Any]:
     """Train `model` on examples ({"src": ids, "tgt": ids, ...}) with AdamW, linear warmup and
     inverse-sqrt decay. Every `checkpoint_every` updates the weights (safetensors), optimizer
     state and step go to `scratch`; a rerun continues from there and ends with the same weights
-    as an uninterrupted run (batch order and dropout are seeded per epoch and per step)."""
+    as an uninterrupted run (batch order and dropout are seeded per epoch and per step).
+    The model trains where it is (CPU or CUDA); `dtype` below float32 runs the forward passes
+    under autocast (float32 weights), with loss scaling for float16."""
     import torch
     from safetensors.torch import load_model, save_model
+
+    from pipeline.devices import autocast
+
+    device = next(model.parameters()).device
+    dtype = dtype or torch.float32
+    scaler = torch.amp.GradScaler("cuda", enabled=device.type == "cuda" and dtype == torch.float16)
 
     if not examples:
         raise ValueError("no training examples")
@@ -202,7 +212,7 @@ def fit(model, examples: list[dict[str, Any]], schedule: TrainSchedule, *, scrat
     step, curve = 0, []
     if state_file.is_file():
         state = json.loads(state_file.read_text())
-        load_model(model, str(scratch / state["dir"] / "model.safetensors"))
+        load_model(model, str(scratch / state["dir"] / "model.safetensors"), device=str(device))
         opt = torch.load(scratch / state["dir"] / "optimizer.pt", weights_only=True)
         optimizer.load_state_dict(opt["optimizer"])
         scheduler.load_state_dict(opt["scheduler"])
@@ -218,11 +228,14 @@ def fit(model, examples: list[dict[str, Any]], schedule: TrainSchedule, *, scrat
             epoch_batches = (epoch, make_batches(lengths, schedule.batch_size, seed=seed, epoch=epoch))
         batch_ids = epoch_batches[1][offset]
         torch.manual_seed(seeded(seed, "dropout", step))
-        loss = loss_fn(model, [examples[i] for i in batch_ids], schedule)
+        with autocast(device, dtype):
+            loss = loss_fn(model, [examples[i] for i in batch_ids], schedule)
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        scaler.scale(loss).backward()
+        scaler.unscale_(optimizer)
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
+        scaler.step(optimizer)
+        scaler.update()
         scheduler.step()
         step += 1
         running, n_running = running + loss.item(), n_running + 1

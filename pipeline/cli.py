@@ -62,7 +62,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
         estimates = estimate_graph(graph, probe_rows=args.probe_rows, log=lambda m: print(m, file=sys.stderr))
         print(format_estimates(estimates, gpu_hour_cost=args.gpu_hour_cost))
         return 0
-    for plan in plan_graph(graph, only=args.only, start=args.start, stop=args.stop):
+    for plan in plan_graph(graph, only=args.only, start=args.start, stop=args.stop, verify=args.verify):
         print(f"{plan.name:<20} {plan.status:<7} {plan.node.type:<10} {plan.key}  {plan.reason}")
     return 0
 
@@ -196,7 +196,7 @@ def cmd_schema(args: argparse.Namespace) -> int:
 def cmd_stages(args: argparse.Namespace) -> int:
     from pipeline.code_identity import CodeIdentity
     from pipeline.registry import get_stage_class, stage_types
-    from pipeline.stage import throughput_fields
+    from pipeline.stage import throughput_fields, unkeyed_fields
 
     for type_key in [args.type] if args.type else stage_types():
         try:
@@ -214,9 +214,11 @@ def cmd_stages(args: argparse.Namespace) -> int:
             print(f"  input {role}: {spec.kind}, {need}{', many' if spec.many else ''}  {spec.doc}")
         if args.type:
             fast = throughput_fields(cls.Config)
+            resolved = unkeyed_fields(cls.Config) - fast
             for name, field in cls.Config.model_fields.items():
                 default = "required" if field.is_required() else repr(field.default)
-                note = " [throughput: not in cache key]" if name in fast else ""
+                note = " [throughput: not in cache key]" if name in fast else \
+                    " [resolved value in cache key]" if name in resolved else ""
                 desc = f"  {field.description}" if field.description else ""
                 print(f"  config.{name} = {default}{note}{desc}")
         print()
@@ -238,6 +240,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("plan", help="show what would run and why")
     _add_manifest_args(p)
+    p.add_argument("--verify", action="store_true", help="re-hash cached shards and files (default: trust stored digests)")
     p.add_argument("--estimate", action="store_true", help="probe each stage on a sample: rows, bytes, time, cost")
     p.add_argument("--probe-rows", type=int, default=256, help="sample rows per probed stage (--estimate)")
     p.add_argument("--gpu-hour-cost", type=float, help="price of one GPU (or machine) hour, for --estimate")

@@ -13,15 +13,17 @@ Heavy imports (torch, transformers, spacy) belong inside methods, never at modul
 from __future__ import annotations
 
 import dataclasses
+import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 if TYPE_CHECKING:
     import pyarrow as pa
 
     from pipeline.artifact import Artifact
+    from pipeline.devices import Numerics
 
 
 class StageConfig(BaseModel):
@@ -35,12 +37,54 @@ def throughput(default: Any, **kwargs: Any) -> Any:
     return Field(default, json_schema_extra={"throughput": True}, **kwargs)
 
 
-def throughput_fields(config_cls: type[StageConfig]) -> set[str]:
+def resolved(default: Any, **kwargs: Any) -> Any:
+    """A config field whose *resolved* value enters the key instead of the raw one (device and
+    dtype: `auto` and the value it resolves to give the same numbers)."""
+    return Field(default, json_schema_extra={"resolved": True}, **kwargs)
+
+
+def _marked(config_cls: type[StageConfig], marker: str) -> set[str]:
     return {
         name
         for name, field in config_cls.model_fields.items()
-        if isinstance(field.json_schema_extra, dict) and field.json_schema_extra.get("throughput")
+        if isinstance(field.json_schema_extra, dict) and field.json_schema_extra.get(marker)
     }
+
+
+def throughput_fields(config_cls: type[StageConfig]) -> set[str]:
+    return _marked(config_cls, "throughput")
+
+
+def unkeyed_fields(config_cls: type[StageConfig]) -> set[str]:
+    """Fields left out of the raw config in the key: throughput knobs and resolved fields."""
+    return _marked(config_cls, "throughput") | _marked(config_cls, "resolved")
+
+
+_MEMORY_UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "kib": 1024, "m": 1000**2, "mb": 1000**2,
+                 "mib": 1024**2, "g": 1000**3, "gb": 1000**3, "gib": 1024**3}
+
+
+def _memory_bytes(value: Any) -> Any:
+    """`memory: 4GiB` (or 4GB, 512MiB, bytes as a number) -> bytes, as Ray's `memory` wants."""
+    if not isinstance(value, str):
+        return value
+    match = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([A-Za-z]*)\s*", value)
+    unit = match.group(2).lower() if match else None
+    if unit not in _MEMORY_UNITS:
+        raise ValueError(f"{value!r} is not an amount of memory; write e.g. 4GiB, 512MiB or a number of bytes")
+    return int(float(match.group(1)) * _MEMORY_UNITS[unit])
+
+
+class ResourceConfig(StageConfig):
+    """What one worker of a stage (an actor of a map stage, the task of a source/task stage) asks
+    Ray for. Every stage's config derives from this. Placement decides speed, not results; the
+    device a GPU request implies enters the key through `pipeline.devices` (numerics)."""
+
+    num_cpus: float | None = throughput(None, gt=0, description="CPUs per worker (default: the stage's own)")
+    num_gpus: float = throughput(0, ge=0, description="GPUs per worker; for model stages > 0 means CUDA (the resolved device is in the key)")
+    memory: int | None = throughput(None, gt=0, description="memory reserved per worker: bytes, or 4GiB, 512MiB")
+
+    _memory = field_validator("memory", mode="before")(classmethod(lambda cls, v: _memory_bytes(v)))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -199,8 +243,23 @@ class Stage:
         return None
 
     def resources(self) -> dict[str, float]:
-        num_cpus = getattr(self.config, "num_cpus", None) or self.default_num_cpus
-        return {"num_cpus": float(num_cpus)}
+        """The Ray request of one worker, from the config alone (never from the driver's hardware)."""
+        cfg = self.config
+        out = {"num_cpus": float(getattr(cfg, "num_cpus", None) or self.default_num_cpus)}
+        if getattr(cfg, "num_gpus", 0):
+            out["num_gpus"] = float(cfg.num_gpus)
+        if getattr(cfg, "memory", None):
+            out["memory"] = float(cfg.memory)
+        return out
+
+    def numerics(self) -> "Numerics | None":
+        """Resolved (device kind, dtype) for stages whose numbers depend on them; None otherwise.
+        Known at plan time from the config and the placement it asks for (pipeline.devices)."""
+        from pipeline.devices import NumericsConfig, plan_numerics
+
+        if isinstance(self.config, NumericsConfig):
+            return plan_numerics(self.config)
+        return None
 
 
 class SourceStage(Stage):

@@ -19,7 +19,7 @@ from pydantic import Field
 
 from kd.metrics import accuracy, macro_f1, token_f1
 from pipeline.artifact import write_json
-from pipeline.stage import InputRole, Problem, StageConfig, StageContext, TaskStage, throughput
+from pipeline.stage import InputRole, Problem, ResourceConfig, StageContext, TaskStage, throughput
 
 
 # The metric a report shows for a model, by task: the first of these that was scored.
@@ -35,7 +35,7 @@ def model_dir(art_path: Path) -> Path:
     return files
 
 
-class EvaluateConfig(StageConfig):
+class EvaluateConfig(ResourceConfig):
     text_column: str = "text"
     pair_column: str | None = None
     label_column: str = Field("label", description="gold class (classification) or tag list (tagging)")
@@ -45,7 +45,6 @@ class EvaluateConfig(StageConfig):
     teacher_model: str | None = Field(None, description="a local HF model dir as the speed reference, "
                                       "when the teacher is not an artifact of this run (no `teacher` input)")
     batch_size: int = throughput(64, gt=0)
-    num_cpus: int = throughput(1, gt=0)
 
 
 class EvaluateStage(TaskStage):

@@ -20,14 +20,15 @@ from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
+from pipeline.devices import NumericsConfig, worker_device
 from pipeline.hashing import hash_obj
-from pipeline.stage import Facts, InputRole, MapStage, Problem, StageConfig, StageContext, throughput
-from stages.teachers import (LabelOrderError, Task, TeacherSpec, check_teacher, cuda_visible, default_name,
-                             label_names, label_order, length_batches, load_teacher, pad_batch, pick_device,
-                             pick_dtype, quiet_transformers, read_config, resolve_teacher, teacher_fingerprint)
+from pipeline.stage import Facts, InputRole, MapStage, Problem, StageContext, throughput
+from stages.teachers import (LabelOrderError, Task, TeacherSpec, check_teacher, default_name,
+                             label_names, label_order, length_batches, load_teacher, pad_batch,
+                             quiet_transformers, read_config, resolve_teacher, teacher_fingerprint)
 
 
-class LabelConfig(StageConfig):
+class LabelConfig(NumericsConfig):
     task: Task = "classification"
     teacher: str | None = Field(None, description="checkpoint directory or cached hub id")
     revision: str | None = Field(None, description="hub revision of `teacher`")
@@ -50,13 +51,8 @@ class LabelConfig(StageConfig):
     length_penalty: float = 1.0
     max_new_tokens: int = Field(64, gt=0)
     topk: int = Field(0, ge=0, description="seq2seq word-level KD targets per position; 0 = off")
-    # Weights dtype on CUDA (CPU always runs float32). Part of the key: it changes the numbers.
-    dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
-    device: str = throughput("auto", description="auto | cpu | cuda[:i]")
     token_budget: int = throughput(8192, gt=0, description="padded tokens per batch")
     batch_size: int = throughput(256, gt=0, description="most rows per batch")
-    num_cpus: float | None = throughput(None, gt=0)
-    num_gpus: float | None = throughput(None, ge=0, description="per actor; default 1 when a GPU is present")
     concurrency: int | None = throughput(None, gt=0, description="actors (one model each)")
 
     @model_validator(mode="after")
@@ -220,21 +216,12 @@ class LabelStage(MapStage):
             out["teacher input names"] = json.dumps(names)
         return out
 
-    def resources(self) -> dict[str, float]:
-        res = super().resources()
-        gpus = self.config.num_gpus
-        if gpus is None and self.config.device != "cpu" and cuda_visible():
-            gpus = 1.0
-        if gpus:
-            res["num_gpus"] = float(gpus)
-        return res
-
     # --- worker ---------------------------------------------------------------------------
     def setup(self, ctx: StageContext) -> None:
         quiet_transformers()
         cfg = self.config
-        self.device = pick_device(cfg.device)
-        self.dtype = pick_dtype(self.device, cfg.dtype)
+        # As planned (num_gpus > 0 -> CUDA), or DeviceUnavailable naming this node.
+        self.device, self.dtype = worker_device(self.numerics(), stage=ctx.stage_name)
         sources: list[tuple[str, Any, str | None]] = []
         for spec in cfg.teacher_specs():
             local = resolve_teacher(spec.path, spec.revision)
@@ -279,7 +266,7 @@ class LabelStage(MapStage):
         cfg = self.config
         names = [n for n, _, _ in self.teachers]
         n = len(names)
-        md = {"task": cfg.task, "teachers": json.dumps(names), "device": self.device,
+        md = {"task": cfg.task, "teachers": json.dumps(names), "device": self.device.type,
               "dtype": str(self.dtype).removeprefix("torch.")}
         if self.label_names is not None:
             md["label_names"] = json.dumps(self.label_names)

@@ -104,11 +104,11 @@ def combine_teachers(logits: Sequence["torch.Tensor"], *, mode: str = "mean",
         return logits[0].float()
     stacked = torch.stack([t.float() for t in logits])
     if mode == "mean":
-        w = torch.ones(len(logits), dtype=torch.float32)
+        w = torch.ones(len(logits), dtype=torch.float32, device=stacked.device)
     elif weights is None or len(weights) != len(logits):
         raise ValueError(f"ensemble mode 'weighted' needs {len(logits)} weights, got {weights!r}")
     else:
-        w = torch.tensor([float(x) for x in weights], dtype=torch.float32)
+        w = torch.tensor([float(x) for x in weights], dtype=torch.float32, device=stacked.device)
         if float(w.sum()) <= 0:
             raise ValueError("ensemble weights must sum to a positive number")
     # Per row, only the teachers that have it count; a row no teacher has stays NaN (masked later).

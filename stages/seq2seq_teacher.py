@@ -17,13 +17,14 @@ from pydantic import Field
 
 from kd.seq2seq import (SPM_NAME, ModelDims, TrainSchedule, build_model, check_columns, decoder_inputs, encode, fit,
                         load_spm_tokenizer, read_pairs, save_checkpoint, seeded, source_reliance, train_sentencepiece)
-from pipeline.stage import InputRole, Problem, StageConfig, StageContext, TaskStage, throughput
+from pipeline.devices import NumericsConfig, worker_device
+from pipeline.stage import InputRole, Problem, StageContext, TaskStage, throughput
 
 # decoder_inputs: importable from here for callers that predate kd/seq2seq.py (new code imports kd).
 __all__ = ["ModelDims", "Seq2SeqTeacherConfig", "Seq2SeqTeacherStage", "TrainSchedule", "decoder_inputs"]
 
 
-class Seq2SeqTeacherConfig(StageConfig):
+class Seq2SeqTeacherConfig(NumericsConfig):
     source_column: str = "text"
     target_column: str = "de"
     vocab_size: int = Field(1000, gt=10, description="joint sentencepiece vocabulary (a soft limit)")
@@ -31,7 +32,6 @@ class Seq2SeqTeacherConfig(StageConfig):
     train: TrainSchedule = Field(default_factory=TrainSchedule)
     num_beams: int = Field(4, gt=0, description="default beam width stored in generation_config")
     checkpoint_every: int = throughput(200, gt=0, description="updates between scratch checkpoints")
-    num_cpus: float | None = throughput(None, gt=0)
 
 
 # --- the stage --------------------------------------------------------------------------------
@@ -62,13 +62,16 @@ class Seq2SeqTeacherStage(TaskStage):
             texts = [p["src"] for p in pairs] + [p["tgt"] for p in pairs]
             train_sentencepiece(texts, spm_dir, cfg.vocab_size, seed=ctx.seed)
         tok = load_spm_tokenizer(spm_dir)
+        # As planned (num_gpus > 0 -> CUDA), or DeviceUnavailable naming this node.
+        device, dtype = worker_device(self.numerics(), stage=ctx.stage_name)
         model = build_model(tok, cfg.model, seed=seeded(ctx.seed, "init"),
-                         max_new_tokens=cfg.train.max_target_tokens, num_beams=cfg.num_beams)
+                            max_new_tokens=cfg.train.max_target_tokens, num_beams=cfg.num_beams).to(device)
         src = encode(tok, [p["src"] for p in pairs], cfg.train.max_source_tokens)
         tgt = encode(tok, [p["tgt"] for p in pairs], cfg.train.max_target_tokens)
         examples = [{"src": s, "tgt": t} for s, t in zip(src, tgt)]
         stats = fit(model, examples, cfg.train, scratch=ctx.scratch_dir / "train", seed=ctx.seed,
-                    checkpoint_every=cfg.checkpoint_every)
+                    checkpoint_every=cfg.checkpoint_every, dtype=dtype)
         stats["source_reliance"] = source_reliance(model, examples)
         params = save_checkpoint(model, tok, spm_dir, ctx.out_dir / "model")
-        return {"parameters": params, "vocab_size": len(tok), **stats}
+        return {"parameters": params, "vocab_size": len(tok), "device": device.type,
+                "dtype": str(dtype).removeprefix("torch."), **stats}

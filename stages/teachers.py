@@ -217,36 +217,6 @@ def _known_model_type(model_type: str | None) -> bool:
     return model_type in CONFIG_MAPPING_NAMES
 
 
-def cuda_visible() -> bool:
-    """Whether this machine has an NVIDIA GPU, without importing torch (driver-side resources)."""
-    if os.environ.get("CUDA_VISIBLE_DEVICES", None) in ("", "-1"):
-        return False
-    return Path("/proc/driver/nvidia/gpus").is_dir() and any(Path("/proc/driver/nvidia/gpus").iterdir())
-
-
-def pick_device(device: str) -> str:
-    """'auto' -> 'cuda' when torch sees a GPU, else 'cpu'. An explicit 'cuda' without one fails."""
-    import torch
-
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise RuntimeError(f"device {device!r} requested but torch sees no CUDA device; use device: auto or cpu")
-    return device
-
-
-def pick_dtype(device: str, dtype: str = "auto"):
-    """Weights dtype. CPU is always float32: bf16 runs 5.5x slower on CPUs without bf16 units and
-    fp16 matmuls are not supported well there. On CUDA, auto = bf16 where supported, else fp16."""
-    import torch
-
-    if not device.startswith("cuda"):
-        return torch.float32
-    if dtype == "auto":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[dtype]
-
-
 def load_teacher(local: Path, *, task: Task, device: str, dtype, trust_remote_code: bool = False,
                  head_seed: int | None = None, revision: str | None = None):
     """(model in eval mode on `device`, tokenizer). `head_seed` seeds weights missing from the

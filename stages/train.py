@@ -31,8 +31,9 @@ from typing import Any, Callable, Literal
 from pydantic import Field
 
 from pipeline.artifact import write_json
+from pipeline.devices import NumericsConfig, autocast, move, worker_device
 from pipeline.hashing import hash_obj, hash_tree
-from pipeline.stage import InputRole, Problem, StageConfig, StageContext, TaskStage, throughput, throughput_fields
+from pipeline.stage import InputRole, Problem, StageConfig, StageContext, TaskStage, throughput_fields
 from stages.train_data import ShardStream, label_sources, read_eval_table, resolve_label_names
 
 
@@ -68,7 +69,7 @@ class EnsembleSpec(StageConfig):
     weights: list[float] | None = None
 
 
-class TrainConfig(StageConfig):
+class TrainConfig(NumericsConfig):
     task: Literal["classification", "token_classification"] = Field(
         "classification", description="token_classification: a bilstm tagger over a word-list "
         "student_column (e.g. words), gold tag lists in label_column, token-level KD")
@@ -90,7 +91,6 @@ class TrainConfig(StageConfig):
     max_length: int = Field(64, gt=0)
     patience: int | None = Field(None, gt=0, description="stop after this many epochs without dev gain")
     seed: int = 0
-    num_cpus: int = throughput(1, gt=0)
 
 
 def derive_seed(*parts: Any) -> int:
@@ -201,12 +201,16 @@ class TrainStage(TaskStage):
                 "max_length": cfg.max_length, "student_column": cfg.student_column,
                 "student_pair_column": cfg.student_pair_column,
                 "hyperparameters": cfg.student.model_dump(mode="json", exclude_none=True)}
+        # As planned (num_gpus > 0 -> CUDA), or DeviceUnavailable naming this node.
+        device, dtype = worker_device(self.numerics(), stage=ctx.stage_name)
         torch.manual_seed(derive_seed(seed, "init"))
-        module = _student_module(cfg.student.type, cfg.task).create(meta=meta, tokenizer=tokenizer)
+        module = _student_module(cfg.student.type, cfg.task).create(meta=meta, tokenizer=tokenizer).to(device)
         if any(s.task != cfg.task for s in sources):
             raise ValueError(f"config.task is {cfg.task!r} but the label artifacts hold "
                              f"{sorted({s.task for s in sources})} labels; set task to match the label stage")
         optimizer = _optimizer(cfg, module)
+        # float16 needs loss scaling; bfloat16 and float32 do not (the scaler is then a pass-through).
+        scaler = torch.amp.GradScaler("cuda", enabled=device.type == "cuda" and dtype == torch.float16)
         stream = ShardStream(data=data, sources=sources, label_names=label_names, cfg=cfg,
                              use_gold_on_augmented=cfg.gold_on_augmented or not sources)
         total_steps = cfg.epochs * stream.batches_per_epoch()
@@ -225,10 +229,13 @@ class TrainStage(TaskStage):
             seen, t0 = 0, time.perf_counter()
             for batch, gold, teacher in stream.batches(epoch=epoch, seed=seed, module=module):
                 progress = step / max(1, total_steps - 1)
-                loss, parts = _loss(cfg, module(**batch), gold, teacher, temperature, progress)
+                batch, gold, teacher = move(batch, device), move(gold, device), move(teacher, device)
+                with autocast(device, dtype):
+                    loss, parts = _loss(cfg, module(**batch), gold, teacher, temperature, progress)
                 optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
+                scaler.scale(loss).backward()
+                scaler.step(optimizer)
+                scaler.update()
                 step += 1
                 seen += len(gold)
                 for k, v in {"loss": float(loss.detach()), **parts}.items():
@@ -265,7 +272,8 @@ class TrainStage(TaskStage):
         _plot_curves(history, ctx.out_dir / "curves.png", title=f"{ctx.stage_name} ({cfg.student.type})")
         return {k: metrics[k] for k in ("student", "parameters", "best_epoch", "labels", "dev_accuracy",
                                         "resumed_from_epoch", "train_examples_per_s")} | {
-            "epochs_run": len(history), "student_dir": str(student_dir)}
+            "epochs_run": len(history), "student_dir": str(student_dir), "device": device.type,
+            "dtype": str(dtype).removeprefix("torch.")}
 
     def _build_tokenizer(self, ctx: StageContext, data):
         from stages.students.common import HFTokenizer, SpmTokenizer, WordVocab

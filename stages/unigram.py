@@ -11,13 +11,13 @@ from collections import Counter
 from typing import Any
 
 from kd.unigram_table import TABLE_FILE, count_pairs, load_unigram_table
-from pipeline.stage import InputRole, Problem, StageConfig, StageContext, TaskStage
+from pipeline.stage import InputRole, Problem, ResourceConfig, StageContext, TaskStage
 
 # load_unigram_table lives in kd/unigram_table.py; it stays importable from here for older callers.
 __all__ = ["UnigramConfig", "UnigramStage", "load_unigram_table"]
 
 
-class UnigramConfig(StageConfig):
+class UnigramConfig(ResourceConfig):
     lowercase: bool = False
 
 

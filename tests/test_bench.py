@@ -100,3 +100,23 @@ def test_benchmarks_md_blocks_are_balanced():
     text = (REPO / "BENCHMARKS.md").read_text(encoding="utf-8")
     for name in run_all.BENCHES:
         assert text.count(f"<!-- run_all:{name} begin -->") == text.count(f"<!-- run_all:{name} end -->") <= 1
+
+
+def test_label_profile_renders_ratios_and_the_breakdown_in_shard_order():
+    from _render import render_label
+
+    profile = {"fair_seconds_runs": [30.0, 34.0], "fair_seconds": 32.0, "stage_seconds": 64.0, "whole_run_seconds": 70.0,
+               "flops_per_token": 2.17e7, "matmul_gflops_runs": [10.0, 12.0], "token_ceiling_per_s": 500.0,
+               "ratios": {"stage_over_fair": 0.5, "model_time_over_fair": 0.6, "whole_run_over_fair": 0.46,
+                          "fair_tokens_over_ceiling": 0.8, "stage_tokens_over_ceiling": 0.4},
+               "stage_timing": {"slowest_setup_seconds": 8.0, "compute_seconds": 53.0, "write_seconds": 1.0,
+                                "rest_seconds": 2.0},
+               "in_process": {"rows": 100, "batches": 2, "wall_seconds": 10.0,
+                              "breakdown": {"write: hash": 0.1, "forward": 9.0, "tokenise": 0.5, "setup (model load)": 0.4}}}
+    r = {"bench": "label_profile", "sentences": 5051, "loadavg": [30.1, 40.2],
+         "settings": {"token_budget": 8192, "rows_per_shard": 1000, "num_cpus": 2.0}, "profile": profile}
+    text = render_label(r)
+    assert "| stage wall ÷ fair bare loop | **0.50** | ≥ 0.95 |" in text and "load average 30.1 → 40.2" in text
+    assert "| actor setup (imports, model load) | 8.0 | 12% |" in text
+    steps = [line.split("|")[1].strip() for line in text.splitlines() if line.startswith("| ") and "ms per batch" not in line]
+    assert steps[-4:] == ["setup (model load)", "tokenise", "forward", "write: hash"]

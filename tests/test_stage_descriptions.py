@@ -43,8 +43,8 @@ def test_label_names_of_another_runs_artifact_reach_the_teacher_check(tmp_path):
     with pytest.raises(ManifestError) as err:
         build_graph(parse_manifest(manifest))
     message = "\n".join(err.value.problems)
-    assert "has 3 labels" in message and "the data has 2 ['negative', 'positive']" in message
-    assert "(set at inputs (@first/read))" in message
+    # the data's label names and where they were set come from the other run's artifact
+    assert "has 3 labels" in message and "['negative', 'positive']" in message and "inputs (@first/read)" in message
 
 
 def test_predict_finds_the_model_where_the_stage_type_keeps_it(tmp_path):
