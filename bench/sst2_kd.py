@@ -17,7 +17,7 @@ Scale 1.0 (sized for about an hour on 2 CPU cores, not shared with other work):
     Expected cost (extrapolated from --scale 0.2, which ran 13.5 min on the 2 shared cores):
     teacher ~10 min (MiniLM training is ~15-20 rows/s here), labeling ~50k rows ~8 min, 9 students
     ~20 min, evaluation ~2 min.
---scale multiplies the training subset (the other settings stay), e.g. --scale 0.02 is a smoke test.
+--scale is a fraction in (0, 1] of the training subset (the other settings stay); 0.02 is a smoke test.
 
     .venv/bin/python bench/sst2_kd.py --scale 1 [--data ../shared/data/sst2] [--seeds 3] [--json out.json]
 """
@@ -33,7 +33,7 @@ from pathlib import Path
 
 import yaml
 
-from _env import REPO
+from _env import REPO, add_bench_args, write_json
 TEMPLATE = REPO / "manifests" / "sst2-tang.yaml"
 TRAIN_ROWS = 5000
 STUDENTS = {"student_kd_aug": "KD + augmentation", "student_kd": "KD, no augmentation", "student_nokd": "no KD"}
@@ -122,7 +122,8 @@ def report(res: dict, *, rows: int, dev_rows: int, seeds: list[int], args, secon
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--scale", type=float, default=1.0, help=f"training subset = {TRAIN_ROWS} x scale rows")
+    add_bench_args(p, default_scale=1.0, full=f"{TRAIN_ROWS:,} training sentences, about an hour",
+                   full_rows=TRAIN_ROWS)
     p.add_argument("--data", default=str(REPO.parent / "shared" / "data" / "sst2"), help="folder with train.tsv, dev.tsv")
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--n-iter", type=int, default=10)
@@ -130,7 +131,6 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--kd-aug-epochs", type=int, default=4)
     p.add_argument("--student-epochs", type=int, default=10)
     p.add_argument("--workdir", default=str(REPO / "out" / "sst2_kd"))
-    p.add_argument("--json", help="also write the figures here")
     args = p.parse_args(argv)
     if not (Path(args.data) / "train.tsv").is_file():
         p.error(f"{args.data}/train.tsv not found; pass --data <folder with the GLUE SST-2 TSVs>")
@@ -155,10 +155,9 @@ def main(argv: list[str] | None = None) -> int:
     print()
     print(report(res, rows=rows, dev_rows=metrics["rows"], seeds=seeds, args=args, seconds=seconds,
                  stage_seconds=stage_seconds))
-    if args.json:
-        Path(args.json).write_text(json.dumps({"scale": args.scale, "rows": rows, "seeds": seeds, "n_iter": args.n_iter,
-                                               "seconds": round(seconds, 1), "stage_seconds": stage_seconds,
-                                               "results": res}, indent=2) + "\n")
+    write_json(args.json, {"bench": "sst2_kd", "scale": args.scale, "rows": rows, "seeds": seeds,
+                           "n_iter": args.n_iter, "seconds": round(seconds, 1), "stage_seconds": stage_seconds,
+                           "dev_rows": metrics["rows"], "results": res})
     return 0
 
 

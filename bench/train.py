@@ -1,11 +1,13 @@
 """BiLSTM student training speed: the train stage fed from Parquet shards (seeded shard order,
-per-shard id join to teacher logits, tokenization, batching) vs a bare PyTorch loop over batches
-already tokenized and padded in memory. Same model, batch size, losses and thread count, measured in
+per-shard id join to teacher logits, tokenization, batching) vs a bare PyTorch loop over the
+stage's own batches, already prepared in memory. Same model, batch size, losses and thread count, measured in
 one invocation, alternating the two (best of --repeat each, for a shared machine).
 Goal: stage / bare >= 0.9.
 
-    .venv/bin/python bench/train.py --scale 4000            # rows in the transfer set
-    .venv/bin/python bench/train.py --scale 20000 --model tang   # Tang et al. sizes (emb 300, hidden 300)
+--scale is a fraction of 40,000 synthetic rows (about the size of a Tang transfer set).
+
+    .venv/bin/python bench/train.py --scale 0.1                 # 4,000 rows
+    .venv/bin/python bench/train.py --scale 0.075 --model tang  # Tang et al. sizes (emb 300, hidden 300)
 """
 from __future__ import annotations
 
@@ -15,7 +17,9 @@ import tempfile
 import time
 from pathlib import Path
 
-import _env  # noqa: F401  (kdpipe from this checkout, offline)
+from _env import add_bench_args, scaled, write_json
+
+FULL_ROWS = 40_000
 
 MODELS = {"small": {"embedding_dim": 64, "hidden_dim": 64, "mlp_dim": 64},
           "tang": {"embedding_dim": 300, "hidden_dim": 300, "mlp_dim": 400}}
@@ -42,37 +46,41 @@ def synthetic(rows: int, vocab: int, seed: int):
     return data, lab
 
 
-def bare_loop(cfg, data, lab, threads: int) -> tuple[float, int]:
-    """The same student and loss over pre-collated in-memory batches: the ceiling for the stage."""
-    import numpy as np
+def bare_loop(cfg, data_art, lab_art, threads: int) -> tuple[float, int]:
+    """The same student, loss and batches as the stage (its own tokenizer, seeded shard and row
+    order, id join and padding, all prepared before the clock starts), trained by a bare loop:
+    the ceiling for the stage."""
     import torch
 
-    from stages.students.common import WordVocab
-    from stages.train import _loss, _optimizer, _student_module, derive_seed
+    from stages.train import TrainStage, _loss, _student_module, _optimizer, derive_seed
+    from stages.train_data import ShardStream, label_sources, resolve_label_names
+    from pipeline.testing import make_context
 
     torch.set_num_threads(threads)
-    texts = data["text"].to_pylist()
-    vocab = WordVocab.build(texts, max_size=cfg.tokenizer.vocab_size)
-    meta = {"num_labels": 2, "pair": False, "max_length": cfg.max_length,
-            "hyperparameters": cfg.student.model_dump(mode="json", exclude_none=True)}
-    torch.manual_seed(derive_seed(0, "init"))
-    module = _student_module("bilstm").create(meta=meta, tokenizer=vocab)
+    stage = TrainStage(config=cfg)
+    ctx = make_context(Path(tempfile.mkdtemp(prefix="kdbare")), inputs={"data": [data_art], "labels": [lab_art]})
+    seed = derive_seed(ctx.seed, cfg.seed)
+    sources = label_sources([lab_art])
+    names = resolve_label_names(data_art, sources, cfg.label_column)
+    vocab = stage._build_tokenizer(ctx, data_art)
+    meta = {"type": cfg.student.type, "task": cfg.task, "num_labels": len(names), "label_names": names,
+            "pair": False, "max_length": cfg.max_length, "student_column": cfg.student_column,
+            "student_pair_column": None, "hyperparameters": cfg.student.model_dump(mode="json", exclude_none=True)}
+    torch.manual_seed(derive_seed(seed, "init"))
+    module = _student_module(cfg.student.type, cfg.task).create(meta=meta, tokenizer=vocab)
     optimizer = _optimizer(cfg, module)
-    rows = module.tokenize_rows(texts, None)
-    gold = torch.tensor(data["label"].to_pylist())
-    teacher = torch.from_numpy(np.array(lab["logits"].combine_chunks().flatten().to_numpy()).reshape(-1, 2))
-    order = torch.randperm(len(rows), generator=torch.Generator().manual_seed(0)).tolist()
-    b = cfg.batch_size
-    batches = [(module.collate([rows[i] for i in order[s:s + b]]), gold[order[s:s + b]], teacher[order[s:s + b]])
-               for s in range(0, len(order), b)]
+    stream = ShardStream(data=data_art, sources=sources, label_names=names, cfg=cfg, use_gold_on_augmented=False)
+    batches = list(stream.batches(epoch=0, seed=seed, module=module, prefetch=0))
+    temperature = cfg.temperature or 1.0
+    torch.manual_seed(derive_seed(seed, "epoch", 0))
     module.train()
     start = time.perf_counter()
-    for batch, g, t in batches:
-        loss, _ = _loss(cfg, module(**batch), g, t, 1.0, 0.0)
+    for step, (batch, gold, teacher) in enumerate(batches):
+        loss, _ = _loss(cfg, module(**batch), gold, teacher, temperature, step / max(1, len(batches) - 1))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-    return time.perf_counter() - start, len(rows)
+    return time.perf_counter() - start, sum(len(g) for _, g, _ in batches)
 
 
 def stage_run(cfg, data_art, lab_art, tmp: Path, threads: int) -> dict:
@@ -90,25 +98,32 @@ def stage_run(cfg, data_art, lab_art, tmp: Path, threads: int) -> dict:
     return {"epoch_seconds": record["seconds"], "examples": record["examples"], "total_seconds": total}
 
 
-def main() -> None:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--scale", type=int, default=4000, help="rows in the synthetic transfer set")
+    add_bench_args(p, default_scale=0.1, full=f"{FULL_ROWS:,} synthetic rows, about a Tang transfer set",
+                   full_rows=FULL_ROWS)
     p.add_argument("--model", choices=sorted(MODELS), default="small")
     p.add_argument("--vocab", type=int, default=10_000)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--rows-per-shard", type=int, default=1000)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--repeat", type=int, default=3, help="alternating runs of each; the best is reported")
-    args = p.parse_args()
+    p.add_argument("--seed", type=int, default=0, help="synthetic data seed")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
     t0 = time.perf_counter()
 
     from pipeline.testing import make_artifact
     from stages.train import TrainStage
 
+    rows = scaled(FULL_ROWS, args.scale, minimum=args.batch_size)
     cfg = TrainStage.Config(student={"type": "bilstm", **MODELS[args.model], "dropout": 0.1},
                             tokenizer={"kind": "word", "vocab_size": args.vocab}, losses={"ce": 0.5, "kl": 1.0},
                             temperature=2.0, epochs=1, batch_size=args.batch_size, max_length=64)
-    data, lab = synthetic(args.scale, args.vocab, seed=0)
+    data, lab = synthetic(rows, args.vocab, seed=args.seed)
     with tempfile.TemporaryDirectory(prefix="kdbench") as d:
         tmp = Path(d)
         md = {"kdpipe.task": "classification", "kdpipe.logit_columns": '["logits"]'}
@@ -118,24 +133,41 @@ def main() -> None:
         # whichever happens to run while they are busy.
         bare_runs, stage_runs = [], []
         for i in range(args.repeat):
-            bare_runs.append(bare_loop(cfg, data, lab, args.threads))
+            bare_runs.append(bare_loop(cfg, data_art, lab_art, args.threads))
             stage_runs.append(stage_run(cfg, data_art, lab_art, tmp / f"run{i}", args.threads))
     bare_s, n = min(bare_runs)
     stage = min(stage_runs, key=lambda r: r["epoch_seconds"])
-    bare_eps = n / bare_s
-    stage_eps = stage["examples"] / stage["epoch_seconds"]
-    if args.repeat > 1:
-        print("all runs, examples/s: bare " + ", ".join(f"{n / s:.0f}" for s, _ in bare_runs) + "; stage "
-              + ", ".join(f"{r['examples'] / r['epoch_seconds']:.0f}" for r in stage_runs))
-    print(f"BiLSTM ({args.model}: {MODELS[args.model]}), best of {args.repeat}, {args.scale} rows in {-(-args.scale // args.rows_per_shard)} "
-          f"shards, batch {args.batch_size}, {args.threads} thread(s), 1 epoch")
-    print(f"{'':<34}{'examples/s':>12}{'seconds':>10}")
-    print(f"{'bare loop, in-memory batches':<34}{bare_eps:>12.1f}{bare_s:>10.2f}")
-    print(f"{'train stage, Parquet shards':<34}{stage_eps:>12.1f}{stage['epoch_seconds']:>10.2f}")
-    print(f"ratio stage / bare: {stage_eps / bare_eps:.3f} (goal >= 0.9)")
-    print(f"stage total incl. vocab build, checkpoint, curves: {stage['total_seconds']:.1f} s; "
-          f"benchmark ran {time.perf_counter() - t0:.1f} s")
+    result = {"bench": "train", "rows": rows, "scale": args.scale, "model": args.model, "sizes": MODELS[args.model],
+              "seeds": {"data": args.seed, "train": 0}, "batch_size": args.batch_size, "threads": args.threads,
+              "shards": -(-rows // args.rows_per_shard), "repeat": args.repeat,
+              "bare_examples_per_s": [n / s for s, _ in bare_runs],
+              "stage_examples_per_s": [r["examples"] / r["epoch_seconds"] for r in stage_runs],
+              "bare_seconds": bare_s, "stage_epoch_seconds": stage["epoch_seconds"],
+              "stage_total_seconds": stage["total_seconds"]}
+    result["best_bare_examples_per_s"] = n / bare_s
+    result["best_stage_examples_per_s"] = stage["examples"] / stage["epoch_seconds"]
+    result["ratio_stage_over_bare"] = result["best_stage_examples_per_s"] / result["best_bare_examples_per_s"]
+    result["bench_seconds"] = time.perf_counter() - t0
+    print(report(result))
+    write_json(args.json, result)
+    return 0
+
+
+def report(r: dict) -> str:
+    lines = []
+    if r["repeat"] > 1:
+        lines.append("all runs, examples/s: bare " + ", ".join(f"{x:.0f}" for x in r["bare_examples_per_s"])
+                     + "; stage " + ", ".join(f"{x:.0f}" for x in r["stage_examples_per_s"]))
+    lines += [f"BiLSTM ({r['model']}: {r['sizes']}), best of {r['repeat']}, {r['rows']} rows in {r['shards']} "
+              f"shards, batch {r['batch_size']}, {r['threads']} thread(s), 1 epoch",
+              f"{'':<34}{'examples/s':>12}{'seconds':>10}",
+              f"{'bare loop, the same batches':<34}{r['best_bare_examples_per_s']:>12.1f}{r['bare_seconds']:>10.2f}",
+              f"{'train stage, Parquet shards':<34}{r['best_stage_examples_per_s']:>12.1f}{r['stage_epoch_seconds']:>10.2f}",
+              f"ratio stage / bare: {r['ratio_stage_over_bare']:.3f} (goal >= 0.9)",
+              f"stage total incl. vocab build, checkpoint, curves: {r['stage_total_seconds']:.1f} s; "
+              f"benchmark ran {r['bench_seconds']:.1f} s"]
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

@@ -23,14 +23,14 @@ from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
-from pipeline.stage import Facts, InputRole, MapStage, Problem, StageConfig, StageContext, throughput
-from stages.teachers import (check_teacher, cuda_visible, length_batches, pick_device, pick_dtype,
-                             quiet_transformers, resolve_teacher, teacher_fingerprint)
+from pipeline.devices import NumericsConfig, worker_device
+from pipeline.stage import Facts, InputRole, MapStage, Problem, StageContext, throughput
+from stages.teachers import check_teacher, length_batches, quiet_transformers, resolve_teacher, teacher_fingerprint
 
 DIST_COLUMNS = {"topk": ["topk_ids", "topk_logprobs", "log_normalizer"], "sampled": ["sample_ids", "sample_counts"]}
 
 
-class LmLabelConfig(StageConfig):
+class LmLabelConfig(NumericsConfig):
     teacher: str | None = Field(None, description="causal LM checkpoint directory or cached hub id "
                                 "(or give inputs: {teacher: <stage>} with files/model/)")
     revision: str | None = Field(None, description="hub revision of `teacher`")
@@ -44,12 +44,8 @@ class LmLabelConfig(StageConfig):
     value_dtype: Literal["float16", "float32"] = "float16"
     store_logprobs: bool = Field(False, description="sampled: also store the teacher log-probs of drawn ids "
                                  "(needed to train at a temperature other than 1)")
-    dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
-    device: str = throughput("auto", description="auto | cpu | cuda[:i]")
     token_budget: int = throughput(8192, gt=0, description="padded tokens per batch")
     batch_size: int = throughput(64, gt=0, description="most windows per batch")
-    num_cpus: float | None = throughput(None, gt=0)
-    num_gpus: float | None = throughput(None, ge=0)
     concurrency: int | None = throughput(None, gt=0)
 
     @model_validator(mode="after")
@@ -140,15 +136,6 @@ class LmLabelStage(MapStage):
         cfg = self.config
         return {"teacher": teacher_fingerprint(cfg.teacher, cfg.revision)} if cfg.teacher else {}
 
-    def resources(self) -> dict[str, float]:
-        res = super().resources()
-        gpus = self.config.num_gpus
-        if gpus is None and self.config.device != "cpu" and cuda_visible():
-            gpus = 1.0
-        if gpus:
-            res["num_gpus"] = float(gpus)
-        return res
-
     # --- worker ---------------------------------------------------------------------------
     def setup(self, ctx: StageContext) -> None:
         from kd.lm.codecs import CodecSpec
@@ -157,14 +144,15 @@ class LmLabelStage(MapStage):
 
         quiet_transformers()
         cfg = self.config
-        self.device = pick_device(cfg.device)
+        # As planned (num_gpus > 0 -> CUDA), or DeviceUnavailable naming this node.
+        self.device, dtype = worker_device(self.numerics(), stage=ctx.stage_name)
         if cfg.teacher is not None:
             local = resolve_teacher(cfg.teacher, cfg.revision)
             if local is None:
                 raise FileNotFoundError(f"teacher {cfg.teacher!r} not found locally or in the HF cache")
         else:
             local = ctx.input("teacher").files_dir / "model"
-        self.model, self.tok = load_causal_lm(local, device=self.device, dtype=pick_dtype(self.device, cfg.dtype),
+        self.model, self.tok = load_causal_lm(local, device=self.device, dtype=dtype,
                                               revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
         self.spec = CodecSpec(mode=cfg.mode, vocab_size=len(self.tok), k=cfg.k, value_dtype=cfg.value_dtype,
                               store_logprobs=cfg.store_logprobs)

@@ -12,13 +12,13 @@ import json
 import random
 from typing import Any
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from kd.lm.settings import LmDims, LmSchedule
-from pipeline.stage import InputRole, Problem, StageConfig, StageContext, TaskStage, throughput
+from pipeline.stage import InputRole, Problem, ResourceConfig, StageContext, TaskStage, throughput
 
 
-class LmTeacherConfig(StageConfig):
+class LmTeacherConfig(ResourceConfig):
     text_column: str = "text"
     vocab_size: int = Field(4000, gt=10, description="sentencepiece vocabulary (a soft limit)")
     pad_vocab_to: int = Field(64, gt=0, description="embedding rows rounded up to a multiple of this")
@@ -26,7 +26,12 @@ class LmTeacherConfig(StageConfig):
     model: LmDims = Field(default_factory=LmDims)
     train: LmSchedule = Field(default_factory=LmSchedule)
     checkpoint_every: int = throughput(200, gt=0)
-    num_cpus: float | None = throughput(None, gt=0)
+
+    @model_validator(mode="after")
+    def _cpu_only(self) -> "LmTeacherConfig":
+        if self.num_gpus:
+            raise ValueError("lm_teacher runs on CPU only for now; set num_gpus: 0")
+        return self
 
 
 class LmTeacherStage(TaskStage):

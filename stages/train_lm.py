@@ -18,7 +18,7 @@ from typing import Any, Literal
 from pydantic import Field, model_validator
 
 from kd.lm.settings import LmDims, LmSchedule
-from pipeline.stage import Facts, InputRole, Problem, StageConfig, StageContext, TaskStage, throughput
+from pipeline.stage import Facts, InputRole, ResourceConfig, Problem, StageConfig, StageContext, TaskStage, throughput
 
 
 class KdSettings(StageConfig):
@@ -28,7 +28,7 @@ class KdSettings(StageConfig):
     mix: float = Field(0.5, ge=0, le=1, description="mixed: weight of the forward KL")
 
 
-class TrainLmConfig(StageConfig):
+class TrainLmConfig(ResourceConfig):
     tokenizer: str | None = Field(None, description="directory holding the teacher's tokenizer (e.g. its "
                                   "checkpoint); or give inputs: {tokenizer: <stage with files/model/>}")
     student: LmDims = Field(default_factory=LmDims)
@@ -37,10 +37,11 @@ class TrainLmConfig(StageConfig):
     heldout_text_column: str = "text"
     eval_max_length: int = Field(128, gt=1)
     checkpoint_every: int = throughput(200, gt=0, description="updates between scratch checkpoints")
-    num_cpus: float | None = throughput(None, gt=0)
 
     @model_validator(mode="after")
     def _dims(self) -> "TrainLmConfig":
+        if self.num_gpus:
+            raise ValueError("train_lm runs on CPU only for now; set num_gpus: 0")
         if self.student.d_model % self.student.heads:
             raise ValueError(f"student.d_model {self.student.d_model} is not divisible by student.heads "
                              f"{self.student.heads}")

@@ -205,3 +205,26 @@ def tiny_causal_lm(directory: str | Path, *, sentences: Sequence[str] = (), voca
     model.save_pretrained(str(directory))
     assert len(tok) < model.config.vocab_size
     return directory
+
+
+def relabelled_copy(src: str | Path, directory: str | Path, order: Sequence[int]) -> Path:
+    """The same classifier with its labels in another order: output i of the copy is output
+    order[i] of `src` (classifier rows and id2label permuted together), like a hub checkpoint
+    that lists {0: POSITIVE, 1: NEGATIVE} where the data says [negative, positive]."""
+    import shutil
+
+    import torch
+    from transformers import AutoModelForSequenceClassification
+
+    directory = Path(directory)
+    shutil.copytree(src, directory, dirs_exist_ok=True)
+    model = AutoModelForSequenceClassification.from_pretrained(str(src)).eval()
+    names = [model.config.id2label[i] for i in range(model.config.num_labels)]
+    head = model.classifier
+    with torch.no_grad():
+        head.weight.copy_(head.weight[list(order)].clone())
+        head.bias.copy_(head.bias[list(order)].clone())
+    model.config.id2label = {i: names[j] for i, j in enumerate(order)}
+    model.config.label2id = {names[j]: i for i, j in enumerate(order)}
+    model.save_pretrained(str(directory))
+    return directory

@@ -74,7 +74,10 @@ def test_a_helper_module_change_changes_the_digest_of_stages_that_import_it(tmp_
     root = write(tmp_path, PROJECT)
     before = combined_digest(closure("stages.student", root)[0])
     (root / "lib/plugin.py").write_text("import transformers\nclass Plugin:\n    x = 1\n")
-    assert combined_digest(closure("stages.student", root)[0]) != before
+    changed = combined_digest(closure("stages.student", root)[0])
+    assert changed != before
+    (root / "lib/plugin.py").write_text("import transformers\nclass Plugin:\n    x = 2\n")  # same size, same tick
+    assert combined_digest(closure("stages.student", root)[0]) not in (before, changed)
     (root / "stages/unused.py").write_text("import torch\nY = 2\n")  # imported by nobody
     after = combined_digest(closure("stages.student", root)[0])
     (root / "stages/unused.py").write_text("import torch\nY = 3\n")
@@ -154,6 +157,8 @@ def test_plan_reasons_name_the_changed_file_library_and_field():
                  'numerics changed null -> {"dtype": "float32"}'):
         assert part in reason
     assert "unigram" not in reason
+    legacy = {"type": "augment", "code_version": "1", "config": {}, "inputs": {}, "fingerprint": {}, "seed": 0}
+    assert explain_change(legacy, {**legacy, "code": "b"}).startswith("made before code digests existed")
 
 
 @pytest.mark.parametrize("bad", ["0" * 15, "not-a-digest"])

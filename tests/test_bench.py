@@ -1,0 +1,122 @@
+"""bench/: one meaning of --scale everywhere, --json in every bench, run_all's selection and the
+rendering of BENCHMARKS.md blocks. Arguments and text only: no timings, nothing is benchmarked."""
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+BENCH = REPO / "bench"
+sys.path.insert(0, str(BENCH))
+
+import _env  # noqa: E402
+import run_all  # noqa: E402
+from _render import render_into  # noqa: E402
+
+
+def test_scale_is_a_fraction_and_a_row_count_names_the_fix():
+    assert _env.scale_fraction("0.01") == 0.01 and _env.scale_fraction("1") == 1.0
+    for bad in ("0", "-0.5", "1.5", "abc"):
+        with pytest.raises(argparse.ArgumentTypeError, match=r"\(0, 1\]"):
+            _env.scale_fraction(bad)
+    with pytest.raises(argparse.ArgumentTypeError, match=r"--scale 0\.02"):
+        _env.scale_fraction("2000", full_rows=100_000)
+    assert _env.scaled(67_349, 0.075) == 5051 and _env.scaled(100, 1e-9) == 1 and _env.scaled(100, 1.0) == 100
+
+
+def test_label_bench_takes_a_fraction():
+    import label
+
+    args = label.parse_args(["--scale", "0.01", "--json", "x.json"])
+    assert args.scale == 0.01 and args.json == Path("x.json")
+    with pytest.raises(SystemExit) as e:
+        label.parse_args(["--scale", "2000"])
+    assert e.value.code == 2
+
+
+@pytest.mark.parametrize("script", sorted(s for _, (s, _) in run_all.BENCHES.items()))
+def test_every_bench_documents_scale_as_a_fraction_and_takes_json(script):
+    out = subprocess.run([sys.executable, str(BENCH / script), "--help"], capture_output=True, text=True,
+                         cwd=REPO, timeout=120)
+    assert out.returncode == 0, out.stderr
+    text = " ".join(out.stdout.split())
+    assert "--json" in text and "fraction in (0, 1] of the full-size run" in text
+    bad = subprocess.run([sys.executable, str(BENCH / script), "--scale", "5"], capture_output=True, text=True,
+                         cwd=REPO, timeout=120)
+    assert bad.returncode == 2 and "fraction in (0, 1]" in bad.stderr
+
+
+def test_run_all_selection_and_arguments(tmp_path):
+    assert run_all.select(None, None) == list(run_all.BENCHES)
+    assert run_all.select("augment,label", None) == ["label", "augment"]  # run order, not given order
+    assert run_all.select(None, "sst2_kd,multi30k_seqkd") == ["train", "label", "augment"]
+    with pytest.raises(SystemExit, match="unknown bench"):
+        run_all.select("lable", None)
+    cmd = run_all.command("label", 0.05, tmp_path / "l.json", tmp_path)
+    assert cmd[1].endswith("bench/label.py") and cmd[2:6] == ["--scale", "0.05", "--json", str(tmp_path / "l.json")]
+    with pytest.raises(SystemExit):
+        run_all.parse_args(["--scale", "0.05"])  # no --out
+    with pytest.raises(SystemExit):
+        run_all.parse_args(["--scale", "20", "--out", "r.json"])
+
+
+def fake_results() -> dict:
+    label = {"sentences": 5051, "settings": {"token_budget": 8192, "rows_per_shard": 1000, "concurrency": 1,
+                                             "num_cpus": 2.0},
+             "sentences_per_s": {"stage": 150.0, "whole_run": 120.0, "stage_model_time": 190.0, "fair": 200.0,
+                                 "naive": 140.0, "pipeline": 90.0},
+             "ratios": {"stage_over_fair": 0.75, "model_time_over_fair": 0.95, "whole_run_over_fair": 0.6,
+                        "stage_over_naive": 1.07, "stage_over_pipeline": 1.67},
+             "logits_bytes_per_row": 10.25, "logits_dtype": "float32", "topk": None}
+    train = {"rows": 4000, "shards": 4, "model": "small", "batch_size": 32, "threads": 1, "repeat": 3,
+             "best_bare_examples_per_s": 1800.0, "best_stage_examples_per_s": 1710.0, "ratio_stage_over_bare": 0.95}
+    return {"commit": "0123456789abcdef", "dirty": False, "scale": 0.05, "started_at": "2026-12-07 01:00 UTC",
+            "machine": {"cpus": 2, "cpu_model": "AMD EPYC", "loadavg_start": 5.1, "loadavg_end": 6.2},
+            "versions": {}, "benches": {
+                "label": {"command": ["bench/label.py", "--scale", "0.05"], "returncode": 0, "seconds": 80, "result": label},
+                "train": {"command": ["bench/train.py", "--scale", "0.05"], "returncode": 0, "seconds": 20, "result": train},
+                "augment": {"command": ["bench/augment.py", "--scale", "0.05"], "returncode": 1, "seconds": 3,
+                            "result": None}}}
+
+
+def test_render_rewrites_only_marked_blocks_of_benches_with_results():
+    text = ("# Benchmarks\nintro stays\n<!-- run_all:label begin -->\nold label table\n<!-- run_all:label end -->\n"
+            "between stays\n<!-- run_all:augment begin -->\nold augment table\n<!-- run_all:augment end -->\n")
+    new, done, missing = render_into(text, fake_results())
+    assert done == ["label"] and missing == ["train"]  # augment failed: its block is left alone
+    assert "old label table" not in new and "old augment table" in new
+    assert new.startswith("# Benchmarks\nintro stays\n") and "between stays\n" in new
+    assert "| stage wall ÷ fair bare loop | **0.75** | ≥ 0.95 |" in new
+    assert "commit `0123456`" in new and "load average 5.1" in new and "`bench/label.py --scale 0.05`" in new
+    again, _, _ = render_into(new, fake_results())
+    assert again == new  # idempotent
+
+
+def test_benchmarks_md_blocks_are_balanced():
+    text = (REPO / "BENCHMARKS.md").read_text(encoding="utf-8")
+    for name in run_all.BENCHES:
+        assert text.count(f"<!-- run_all:{name} begin -->") == text.count(f"<!-- run_all:{name} end -->") <= 1
+
+
+def test_label_profile_renders_ratios_and_the_breakdown_in_shard_order():
+    from _render import render_label
+
+    profile = {"fair_seconds_runs": [30.0, 34.0], "fair_seconds": 32.0, "stage_seconds": 64.0, "whole_run_seconds": 70.0,
+               "flops_per_token": 2.17e7, "matmul_gflops_runs": [10.0, 12.0], "token_ceiling_per_s": 500.0,
+               "ratios": {"stage_over_fair": 0.5, "model_time_over_fair": 0.6, "whole_run_over_fair": 0.46,
+                          "fair_tokens_over_ceiling": 0.8, "stage_tokens_over_ceiling": 0.4},
+               "stage_timing": {"slowest_setup_seconds": 8.0, "compute_seconds": 53.0, "write_seconds": 1.0,
+                                "rest_seconds": 2.0},
+               "in_process": {"rows": 100, "batches": 2, "wall_seconds": 10.0,
+                              "breakdown": {"write: hash": 0.1, "forward": 9.0, "tokenise": 0.5, "setup (model load)": 0.4}}}
+    r = {"bench": "label_profile", "sentences": 5051, "loadavg": [30.1, 40.2],
+         "settings": {"token_budget": 8192, "rows_per_shard": 1000, "num_cpus": 2.0}, "profile": profile}
+    text = render_label(r)
+    assert "| stage wall ÷ fair bare loop | **0.50** | ≥ 0.95 |" in text and "load average 30.1 → 40.2" in text
+    assert "| actor setup (imports, model load) | 8.0 | 12% |" in text
+    steps = [line.split("|")[1].strip() for line in text.splitlines() if line.startswith("| ") and "ms per batch" not in line]
+    assert steps[-4:] == ["setup (model load)", "tokenise", "forward", "write: hash"]
