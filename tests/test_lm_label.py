@@ -133,9 +133,20 @@ def _shard_hashes(workdir: Path) -> dict[str, str]:
     return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in shards}
 
 
+@pytest.fixture
+def ray_tmp():
+    """Short Ray temp dirs (socket path limit) outside tmp_path, removed afterwards."""
+    import shutil
+
+    base = f"/tmp/kdl{os.getpid()}"
+    yield base
+    for suffix in ("a", "b"):
+        shutil.rmtree(base + suffix, ignore_errors=True)
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(1800)  # three runs with Ray start-ups: minutes on a busy 2-core machine
-def test_kill_9_mid_label_then_resume_gives_identical_shards(tmp_path, teacher):
+def test_kill_9_mid_label_then_resume_gives_identical_shards(tmp_path, teacher, ray_tmp):
     from test_crash import run_until_killed
 
     corpus = tmp_path / "corpus.txt"
@@ -146,7 +157,7 @@ def test_kill_9_mid_label_then_resume_gives_identical_shards(tmp_path, teacher):
     clean_wd, crashed_wd = tmp_path / "clean", tmp_path / "crashed"
     for wd in (clean_wd, crashed_wd):
         wd.mkdir()
-    env_clean = {**env, "KDPIPE_RAY_TMPDIR": f"/tmp/kdl{os.getpid()}a"}
+    env_clean = {**env, "KDPIPE_RAY_TMPDIR": ray_tmp + "a"}
     subprocess.run([sys.executable, "-m", "pipeline.cli", "run", str(_manifest(tmp_path / "a.yaml", clean_wd, corpus,
                     teacher)), "--no-progress"], cwd=REPO, env=env_clean, check=True, timeout=600)
     clean = _shard_hashes(clean_wd)
@@ -156,7 +167,7 @@ def test_kill_9_mid_label_then_resume_gives_identical_shards(tmp_path, teacher):
         markers = list(crashed_wd.glob("artifacts/lm_label/*/completions/*.json"))
         return 2 <= len(markers) < 9
 
-    env_crash = {**env, "KDPIPE_RAY_TMPDIR": f"/tmp/kdl{os.getpid()}b"}
+    env_crash = {**env, "KDPIPE_RAY_TMPDIR": ray_tmp + "b"}
     crashed = _manifest(tmp_path / "b.yaml", crashed_wd, corpus, teacher)
     run_until_killed([sys.executable, "-m", "pipeline.cli", "run", str(crashed), "--no-progress"], env_crash, some_done)
     done_at_kill = len(list(crashed_wd.glob("artifacts/lm_label/*/completions/*.json")))
