@@ -92,3 +92,120 @@ def test_mtdnn_kd_loss_mixes_soft_and_gold_cross_entropy_per_row():
     # gold weight 0 is pure soft-target KD
     pure = multitask.mtdnn_kd_loss(student, soft, gold, gold_weight=0.0, temperature=t)
     assert pure.item() == pytest.approx((soft0 + soft1) / 2, rel=1e-6)
+
+
+# --- adversarial KD -------------------------------------------------------------------------
+
+from kd import adversarial  # noqa: E402
+from kd.adversarial import AdversarialKD, FeatureDiscriminator  # noqa: E402
+
+
+@pytest.fixture
+def one_thread():
+    # hundreds of tiny steps: intra-op threads only contend on a shared machine
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("lambd", [1.0, 0.3])
+def test_gradient_reversal_is_identity_forwards_and_minus_lambda_backwards(lambd):
+    x = torch.randn(5, 3, dtype=torch.float64, requires_grad=True)
+    weights = torch.randn(5, 3, dtype=torch.float64)
+
+    def f(features):
+        return (torch.tanh(features) * weights).sum()
+
+    (plain,) = torch.autograd.grad(f(x), x)
+    reversed_out = adversarial.reverse_gradient(x, lambd)
+    assert torch.equal(reversed_out, x)
+    (flipped,) = torch.autograd.grad(f(reversed_out), x)
+    assert torch.allclose(flipped, -lambd * plain, rtol=0, atol=1e-15)
+
+
+def test_one_pass_scheme_trains_the_discriminator_and_reverses_the_features_gradient():
+    torch.manual_seed(0)
+    disc = FeatureDiscriminator(feature_dim=3, hidden_dim=8)
+    teacher, student = torch.randn(4, 3), torch.randn(4, 3, requires_grad=True)
+    loss = adversarial.discriminator_loss(disc, teacher, student)
+    disc_grads = torch.autograd.grad(loss, [student, *disc.parameters()])
+    rev_loss = adversarial.discriminator_loss(disc, teacher, adversarial.reverse_gradient(student, 0.5))
+    rev_grads = torch.autograd.grad(rev_loss, [student, *disc.parameters()])
+    assert torch.allclose(rev_grads[0], -0.5 * disc_grads[0])  # the features learn to confuse
+    for same, reference in zip(rev_grads[1:], disc_grads[1:]):  # the discriminator learns to separate
+        assert torch.equal(same, reference)
+
+
+def test_student_update_leaves_the_discriminator_untouched(one_thread):
+    torch.manual_seed(0)
+    disc = FeatureDiscriminator(feature_dim=2, hidden_dim=8)
+    student = torch.nn.Linear(2, 2)
+    kd = AdversarialKD(discriminator=disc, disc_optimizer=torch.optim.SGD(disc.parameters(), lr=0.1),
+                       student_optimizer=torch.optim.SGD(student.parameters(), lr=0.1))
+    x, teacher = torch.randn(16, 2), torch.randn(16, 2) + 3
+
+    def forward():
+        features = student(x)
+        return features, features.pow(2).mean()
+
+    before_student = [p.detach().clone() for p in student.parameters()]
+    out = kd.step(teacher_features=teacher, student_forward=forward)
+    disc_after = [p.detach().clone() for p in disc.parameters()]
+    # recompute the discriminator update alone from the same start: the student step changed nothing
+    torch.manual_seed(0)
+    ref = FeatureDiscriminator(feature_dim=2, hidden_dim=8)
+    ref_opt = torch.optim.SGD(ref.parameters(), lr=0.1)
+    with torch.no_grad():
+        s = torch.nn.Linear(2, 2)
+        s.load_state_dict(dict(zip(("weight", "bias"), before_student)))
+        feats = s(x)
+    adversarial.discriminator_loss(ref, teacher, feats).backward()
+    ref_opt.step()
+    assert all(torch.equal(a, b) for a, b in zip(disc_after, ref.parameters()))
+    assert not all(torch.equal(a, b) for a, b in zip(before_student, student.parameters()))
+    assert set(out) == {"disc_loss", "imitation", "kd"}
+
+
+def test_discriminator_accuracy_falls_towards_chance_as_the_student_learns_to_fool_it(one_thread):
+    torch.manual_seed(0)
+    gen = torch.Generator().manual_seed(1)
+    shift = torch.tensor([2.0, -1.5])
+
+    def teacher_features(n):  # the teacher's features: the raw input's, shifted
+        return torch.randn(n, 2, generator=gen) + shift
+
+    def raw(n):
+        return torch.randn(n, 2, generator=gen)
+
+    student = torch.nn.Linear(2, 2)
+    with torch.no_grad():
+        student.weight.copy_(torch.eye(2))
+        student.bias.zero_()
+    disc = FeatureDiscriminator(feature_dim=2, hidden_dim=16)
+    disc_opt = torch.optim.Adam(disc.parameters(), lr=1e-2)
+    for _ in range(50):  # the discriminator first learns to tell the two apart
+        with torch.no_grad():
+            feats = student(raw(128))
+        loss = adversarial.discriminator_loss(disc, teacher_features(128), feats)
+        disc_opt.zero_grad()
+        loss.backward()
+        disc_opt.step()
+
+    def accuracy():
+        with torch.no_grad():
+            return adversarial.discriminator_accuracy(disc, teacher_features(1000), student(raw(1000)))
+
+    start = accuracy()
+    kd = AdversarialKD(discriminator=disc, disc_optimizer=disc_opt,
+                       student_optimizer=torch.optim.Adam(student.parameters(), lr=2e-2))
+    late = []
+    for step in range(300):
+        x = raw(128)
+        kd.step(teacher_features=teacher_features(128), student_forward=lambda: (student(x), None))
+        if step >= 200 and step % 20 == 0:
+            late.append(accuracy())
+    assert start > 0.85
+    assert sum(late) / len(late) < 0.7, late
+    # the student really moved its features onto the teacher's (the shift is what told them apart)
+    assert torch.linalg.norm(student.bias.detach() - shift) < 0.5 * torch.linalg.norm(shift)
