@@ -64,6 +64,9 @@ def main() -> None:
     p.add_argument("--teacher-epochs", type=float, default=3.0)
     p.add_argument("--student-epochs", type=float, default=3.0)
     p.add_argument("--vocab", type=int, default=4000, help="teacher sentencepiece vocabulary")
+    p.add_argument("--teacher-dims", default=None, help="d_model,layers,heads of the teacher (default 128,4,4)")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--rows", default="ce,full," + ",".join(CODECS), help="which students to train")
     p.add_argument("--tiny", action="store_true", help="test-sized models (a smoke run, not a result)")
     p.add_argument("--workdir", default=None)
     p.add_argument("--json", default=None, help="also write the results here")
@@ -94,7 +97,7 @@ def main() -> None:
     from stages.lm_teacher import LmTeacherStage
     from stages.train_lm import TrainLmStage
 
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
     work = Path(args.workdir or tempfile.mkdtemp(prefix="kdpipe-lm-"))
     m30k, sst, val = _read(Path(args.data), args.scale)
@@ -103,11 +106,14 @@ def main() -> None:
     arts = {name: Artifact(work / name) if Artifact(work / name).is_complete() else make_artifact(work / name, t)
             for name, t in (("m30k", m30k), ("sst2", sst), ("val", val))}
     teacher_dims, student_dims = (TINY_T, TINY_S) if args.tiny else (TEACHER, STUDENT)
+    if args.teacher_dims:
+        d, layers, heads = (int(x) for x in args.teacher_dims.split(","))
+        teacher_dims = {**teacher_dims, "d_model": d, "layers": layers, "heads": heads}
     print(f"lm distill: teacher on {m30k.num_rows} Multi30k + {sst.num_rows} SST-2 documents, transfer set "
           f"{m30k.num_rows}, held-out {val.num_rows} (val.en); workdir {work}", flush=True)
 
     teacher_ctx = make_context(work, inputs={"data": [arts["m30k"], arts["sst2"]], "heldout": [arts["val"]]},
-                               name="teacher", num_cpus=2)
+                               name="teacher", num_cpus=args.threads)
     teacher_cfg = {"vocab_size": 500 if args.tiny else args.vocab, "max_length": 64, "model": teacher_dims,
                    "train": {"epochs": args.teacher_epochs, "batch_size": 32, "lr": 2e-3, "warmup_steps": 100}}
     teacher_dir = teacher_ctx.out_dir / "model"
@@ -123,7 +129,7 @@ def main() -> None:
         stage = LmLabelStage(config=LmLabelStage.Config(teacher=str(teacher_dir), max_length=64, **codec))
         art = Artifact(work / f"labels-{name}")
         if not art.is_complete():
-            ctx = make_context(work, name=f"label-{name}", seed=0, num_cpus=2)
+            ctx = make_context(work, name=f"label-{name}", seed=0, num_cpus=args.threads)
             stage.setup(ctx)
             table = stage.process(m30k, ctx, shard_index=0)
             art = make_artifact(work / f"labels-{name}", table, rows_per_shard=max(64, table.num_rows // 4),
@@ -141,11 +147,11 @@ def main() -> None:
     runs: dict[str, list[float]] = {}
     student_params = None
     for seed in ([args.only_seed] if args.only_seed is not None else range(args.seeds)):
-        for name in ["ce", "full", *CODECS]:
+        for name in args.rows.split(","):
             t_run = time.perf_counter()
             source = labels["topk-8" if name in ("ce", "full") else name]
             ctx = make_context(work, inputs={"data": [source], "heldout": [arts["val"]]}, name=f"s-{name}-{seed}",
-                               seed=seed, num_cpus=2)
+                               seed=seed, num_cpus=args.threads)
             if name == "full":
                 ppl, student_params = _online_full_kd(source, teacher_model, tok, LmDims(**student_dims), schedule,
                                                       seed, ctx.scratch_dir, val.column("text").to_pylist())

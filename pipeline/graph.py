@@ -203,7 +203,12 @@ def _external_facts(art, ref: str) -> Facts:
     except (KeyError, TypeError):
         made_by = Stage  # a stage type this checkout no longer has: the default reading
     facts = made_by.artifact_facts(metadata)
-    return Facts(facts.values, {k: facts.origins.get(k) or f"inputs ({ref})" for k in facts.values})
+    values = dict(facts.values)
+    summary = art.manifest.get("summary") or {}
+    if "label_names" not in values and isinstance(summary.get("label_names"), list):
+        # a files artifact (a fine-tuned teacher) names its labels in its summary
+        values["label_names"] = [str(n) for n in summary["label_names"]]
+    return Facts(values, {k: facts.origins.get(k) or f"inputs ({ref})" for k in values})
 
 
 def _check_kinds_and_columns(graph: Graph, problems: list[Problem]) -> None:

@@ -266,15 +266,16 @@ def test_label_map_renames_teacher_labels_into_the_data_order(tmp_path):
 
 
 # --- item 4: unique teacher columns --------------------------------------------------------------
-def _finished_teacher(workdir: Path, run: str, stage: str, *, seed: int) -> Path:
+def _finished_teacher(workdir: Path, run: str, stage: str, *, seed: int,
+                      label_names: tuple[str, ...] = ("negative", "positive")) -> Path:
     """A finished checkpoint artifact of stage `stage` in run `run` (what a finetune stage
-    leaves), aliased as runs/<run>/<stage> in `workdir`."""
+    leaves, label names in its summary), aliased as runs/<run>/<stage> in `workdir`."""
     from factories import tiny_bert_classifier
 
-    model = tiny_bert_classifier(workdir.parent / f"src-{run}", label_names=["negative", "positive"], seed=seed)
+    model = tiny_bert_classifier(workdir.parent / f"src-{run}", label_names=label_names, seed=seed)
     files = {f"model/{p.relative_to(model)}": p.read_bytes() for p in model.rglob("*") if p.is_file()}
     art = make_artifact(workdir / "artifacts" / "finetune" / f"key{run}", files=files, type_key="finetune")
-    manifest = {**art.manifest, "run": run, "stage_name": stage}
+    manifest = {**art.manifest, "run": run, "stage_name": stage, "summary": {"label_names": list(label_names)}}
     art.manifest_path.write_text(json.dumps(manifest), encoding="utf-8")
     alias = workdir / "runs" / run / stage
     alias.parent.mkdir(parents=True, exist_ok=True)
@@ -316,3 +317,39 @@ def test_same_stage_name_in_two_runs_gives_two_teacher_columns(tmp_path, sentime
 
     with pytest.raises(ManifestError, match="would all write columns named '\\*_runA__teacher'"):
         _ensemble_graph(workdir, sentiment_tsv, ["@runA/teacher", "@runA/teacher"])
+
+
+def test_a_teacher_from_another_run_is_matched_by_name_at_plan_time(tmp_path, sentiment_tsv):
+    from pipeline.errors import ManifestError
+
+    workdir = tmp_path / "store"
+    _finished_teacher(workdir, "old", "teacher", seed=1, label_names=("bad", "good"))
+    with pytest.raises(ManifestError) as err:
+        _ensemble_graph(workdir, sentiment_tsv, ["@old/teacher"])
+    text = str(err.value)
+    assert "stages[1].inputs.teacher[0]" in text and "['bad', 'good']" in text and "label_map" in text, text
+
+
+def test_train_puts_label_artifacts_of_another_order_into_the_data_order(tmp_path):
+    from stages.train import TrainStage
+    from stages.train_data import ShardStream, label_sources, resolve_label_names
+
+    table = labeled_table(12)
+    data = make_artifact(tmp_path / "data", table, rows_per_shard=5, metadata=DATA_MD)
+    # a label artifact in the order [positive, negative] (e.g. made before labels were ordered by name)
+    logits = [[2.0, -2.0] if y else [-2.0, 2.0] for y in table["label"].to_pylist()]
+    md = {"kdpipe.task": "classification", "kdpipe.logit_columns": '["logits"]',
+          "kdpipe.label_names": '["positive", "negative"]'}
+    rev = make_artifact(tmp_path / "rev", pa.table({"id": table["id"], "logits": pa.array(
+        logits, pa.list_(pa.float32(), 2))}), metadata=md)
+    cfg = TrainStage.Config(losses={"ce": 1.0, "mse": 1.0})
+    sources = label_sources([rev])
+    names = resolve_label_names(data, sources, "label")
+    assert names == ["negative", "positive"]
+    stream = ShardStream(data=data, sources=sources, label_names=names, cfg=cfg, use_gold_on_augmented=True)
+    for i in range(data.num_shards()):
+        shard = stream.load_shard(i, epoch=0, seed=0)
+        assert (shard["teachers"][0].argmax(-1) == shard["gold"]).all()
+    other = make_artifact(tmp_path / "other", rev.read_table(), metadata={**md, "kdpipe.label_names": '["a", "b"]'})
+    with pytest.raises(ValueError, match="relabel"):
+        ShardStream(data=data, sources=label_sources([other]), label_names=names, cfg=cfg, use_gold_on_augmented=True)
