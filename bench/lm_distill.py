@@ -15,9 +15,13 @@ The stages run in this process through their own classes (no Ray): the same code
 runs (manifests/lm-distill.yaml), plus the online full-KD student the manifest cannot express.
 
 --scale S in (0, 1]: fraction of the corpora (teacher: S x 96,349 documents; transfer set:
-S x 29,000; held-out: all 1,014 val.en sentences). Models and epochs stay fixed.
+S x 29,000; held-out: all 1,014 val.en sentences). Models and epochs stay fixed unless given.
+Seeds can run in parallel processes sharing one workdir (the first makes teacher and labels):
 
     .venv/bin/python bench/lm_distill.py --scale 0.1
+    for s in 0 1 2; do .venv/bin/python bench/lm_distill.py --scale 0.1 --workdir W --only-seed $s \
+        --json r$s.json & done   # start seeds 1 and 2 once seed 0 has printed its labels
+    .venv/bin/python bench/lm_distill.py --merge r0.json r1.json r2.json
     .venv/bin/python bench/lm_distill.py --scale 0.01 --tiny      # a smoke run, not a result
 """
 from __future__ import annotations
