@@ -56,7 +56,13 @@ def cmd_plan(args: argparse.Namespace) -> int:
     from pipeline.runner import plan_graph
 
     graph = _graph(args)
-    for plan in plan_graph(graph, only=args.only, start=args.start, stop=args.stop):
+    if args.estimate:
+        from pipeline.estimate import estimate_graph, format_estimates
+
+        estimates = estimate_graph(graph, probe_rows=args.probe_rows, log=lambda m: print(m, file=sys.stderr))
+        print(format_estimates(estimates, gpu_hour_cost=args.gpu_hour_cost))
+        return 0
+    for plan in plan_graph(graph, only=args.only, start=args.start, stop=args.stop, verify=args.verify):
         print(f"{plan.name:<20} {plan.status:<7} {plan.node.type:<10} {plan.key}  {plan.reason}")
     return 0
 
@@ -102,6 +108,10 @@ def cmd_inspect(args: argparse.Namespace) -> int:
             print(f"input {role}: " + ", ".join(f"{i['stage']} ({i['key']})" for i in ins))
         if info.get("summary"):
             print(f"summary: {json.dumps(info['summary'], sort_keys=True)}")
+        lm = (info.get("summary") or {}).get("lm")
+        if lm:
+            print(f"token distributions: mode {lm['mode']}, k {lm['k']}, {lm['tokens']} tokens, "
+                  f"{lm['bytes_per_token']} bytes/token on disk, KL(full || rebuilt) {lm['kl_full_to_rebuilt']} nats")
     if art.num_shards():
         print(f"rows: {info.get('rows', '?')} in {art.num_shards()} shard(s)")
         print("schema:")
@@ -186,7 +196,7 @@ def cmd_schema(args: argparse.Namespace) -> int:
 def cmd_stages(args: argparse.Namespace) -> int:
     from pipeline.code_identity import CodeIdentity
     from pipeline.registry import get_stage_class, stage_types
-    from pipeline.stage import throughput_fields
+    from pipeline.stage import throughput_fields, unkeyed_fields
 
     for type_key in [args.type] if args.type else stage_types():
         try:
@@ -204,9 +214,11 @@ def cmd_stages(args: argparse.Namespace) -> int:
             print(f"  input {role}: {spec.kind}, {need}{', many' if spec.many else ''}  {spec.doc}")
         if args.type:
             fast = throughput_fields(cls.Config)
+            resolved = unkeyed_fields(cls.Config) - fast
             for name, field in cls.Config.model_fields.items():
                 default = "required" if field.is_required() else repr(field.default)
-                note = " [throughput: not in cache key]" if name in fast else ""
+                note = " [throughput: not in cache key]" if name in fast else \
+                    " [resolved value in cache key]" if name in resolved else ""
                 desc = f"  {field.description}" if field.description else ""
                 print(f"  config.{name} = {default}{note}{desc}")
         print()
@@ -228,6 +240,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("plan", help="show what would run and why")
     _add_manifest_args(p)
+    p.add_argument("--verify", action="store_true", help="re-hash cached shards and files (default: trust stored digests)")
+    p.add_argument("--estimate", action="store_true", help="probe each stage on a sample: rows, bytes, time, cost")
+    p.add_argument("--probe-rows", type=int, default=256, help="sample rows per probed stage (--estimate)")
+    p.add_argument("--gpu-hour-cost", type=float, help="price of one GPU (or machine) hour, for --estimate")
     p.set_defaults(func=cmd_plan)
 
     p = sub.add_parser("inspect", help="schema, rows, metadata and first rows of an artifact")
@@ -263,7 +279,7 @@ def _extra_commands() -> list:
 
     out = []
     for module in ("pipeline.verify", "pipeline.report", "pipeline.predict", "pipeline.key_table",
-                   "pipeline.code_identity"):
+                   "pipeline.code_identity", "kd.audit.command"):
         try:
             out.append(importlib.import_module(module).add_parser)
         except ModuleNotFoundError as e:

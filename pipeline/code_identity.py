@@ -70,16 +70,27 @@ def module_file(name: str, root: Path | None = None) -> Path | None:
     return None
 
 
+def _strip_docstring(node: ast.AST) -> None:
+    if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
+        body = node.body
+        if body and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant) \
+                and isinstance(body[0].value.value, str):
+            node.body = body[1:] or [ast.Pass()]
+
+
+def _strip_docstrings(tree: ast.AST) -> ast.AST:
+    for node in ast.walk(tree):
+        _strip_docstring(node)
+    return tree
+
+
+def _dump(tree: ast.AST) -> str:
+    return ast.dump(tree, annotate_fields=True, include_attributes=False)
+
+
 def normalized_source(source: str) -> str:
     """The module's AST without docstrings: comments, docstrings and layout do not count."""
-    tree = ast.parse(source)
-    for node in ast.walk(tree):
-        if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
-            body = node.body
-            if body and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant) \
-                    and isinstance(body[0].value.value, str):
-                node.body = body[1:] or [ast.Pass()]
-    return ast.dump(tree, annotate_fields=True, include_attributes=False)
+    return _dump(_strip_docstrings(ast.parse(source)))
 
 
 def _package_of(name: str, is_package: bool) -> str:
@@ -87,10 +98,12 @@ def _package_of(name: str, is_package: bool) -> str:
 
 
 def _referenced_modules(tree: ast.AST, name: str, is_package: bool) -> tuple[set[str], set[str]]:
-    """(candidate module names, third-party top-level imports) referenced anywhere in `tree`."""
+    """(candidate module names, third-party top-level imports) referenced anywhere in `tree`;
+    strips docstrings on the way (one walk: this runs for every module of every plan)."""
     candidates: set[str] = set()
     external: set[str] = set()
     for node in ast.walk(tree):
+        _strip_docstring(node)
         if isinstance(node, ast.Import):
             for alias in node.names:
                 candidates.add(alias.name)
@@ -117,12 +130,12 @@ def _with_parents(name: str) -> list[str]:
 
 
 @functools.lru_cache(maxsize=None)
-def _module_info(path: Path, name: str, mtime_ns: int, size: int) -> tuple[str, frozenset[str], frozenset[str]]:
+def _module_info(source: bytes, name: str, is_package: bool) -> tuple[str, frozenset[str], frozenset[str]]:
     """(digest of the normalized source, referenced module names, third-party imports) of one
-    file; cached by (path, mtime, size) so planning a long manifest parses each file once."""
-    source = path.read_text(encoding="utf-8")
-    digest = hashlib.sha256(normalized_source(source).encode()).hexdigest()
-    candidates, external = _referenced_modules(ast.parse(source), name, path.name == "__init__.py")
+    module; cached by its bytes, so planning a long manifest parses each file once."""
+    tree = ast.parse(source.decode("utf-8"))
+    candidates, external = _referenced_modules(tree, name, is_package)
+    digest = hashlib.sha256(_dump(tree).encode()).hexdigest()
     return digest, frozenset(candidates), frozenset(external)
 
 
@@ -143,8 +156,7 @@ def closure(module: str, root: Path | None = None) -> tuple[dict[str, str], set[
         path = module_file(name, root)
         if path is None:
             continue
-        stat = path.stat()
-        digest, candidates, imported = _module_info(path, name, stat.st_mtime_ns, stat.st_size)
+        digest, candidates, imported = _module_info(path.read_bytes(), name, path.name == "__init__.py")
         modules[path.relative_to(root).as_posix()] = digest
         external |= {e for e in imported if e and e not in packages}
         for candidate in candidates:

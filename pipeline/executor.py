@@ -15,8 +15,9 @@ from typing import Any, Callable
 
 from pipeline import storage
 from pipeline.artifact import MANIFEST, Artifact, MissingShard, file_checksums, write_alias, write_shard
-from pipeline.errors import StageFailed
+from pipeline.errors import KdpipeError, StageFailed
 from pipeline.graph import Graph
+from pipeline.placement import PlacementError, timed_out, unplaceable
 from pipeline.plan import StagePlan
 from pipeline.stage import Stage, StageContext
 
@@ -73,6 +74,7 @@ def _provenance(plan: StagePlan, graph: Graph) -> dict[str, str]:
         "kdpipe.code": plan.key_parts["code"],
         "kdpipe.config": json.dumps(plan.node.stage.config.model_dump(mode="json"), sort_keys=True),
         "kdpipe.inputs": json.dumps(plan.key_parts["inputs"], sort_keys=True),
+        **({"kdpipe.numerics": json.dumps(plan.key_parts["numerics"])} if "numerics" in plan.key_parts else {}),
     }
 
 
@@ -105,12 +107,17 @@ class _ShardWorkerImpl:
     """Ray actor body for map stages: setup once, then one shard per call."""
 
     def __init__(self, stage: Stage, ctx: StageContext, provenance: dict[str, str], cwd: str):
-        start = time.perf_counter()
+        # Cheap on purpose: the actor's creation is the signal that Ray placed it; the model
+        # loads in setup(), which the placement deadline does not cover.
         _enter_worker(cwd, ctx.num_cpus)
-        self.stage, self.ctx = stage, ctx
-        stage.setup(ctx)
-        self.metadata = {**provenance, **{f"kdpipe.{k}": v for k, v in stage.metadata().items()}}
-        self.setup_seconds: float | None = round(time.perf_counter() - start, 4)  # reported with the first shard
+        self.stage, self.ctx, self.provenance = stage, ctx, provenance
+        self.setup_seconds: float | None = None
+
+    def setup(self) -> None:
+        start = time.perf_counter()
+        self.stage.setup(self.ctx)
+        self.metadata = {**self.provenance, **{f"kdpipe.{k}": v for k, v in self.stage.metadata().items()}}
+        self.setup_seconds = round(time.perf_counter() - start, 4)  # reported with the first shard
 
     def process(self, index: int, input_path: str, art_dir: str) -> dict[str, Any]:
         import ray
@@ -180,15 +187,58 @@ def _run_task_impl(stage: Stage, ctx: StageContext, cwd: str) -> dict[str, Any]:
         shutil.rmtree(local, ignore_errors=True)
 
 
+def _user_error(e: Exception) -> KdpipeError | None:
+    """The kdpipe error inside a Ray task error (e.g. DeviceUnavailable), if that is what it is."""
+    cause = getattr(e, "cause", None)
+    return cause if isinstance(cause, KdpipeError) else None
+
+
 class Executor:
     def __init__(self, graph: Graph, *, progress: Callable[..., Any] | None = None):
         self.graph = graph
         self.progress = progress
         self.cwd = os.getcwd()
+        self.placement_timeout = graph.manifest.ray.placement_timeout
 
-    def run_stage(self, plan: StagePlan, upstream_dirs: dict[str, Any]) -> dict[str, Any]:
+    def check_placement(self, plans: list[StagePlan]) -> None:
+        """Before anything is written: every stage to run must fit on some alive node (unless an
+        autoscaler may add one). Fails with one message per stage that never could."""
         import ray
 
+        if self.graph.manifest.ray.autoscaler:
+            return
+        nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
+        problems = [unplaceable(p.name, p.node.stage.resources(), nodes, kind=p.node.stage.kind) for p in plans]
+        problems = [m for m in problems if m]
+        if problems:
+            raise PlacementError("\n".join(problems))
+
+    def _run_placed(self, plan: StagePlan, fn: Any, res: dict[str, float], *args: Any) -> Any:
+        """One Ray task for a source/task stage, in a placement group reserved first: waiting for
+        the reservation is bounded by placement_timeout; the work itself is not."""
+        import ray
+        from ray.util.placement_group import placement_group, remove_placement_group
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+        bundle = {{"num_cpus": "CPU", "num_gpus": "GPU"}.get(k, k): v for k, v in res.items() if v}
+        pg = placement_group([bundle])
+        try:
+            ready, _ = ray.wait([pg.ready()], timeout=self.placement_timeout)
+            if not ready:
+                raise PlacementError(timed_out(plan.name, res, kind=plan.node.stage.kind,
+                                               timeout=self.placement_timeout, available=ray.available_resources()))
+            strategy = PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=0)
+            task = ray.remote(fn).options(max_retries=MAX_SHARD_ATTEMPTS, scheduling_strategy=strategy, **res)
+            try:
+                return ray.get(task.remote(*args))
+            except ray.exceptions.RayTaskError as e:
+                if _user_error(e) is not None:
+                    raise _user_error(e) from None
+                raise
+        finally:
+            remove_placement_group(pg)
+
+    def run_stage(self, plan: StagePlan, upstream_dirs: dict[str, Any]) -> dict[str, Any]:
         stage = plan.node.stage
         ctx = make_context(plan, self.graph, upstream_dirs)
         if not storage.is_remote(plan.art_dir):
@@ -199,8 +249,8 @@ class Executor:
         files: dict[str, Any] = {}
         if stage.kind == "source":
             done = plan.completed
-            task = ray.remote(_run_source_impl).options(max_retries=MAX_SHARD_ATTEMPTS, **res)
-            stats = ray.get(task.remote(stage, ctx, provenance, self.cwd, ctx.artifact_loc, list(done)))
+            stats = self._run_placed(plan, _run_source_impl, res, stage, ctx, provenance, self.cwd,
+                                     ctx.artifact_loc, list(done))
             shards, extra = self._merge(done, stats), {}
             ran = len(stats)
         elif stage.kind == "map":
@@ -208,8 +258,7 @@ class Executor:
             shards = stage.finalize(shards, ctx)
             extra = stage.summarize(shards, ctx)
         else:
-            task = ray.remote(_run_task_impl).options(max_retries=MAX_SHARD_ATTEMPTS, **res)
-            result = ray.get(task.remote(stage, ctx, self.cwd))
+            result = self._run_placed(plan, _run_task_impl, res, stage, ctx, self.cwd)
             extra, files = result["summary"], result["files"]
             shards, ran = [], 1
         seconds = time.perf_counter() - start
@@ -269,7 +318,8 @@ class Executor:
         def start_actor() -> None:
             actor = worker_cls.remote(stage, ctx, provenance, self.cwd)
             actors.append(actor)
-            starting[actor.__ray_ready__.remote()] = actor
+            placing[actor.__ray_ready__.remote()] = actor  # resolves once placed (before setup)
+            starting[actor.setup.remote()] = actor
 
         def submit(actor: Any) -> None:
             index = queue.pop(0)
@@ -278,9 +328,19 @@ class Executor:
 
         initial: set[Any] = set()
         barrier_until: float | None = None  # set when the first actor is ready
+        placing: dict[Any, Any] = {}  # ready ref -> actor not yet known to be placed
+        placed: set[Any] = set()
+        unplaced_since: float | None = None  # since when no live actor of this stage is placed
 
         def barrier_up() -> bool:
             return bool(initial & starting.keys()) and (barrier_until is None or time.monotonic() < barrier_until)
+
+        def any_placed() -> bool:
+            if placing:
+                now_placed, _ = ray.wait(list(placing), num_returns=len(placing), timeout=0)
+                placed.update(placing.pop(ref) for ref in now_placed)
+            live = [*starting.values(), *idle, *(a for _, a in in_flight.values())]
+            return any(a in placed for a in live)
 
         try:
             for _ in range(concurrency):
@@ -289,18 +349,28 @@ class Executor:
             while in_flight or queue:
                 if not in_flight and not starting:
                     start_actor()  # every actor died with work left: replace one
+                if any_placed():
+                    unplaced_since = None
+                else:  # nothing placed (yet, or any more): wait for Ray, but not forever
+                    unplaced_since = unplaced_since or time.monotonic()
+                    if time.monotonic() - unplaced_since > self.placement_timeout:
+                        raise PlacementError(timed_out(plan.name, res, kind="map", timeout=self.placement_timeout,
+                                                       available=ray.available_resources()))
                 if not barrier_up():
                     while idle and queue:
                         submit(idle.pop())
                 ready, _ = ray.wait([*in_flight, *starting], num_returns=1,
-                                    timeout=1.0 if barrier_up() else None)
+                                    timeout=1.0 if barrier_up() or unplaced_since is not None else None)
                 if not ready:
                     continue
                 if ready[0] in starting:
                     actor = starting.pop(ready[0])
                     try:
                         ray.get(ready[0])
-                    except ray.exceptions.RayActorError as e:
+                    except (ray.exceptions.RayTaskError, ray.exceptions.RayActorError) as e:
+                        if _user_error(e) is not None:  # e.g. DeviceUnavailable: retrying cannot help
+                            raise _user_error(e) from None
+                        ray.kill(actor)
                         setup_failures += 1
                         if in_flight or idle or starting:
                             continue  # other actors carry on (e.g. this one's node died)
@@ -332,6 +402,8 @@ class Executor:
                     bar.set_postfix(rows_per_s=f"{rows / max(time.perf_counter() - t0, 1e-9):.0f}")
                 (submit if queue else idle.append)(actor)
         except ray.exceptions.RayTaskError as e:
+            if _user_error(e) is not None:
+                raise _user_error(e) from None
             raise StageFailed(f"stage {plan.name!r} failed on a shard: {e.cause!r}") from e
         finally:
             if bar is not None:
@@ -350,6 +422,8 @@ class Executor:
             "stage_name": plan.name,
             "config": plan.node.stage.config.model_dump(mode="json"),
             "key_parts": plan.key_parts,
+            "numerics": plan.key_parts.get("numerics"),  # resolved device kind and dtype, if a model stage
+            "resources": plan.node.stage.resources(),
             "code_modules": plan.code_modules,  # lets a later plan name the changed file
             "inputs": {role: [{"stage": n, "key": storage.basename(upstream_dirs[n]), "path": str(upstream_dirs[n])}
                               for n in names] for role, names in plan.node.inputs.items()},

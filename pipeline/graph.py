@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import json
 import os
 from pathlib import Path
 
@@ -104,7 +103,7 @@ def build_graph(manifest: Manifest) -> Graph:
             problems.extend(pydantic_problems(e, prefix=f"{loc}.config"))
             continue
         inputs = {role: [v] if isinstance(v, str) else list(v) for role, v in spec.inputs.items()}
-        nodes[spec.name] = Node(i, spec.name, spec.type, cls(config=config), inputs)
+        nodes[spec.name] = Node(i, spec.name, spec.type, cls(config=config, input_refs=inputs), inputs)
 
     all_names = [s.name for s in manifest.stages]
     for node in nodes.values():
@@ -197,11 +196,19 @@ def _toposort(nodes: dict[str, Node], problems: list[Problem]) -> list[str]:
 
 
 def _external_facts(art, ref: str) -> Facts:
-    values = {k.removeprefix("kdpipe."): v for k, v in art.file_metadata().items()}
-    if "label_names" in values:
-        values["label_names"] = json.loads(values["label_names"])
-    return Facts({k: values[k] for k in ("label_names", "mask_token") if k in values},
-                 {k: f"inputs ({ref})" for k in values})
+    """Facts of another run's artifact, as the stage type that made it reads them from its metadata."""
+    metadata = {k.removeprefix("kdpipe."): v for k, v in art.file_metadata().items()}
+    try:
+        made_by = get_stage_class(art.manifest.get("type"))
+    except (KeyError, TypeError):
+        made_by = Stage  # a stage type this checkout no longer has: the default reading
+    facts = made_by.artifact_facts(metadata)
+    values = dict(facts.values)
+    summary = art.manifest.get("summary") or {}
+    if "label_names" not in values and isinstance(summary.get("label_names"), list):
+        # a files artifact (a fine-tuned teacher) names its labels in its summary
+        values["label_names"] = [str(n) for n in summary["label_names"]]
+    return Facts(values, {k: facts.origins.get(k) or f"inputs ({ref})" for k in values})
 
 
 def _check_kinds_and_columns(graph: Graph, problems: list[Problem]) -> None:

@@ -26,10 +26,29 @@ def _check_name(value: str) -> str:
     return value
 
 
+def check_ray_address(value: str | None) -> str | None:
+    """Ray Client (`ray://`) runs the driver off the cluster; kdpipe's driver plans from and
+    finalizes into the workdir, so it must be a cluster process: say so before anything runs."""
+    if value and value.strip().lower().startswith("ray://"):
+        raise ValueError(
+            f"{value!r} is a Ray Client address, which kdpipe does not support: its driver reads and "
+            "writes the workdir itself. Run kdpipe on a cluster node with the GCS address (host:6379, or "
+            "'auto' on the head), or submit it as a job: ray job submit --address http://<head>:8265 "
+            "-- kdpipe run m.yaml")
+    return value
+
+
 class RayConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    address: str | None = Field(None, description="Ray cluster address; omitted = embedded local Ray")
+    address: str | None = Field(None, description="Ray cluster (GCS) address, host:port or auto; "
+                                "omitted = embedded local Ray; ray:// client addresses are refused")
     num_cpus: int | None = Field(None, gt=0, description="CPUs for embedded Ray (default: all)")
+    placement_timeout: float = Field(600.0, gt=0, description="seconds a stage may wait for Ray to place "
+                                     "and start a worker (model loading not included) before the run fails")
+    autoscaler: bool = Field(False, description="the cluster adds nodes on demand: a request no current "
+                             "node can hold waits up to placement_timeout instead of failing at once")
+
+    _address = field_validator("address")(classmethod(lambda cls, v: check_ray_address(v)))
 
 
 class StageSpec(BaseModel):

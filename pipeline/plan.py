@@ -2,7 +2,8 @@
 
 key = sha256(stage type, code digest, library versions, engine format, canonical config minus
              throughput knobs, the manifest seed (only for stages that use it), keys of every
-             upstream artifact, content hashes of outside files and model weights)
+             upstream artifact, content hashes of outside files and model weights, and for model
+             stages the resolved device kind and dtype (pipeline/devices.py))
 
 `pipeline/key_table.py` renders exactly this, per stage type, into RELIABILITY.md.
 """
@@ -18,7 +19,7 @@ from pipeline.artifact import Artifact, completed_shards, read_alias
 from pipeline.code_identity import code_identity, describe_change
 from pipeline.graph import Graph, Node, external_artifact
 from pipeline.hashing import hash_obj
-from pipeline.stage import throughput_fields
+from pipeline.stage import unkeyed_fields
 
 ENGINE_FORMAT = "1"
 KEY_LENGTH = 20
@@ -51,7 +52,7 @@ def key_parts_for(node: Node, upstream_keys: dict[str, str], seed: int = 0) -> d
     """Everything that can change the node's output. Each part is one named entry, so a new
     kind of part (e.g. resolved numerics) is one more line here and one more row in the table."""
     config = node.stage.config
-    semantic = config.model_dump(mode="json", exclude=throughput_fields(type(config)))
+    semantic = config.model_dump(mode="json", exclude=unkeyed_fields(type(config)))
     code = code_identity(node.type)
     parts = {
         "type": node.type,
@@ -64,6 +65,9 @@ def key_parts_for(node: Node, upstream_keys: dict[str, str], seed: int = 0) -> d
     }
     if node.stage.uses_seed():
         parts["seed"] = seed
+    numerics = node.stage.numerics()
+    if numerics is not None:  # resolved device kind and dtype: they change the numbers
+        parts["numerics"] = numerics.as_dict()
     return parts
 
 
@@ -93,7 +97,9 @@ def explain_change(old: dict[str, Any], new: dict[str, Any], *, old_modules: dic
     reasons: list[str] = []
     if old.get("type") != new.get("type"):
         reasons.append(f"stage type changed {old.get('type')} -> {new.get('type')}")
-    if old.get("code") != new.get("code"):
+    if "code" not in old:
+        reasons.append("made before code digests existed (its code version was set by hand)")
+    elif old.get("code") != new.get("code"):
         files = describe_change(old_modules or {}, new_modules or {}) if old_modules and new_modules else []
         reasons.append(f"code changed: {', '.join(files)}" if files else "code changed")
     ol, nl = old.get("libraries", {}), new.get("libraries", {})
@@ -116,7 +122,7 @@ def explain_change(old: dict[str, Any], new: dict[str, Any], *, old_modules: dic
     for k in sorted(set(of) | set(nf)):
         if of.get(k) != nf.get(k):
             reasons.append(f"{k} changed" if k in of and k in nf else f"{k} {'added' if k in nf else 'removed'}")
-    known = {"type", "code", "libraries", "seed", "engine_format", "config", "inputs", "fingerprint"}
+    known = {"type", "code", "code_version", "libraries", "seed", "engine_format", "config", "inputs", "fingerprint"}
     for part in sorted((set(old) | set(new)) - known):  # parts added later (e.g. numerics)
         if old.get(part) != new.get(part):
             reasons.append(f"{part} changed {json.dumps(old.get(part))} -> {json.dumps(new.get(part))}")

@@ -3,6 +3,8 @@ of stages a manifest does not use."""
 from __future__ import annotations
 
 import importlib
+from pathlib import Path
+from typing import Any
 
 from pipeline.stage import Stage
 
@@ -21,7 +23,14 @@ STAGES: dict[str, str] = {
     "seq2seq_teacher": "stages.seq2seq_teacher:Seq2SeqTeacherStage",
     "train_seq2seq": "stages.train_seq2seq:TrainSeq2SeqStage",
     "agreement": "stages.agreement:AgreementStage",
+    "lm_label": "stages.lm_label:LmLabelStage",
+    "train_lm": "stages.train_lm:TrainLmStage",
+    "lm_teacher": "stages.lm_teacher:LmTeacherStage",
 }
+
+
+# How `predict` loads a model folder (a student directory or an HF checkpoint).
+MODEL_LOADER = "stages.students:load_student"
 
 
 def stage_types() -> list[str]:
@@ -33,8 +42,17 @@ def get_stage_class(type_key: str) -> type[Stage]:
         target = STAGES[type_key]
     except KeyError:
         raise KeyError(type_key) from None
-    module_name, class_name = target.split(":")
-    cls = getattr(importlib.import_module(module_name), class_name)
+    cls = _resolve(target)
     if getattr(cls, "type", None) != type_key:
         raise TypeError(f"{target} declares type {getattr(cls, 'type', None)!r}, expected {type_key!r}")
     return cls
+
+
+def load_model(directory: Path) -> Any:
+    """The model in a stage's `model_folder`, with `predict(texts, ...)`."""
+    return _resolve(MODEL_LOADER)(directory)
+
+
+def _resolve(target: str) -> Any:
+    module_name, name = target.split(":")
+    return getattr(importlib.import_module(module_name), name)

@@ -9,8 +9,10 @@ from typing import Any
 from pipeline import storage
 from pipeline.artifact import write_json
 from pipeline.graph import Graph, build_graph, external_artifact
-from pipeline.manifest import Manifest, load_manifest
+from pipeline.errors import ManifestError
+from pipeline.manifest import Manifest, check_ray_address, load_manifest
 from pipeline.plan import StagePlan, make_plan, refresh
+from pipeline.stage import Problem
 
 
 def load_graph(manifest_path: str | Path, *, overrides: dict[str, str] | None = None,
@@ -40,6 +42,7 @@ def run_graph(graph: Graph, *, only: list[str] | None = None, start: str | None 
     from pipeline.executor import Executor, init_ray, update_alias
 
     manifest: Manifest = graph.manifest
+    _check_address(address)
     selected = graph.select(only=only, start=start, stop=stop) if (only or start or stop) else None
     workdir = manifest.workdir if storage.is_remote(manifest.workdir) else Path(manifest.workdir)
     if not storage.is_remote(workdir):
@@ -53,6 +56,12 @@ def run_graph(graph: Graph, *, only: list[str] | None = None, start: str | None 
         if claims.wait_for_gc():
             plans = make_plan(graph, selected=selected, verify=verify)
         executor = None
+        to_run = [p for p in plans if p.status != "cached"]
+        if to_run:
+            init_ray(address=address or manifest.ray.address, num_cpus=manifest.ray.num_cpus,
+                     temp_dir=_ray_temp_dir())
+            executor = Executor(graph, progress=_progress_factory(progress))
+            executor.check_placement(to_run)  # before any stage writes: an unplaceable run leaves nothing
         for plan in plans:
             dirs[plan.name] = plan.art_dir
             started = time.time()
@@ -96,6 +105,13 @@ def run_graph(graph: Graph, *, only: list[str] | None = None, start: str | None 
     return summary
 
 
+def _check_address(address: str | None) -> None:
+    try:
+        check_ray_address(address)
+    except ValueError as e:
+        raise ManifestError([Problem("--address", str(e))]) from None
+
+
 def _ray_temp_dir() -> Path | None:
     # Unix socket paths are limited to ~107 bytes: keep Ray's session dir short.
     value = os.environ.get("KDPIPE_RAY_TMPDIR")
@@ -103,6 +119,6 @@ def _ray_temp_dir() -> Path | None:
 
 
 def plan_graph(graph: Graph, *, only: list[str] | None = None, start: str | None = None,
-               stop: str | None = None) -> list[StagePlan]:
+               stop: str | None = None, verify: bool = False) -> list[StagePlan]:
     selected = graph.select(only=only, start=start, stop=stop) if (only or start or stop) else None
-    return make_plan(graph, selected=selected)
+    return make_plan(graph, selected=selected, verify=verify)

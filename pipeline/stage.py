@@ -13,15 +13,17 @@ Heavy imports (torch, transformers, spacy) belong inside methods, never at modul
 from __future__ import annotations
 
 import dataclasses
+import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 if TYPE_CHECKING:
     import pyarrow as pa
 
     from pipeline.artifact import Artifact
+    from pipeline.devices import Numerics
 
 
 class StageConfig(BaseModel):
@@ -35,12 +37,54 @@ def throughput(default: Any, **kwargs: Any) -> Any:
     return Field(default, json_schema_extra={"throughput": True}, **kwargs)
 
 
-def throughput_fields(config_cls: type[StageConfig]) -> set[str]:
+def resolved(default: Any, **kwargs: Any) -> Any:
+    """A config field whose *resolved* value enters the key instead of the raw one (device and
+    dtype: `auto` and the value it resolves to give the same numbers)."""
+    return Field(default, json_schema_extra={"resolved": True}, **kwargs)
+
+
+def _marked(config_cls: type[StageConfig], marker: str) -> set[str]:
     return {
         name
         for name, field in config_cls.model_fields.items()
-        if isinstance(field.json_schema_extra, dict) and field.json_schema_extra.get("throughput")
+        if isinstance(field.json_schema_extra, dict) and field.json_schema_extra.get(marker)
     }
+
+
+def throughput_fields(config_cls: type[StageConfig]) -> set[str]:
+    return _marked(config_cls, "throughput")
+
+
+def unkeyed_fields(config_cls: type[StageConfig]) -> set[str]:
+    """Fields left out of the raw config in the key: throughput knobs and resolved fields."""
+    return _marked(config_cls, "throughput") | _marked(config_cls, "resolved")
+
+
+_MEMORY_UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "kib": 1024, "m": 1000**2, "mb": 1000**2,
+                 "mib": 1024**2, "g": 1000**3, "gb": 1000**3, "gib": 1024**3}
+
+
+def _memory_bytes(value: Any) -> Any:
+    """`memory: 4GiB` (or 4GB, 512MiB, bytes as a number) -> bytes, as Ray's `memory` wants."""
+    if not isinstance(value, str):
+        return value
+    match = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([A-Za-z]*)\s*", value)
+    unit = match.group(2).lower() if match else None
+    if unit not in _MEMORY_UNITS:
+        raise ValueError(f"{value!r} is not an amount of memory; write e.g. 4GiB, 512MiB or a number of bytes")
+    return int(float(match.group(1)) * _MEMORY_UNITS[unit])
+
+
+class ResourceConfig(StageConfig):
+    """What one worker of a stage (an actor of a map stage, the task of a source/task stage) asks
+    Ray for. Every stage's config derives from this. Placement decides speed, not results; the
+    device a GPU request implies enters the key through `pipeline.devices` (numerics)."""
+
+    num_cpus: float | None = throughput(None, gt=0, description="CPUs per worker (default: the stage's own)")
+    num_gpus: float = throughput(0, ge=0, description="GPUs per worker; for model stages > 0 means CUDA (the resolved device is in the key)")
+    memory: int | None = throughput(None, gt=0, description="memory reserved per worker: bytes, or 4GiB, 512MiB")
+
+    _memory = field_validator("memory", mode="before")(classmethod(lambda cls, v: _memory_bytes(v)))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -74,6 +118,16 @@ class Facts:
 
     def get(self, key: str, default: Any = None) -> Any:
         return self.values.get(key, default)
+
+
+@dataclasses.dataclass
+class ReportSection:
+    """What one finished artifact adds to `kdpipe report`: rows of the model table, one per model,
+    with the keys model, role ('teacher' or 'student'), type, params, size_bytes, metric, value,
+    sent/s, speed-up, labels (a missing key is an empty cell); and figures as (title, png path)."""
+
+    rows: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+    figures: list[tuple[str, Path]] = dataclasses.field(default_factory=list)
 
 
 @dataclasses.dataclass
@@ -120,9 +174,18 @@ class Stage:
     inputs: ClassVar[dict[str, InputRole]] = {}
     # Ray resources per worker; model stages raise this.
     default_num_cpus: ClassVar[float] = 1
+    # The folder under files/ where a finished artifact keeps a model `predict` can load
+    # (a student directory or an HF checkpoint); None for stages that produce no model.
+    model_folder: ClassVar[str | None] = None
+    # `kdpipe report` merges sections in this order; a later row replaces an earlier one for the
+    # same model (evaluate's measured rows replace the rows train reports for its own student).
+    report_order: ClassVar[int] = 0
 
-    def __init__(self, *, config: StageConfig):
+    def __init__(self, *, config: StageConfig, input_refs: dict[str, list[str]] | None = None):
         self.config = config
+        # role -> the manifest's names of the upstream stages (`name` or `@RUN/STAGE`), for
+        # stages whose output names its inputs (label's teacher columns); None outside a graph.
+        self.input_refs = input_refs
 
     # --- planning (driver side, before Ray; must be cheap and side-effect free) -----------
     def validate(self, *, input_columns: dict[str, list[list[str] | None]]) -> list[Problem]:
@@ -157,9 +220,46 @@ class Stage:
         (source files, model weights), keyed by a readable name for `plan` to report."""
         return {}
 
+    @classmethod
+    def artifact_facts(cls, metadata: dict[str, str]) -> Facts:
+        """Facts of a finished artifact of this type that another manifest reads (`@RUN/STAGE`),
+        from its shards' Parquet key-value metadata (`kdpipe.` prefix removed): by default every
+        value, JSON lists and objects decoded (label names), other values as written."""
+        import json
+
+        values: dict[str, Any] = {}
+        for key, raw in metadata.items():
+            try:
+                decoded = json.loads(raw)
+            except ValueError:
+                decoded = raw
+            values[key] = decoded if isinstance(decoded, (list, dict)) else raw
+        return Facts(values)
+
+    @classmethod
+    def report_section(cls, *, name: str, files_dir: Path, manifest: dict[str, Any]) -> ReportSection | None:
+        """This stage's part of `kdpipe report` for its finished artifact `name` (the run's alias),
+        whose files are in `files_dir` and whose manifest.json is `manifest`; None = nothing to show."""
+        return None
+
     def resources(self) -> dict[str, float]:
-        num_cpus = getattr(self.config, "num_cpus", None) or self.default_num_cpus
-        return {"num_cpus": float(num_cpus)}
+        """The Ray request of one worker, from the config alone (never from the driver's hardware)."""
+        cfg = self.config
+        out = {"num_cpus": float(getattr(cfg, "num_cpus", None) or self.default_num_cpus)}
+        if getattr(cfg, "num_gpus", 0):
+            out["num_gpus"] = float(cfg.num_gpus)
+        if getattr(cfg, "memory", None):
+            out["memory"] = float(cfg.memory)
+        return out
+
+    def numerics(self) -> "Numerics | None":
+        """Resolved (device kind, dtype) for stages whose numbers depend on them; None otherwise.
+        Known at plan time from the config and the placement it asks for (pipeline.devices)."""
+        from pipeline.devices import NumericsConfig, plan_numerics
+
+        if isinstance(self.config, NumericsConfig):
+            return plan_numerics(self.config)
+        return None
 
 
 class SourceStage(Stage):

@@ -16,15 +16,14 @@ from typing import Any
 
 from pydantic import Field
 
-from pipeline.stage import InputRole, Problem, StageConfig, StageContext, TaskStage, throughput
+from pipeline.stage import InputRole, Problem, ResourceConfig, StageContext, TaskStage, throughput
 
 
-class AgreementConfig(StageConfig):
+class AgreementConfig(ResourceConfig):
     student_column: str | None = Field(None, description="what the students read (e.g. the German side); "
                                        "default: each student's own training column (student.json)")
     logits_column: str = Field("logits", description="teacher logits column of the labels")
     batch_size: int = throughput(64, gt=0)
-    num_cpus: float | None = throughput(None, gt=0)
 
 
 def agreement_metrics(teacher: list[int], student: list[int], names: list[str]) -> dict[str, Any]:

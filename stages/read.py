@@ -18,7 +18,7 @@ from typing import Any, Literal
 from pydantic import Field, model_validator
 
 from pipeline.hashing import hash_tree
-from pipeline.stage import Facts, Problem, SourceStage, StageConfig, StageContext
+from pipeline.stage import Facts, Problem, ResourceConfig, SourceStage, StageConfig, StageContext
 
 FORMATS = ("jsonl", "csv", "tsv", "parquet", "text", "parallel", "hf")
 # Branch names whose content changes over time; a revision must be a commit sha or a tag.
@@ -43,7 +43,7 @@ class HFSource(StageConfig):
     trust_remote_code: bool = False
 
 
-class ReadConfig(StageConfig):
+class ReadConfig(ResourceConfig):
     format: Literal["auto", "jsonl", "csv", "tsv", "parquet", "text", "parallel", "hf"] = "auto"
     path: str | None = Field(None, description="input file (all formats but parallel and hf)")
     files: dict[str, str] | None = Field(None, description="parallel: column name -> line-aligned file")

@@ -6,53 +6,25 @@ default, T5ForConditionalGeneration with `model.architecture: t5`; a T5Tokenizer
 joint sentencepiece model trained on both sides of the corpus) that the `label` stage loads with
 AutoModelForSeq2SeqLM / AutoTokenizer like any other teacher.
 
-The building blocks (sentencepiece + tokenizer, model dims, resumable training loop) live here
-and are reused by `train_seq2seq` for students, so teacher and students train the same way.
+The building blocks (sentencepiece + tokenizer, model dims, resumable training loop) live in
+`kd/seq2seq.py`, shared with `train_seq2seq`, so teacher and students train the same way.
 """
 from __future__ import annotations
 
-import json
-import random
-from pathlib import Path
-from typing import Any, Callable, Literal
+from typing import Any
 
 from pydantic import Field
 
-from pipeline.stage import InputRole, Problem, StageConfig, StageContext, TaskStage, throughput
+from kd.seq2seq import (SPM_NAME, ModelDims, TrainSchedule, build_model, check_columns, decoder_inputs, encode, fit,
+                        load_spm_tokenizer, read_pairs, save_checkpoint, seeded, source_reliance, train_sentencepiece)
+from pipeline.devices import NumericsConfig, worker_device
+from pipeline.stage import InputRole, Problem, StageContext, TaskStage, throughput
 
-SPM_NAME = "spiece"
-
-
-class ModelDims(StageConfig):
-    """Encoder-decoder sizes. Defaults are test-tiny; manifests set real ones."""
-
-    # BART's layout (scaled attention, post-LN, learned positions) trains much faster from
-    # scratch with AdamW than T5's: on Multi30k, 300 updates at lr 2e-3 reach held-out CE 2.96 against 4.29
-    # for the same-size T5, whose unscaled attention wants Adafactor or a far lower lr.
-    architecture: Literal["bart", "t5"] = "bart"
-    d_model: int = Field(64, gt=0)
-    d_ff: int = Field(128, gt=0)
-    num_layers: int = Field(2, gt=0, description="encoder layers")
-    num_decoder_layers: int = Field(2, gt=0)
-    num_heads: int = Field(4, gt=0)
-    dropout: float = Field(0.1, ge=0, lt=1)
+# decoder_inputs: importable from here for callers that predate kd/seq2seq.py (new code imports kd).
+__all__ = ["ModelDims", "Seq2SeqTeacherConfig", "Seq2SeqTeacherStage", "TrainSchedule", "decoder_inputs"]
 
 
-class TrainSchedule(StageConfig):
-    """Optimisation settings shared by the teacher and the students. batch_size changes the
-    result of training, so unlike an inference batch size it is part of the cache key."""
-
-    epochs: float = Field(1.0, gt=0)
-    max_steps: int | None = Field(None, gt=0, description="stop after this many updates")
-    batch_size: int = Field(32, gt=0)
-    lr: float = Field(1e-3, gt=0)
-    warmup_steps: int = Field(100, ge=0)
-    label_smoothing: float = Field(0.1, ge=0, lt=1)
-    max_source_tokens: int = Field(64, gt=1)
-    max_target_tokens: int = Field(64, gt=1)
-
-
-class Seq2SeqTeacherConfig(StageConfig):
+class Seq2SeqTeacherConfig(NumericsConfig):
     source_column: str = "text"
     target_column: str = "de"
     vocab_size: int = Field(1000, gt=10, description="joint sentencepiece vocabulary (a soft limit)")
@@ -60,283 +32,6 @@ class Seq2SeqTeacherConfig(StageConfig):
     train: TrainSchedule = Field(default_factory=TrainSchedule)
     num_beams: int = Field(4, gt=0, description="default beam width stored in generation_config")
     checkpoint_every: int = throughput(200, gt=0, description="updates between scratch checkpoints")
-    num_cpus: float | None = throughput(None, gt=0)
-
-
-# --- building blocks ------------------------------------------------------------------------
-
-def train_sentencepiece(texts: list[str], directory: Path, vocab_size: int, *, seed: int) -> Path:
-    """A unigram model with T5's ids (pad 0, eos 1, unk 2, no bos) at `directory/spiece.model`."""
-    import sentencepiece as spm
-
-    directory.mkdir(parents=True, exist_ok=True)
-    spm.set_random_generator_seed(seed)
-    spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(texts), model_prefix=str(directory / SPM_NAME), vocab_size=vocab_size,
-        hard_vocab_limit=False, model_type="unigram", character_coverage=1.0, pad_id=0, eos_id=1,
-        unk_id=2, bos_id=-1, minloglevel=2, num_threads=1, input_sentence_size=2_000_000,
-        shuffle_input_sentence=False)
-    return directory / f"{SPM_NAME}.model"
-
-
-def load_spm_tokenizer(directory: Path):
-    """T5Tokenizer over `directory/spiece.model`, its length checked against the model."""
-    import sentencepiece as spm
-    from transformers import T5Tokenizer
-
-    # from_pretrained(dir) reads dir/spiece.model; T5Tokenizer(vocab_file=...) ignores it in 5.x.
-    tok = T5Tokenizer.from_pretrained(str(directory), extra_ids=0, legacy=False)
-    pieces = spm.SentencePieceProcessor(model_file=str(directory / f"{SPM_NAME}.model")).get_piece_size()
-    if len(tok) != pieces or tok.pad_token_id != 0 or tok.eos_token_id != 1:
-        raise RuntimeError(f"tokenizer built from {directory} has {len(tok)} tokens (pad "
-                           f"{tok.pad_token_id}, eos {tok.eos_token_id}); sentencepiece has {pieces}")
-    return tok
-
-
-MAX_POSITIONS = 256  # BART's learned positions: longest source, target or generation in tokens
-
-
-def build_model(tokenizer, dims: ModelDims, *, seed: int, max_new_tokens: int, num_beams: int):
-    """A randomly initialised encoder-decoder over `tokenizer`'s ids (pad 0 starts decoding)."""
-    import torch
-    from transformers import (BartConfig, BartForConditionalGeneration, GenerationConfig, T5Config,
-                              T5ForConditionalGeneration)
-
-    if dims.d_model % dims.num_heads:
-        raise ValueError(f"d_model {dims.d_model} is not divisible by num_heads {dims.num_heads}")
-    if max_new_tokens >= MAX_POSITIONS:
-        raise ValueError(f"max_new_tokens {max_new_tokens} must be below {MAX_POSITIONS} positions")
-    pad, eos = tokenizer.pad_token_id, tokenizer.eos_token_id
-    if dims.architecture == "t5":
-        config = T5Config(vocab_size=len(tokenizer), d_model=dims.d_model, d_ff=dims.d_ff,
-                          d_kv=dims.d_model // dims.num_heads, num_heads=dims.num_heads,
-                          num_layers=dims.num_layers, num_decoder_layers=dims.num_decoder_layers,
-                          dropout_rate=dims.dropout, decoder_start_token_id=pad,
-                          pad_token_id=pad, eos_token_id=eos)
-        model_class = T5ForConditionalGeneration
-    else:
-        config = BartConfig(vocab_size=len(tokenizer), d_model=dims.d_model,
-                            encoder_layers=dims.num_layers, decoder_layers=dims.num_decoder_layers,
-                            encoder_attention_heads=dims.num_heads, decoder_attention_heads=dims.num_heads,
-                            encoder_ffn_dim=dims.d_ff, decoder_ffn_dim=dims.d_ff, activation_function="relu",
-                            dropout=dims.dropout, attention_dropout=0.0, activation_dropout=0.0,
-                            max_position_embeddings=MAX_POSITIONS, scale_embedding=True,
-                            pad_token_id=pad, eos_token_id=eos, bos_token_id=pad,
-                            decoder_start_token_id=pad, forced_eos_token_id=None)
-        model_class = BartForConditionalGeneration
-    torch.manual_seed(seed)
-    model = model_class(config)
-    model.generation_config = GenerationConfig(
-        decoder_start_token_id=pad, pad_token_id=pad, eos_token_id=eos,
-        max_new_tokens=max_new_tokens, num_beams=num_beams)
-    return model
-
-
-def decoder_inputs(model, labels):
-    """Teacher-forcing inputs: labels shifted right behind the start token, -100 -> pad."""
-    start, pad_id = model.config.decoder_start_token_id, model.config.pad_token_id
-    shifted = labels.new_full(labels.shape, start)
-    shifted[:, 1:] = labels[:, :-1]
-    return shifted.masked_fill(shifted == -100, pad_id)
-
-
-def encode(tokenizer, texts: list[str], max_tokens: int) -> list[list[int]]:
-    """Token ids ending in eos, truncated to max_tokens (eos kept)."""
-    ids = tokenizer(texts, add_special_tokens=True)["input_ids"]
-    eos = tokenizer.eos_token_id
-    return [seq if len(seq) <= max_tokens else seq[: max_tokens - 1] + [eos] for seq in ids]
-
-
-def seeded(*parts: Any) -> int:
-    """A 63-bit seed from any parts (global seed, step, ...), stable across processes."""
-    import hashlib
-
-    return int.from_bytes(hashlib.sha256(repr(parts).encode()).digest()[:8], "big") >> 1
-
-
-def make_batches(lengths: list[int], batch_size: int, *, seed: int, epoch: int) -> list[list[int]]:
-    """Shuffled, length-bucketed batches (less padding); a pure function of (seed, epoch)."""
-    rng = random.Random(seeded(seed, "batches", epoch))
-    order = list(range(len(lengths)))
-    rng.shuffle(order)
-    pool = batch_size * 50
-    batches = []
-    for start in range(0, len(order), pool):
-        chunk = sorted(order[start:start + pool], key=lambda i: lengths[i])
-        batches += [chunk[i:i + batch_size] for i in range(0, len(chunk), batch_size)]
-    rng.shuffle(batches)
-    return batches
-
-
-def pad(seqs: list[list[int]], value: int):
-    import torch
-
-    width = max(len(s) for s in seqs)
-    return torch.tensor([s + [value] * (width - len(s)) for s in seqs], dtype=torch.long)
-
-
-def teacher_forced(model, batch: list[dict[str, Any]]):
-    """float32 logits of the targets given their sources ({src, tgt} ids), and the padded labels."""
-    src = pad([ex["src"] for ex in batch], 0)
-    labels = pad([ex["tgt"] for ex in batch], -100)
-    logits = model(input_ids=src, attention_mask=(src != 0).long(),
-                   decoder_input_ids=decoder_inputs(model, labels)).logits
-    return logits.float(), labels
-
-
-LossFn = Callable[[Any, list[dict[str, Any]], Any], Any]
-
-
-def token_loss(model, batch: list[dict[str, Any]], schedule: TrainSchedule):
-    """Label-smoothed cross-entropy of the targets, teacher-forced."""
-    import torch.nn.functional as F
-
-    logits, labels = teacher_forced(model, batch)
-    return F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=-100,
-                           label_smoothing=schedule.label_smoothing)
-
-
-def fit(model, examples: list[dict[str, Any]], schedule: TrainSchedule, *, scratch: Path, seed: int,
-        checkpoint_every: int, loss_fn: LossFn = token_loss,
-        on_step: Callable[[int], None] | None = None) -> dict[str, Any]:
-    """Train `model` on examples ({"src": ids, "tgt": ids, ...}) with AdamW, linear warmup and
-    inverse-sqrt decay. Every `checkpoint_every` updates the weights (safetensors), optimizer
-    state and step go to `scratch`; a rerun continues from there and ends with the same weights
-    as an uninterrupted run (batch order and dropout are seeded per epoch and per step)."""
-    import torch
-    from safetensors.torch import load_model, save_model
-
-    if not examples:
-        raise ValueError("no training examples")
-    lengths = [len(ex["src"]) + len(ex["tgt"]) for ex in examples]
-    per_epoch = -(-len(examples) // schedule.batch_size)
-    total = max(1, round(schedule.epochs * per_epoch))
-    if schedule.max_steps:
-        total = min(total, schedule.max_steps)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=schedule.lr, betas=(0.9, 0.98), weight_decay=0.0)
-    warmup = max(1, schedule.warmup_steps)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: min((s + 1) / warmup, (warmup / (s + 1)) ** 0.5))
-    scratch.mkdir(parents=True, exist_ok=True)
-    state_file = scratch / "train_state.json"
-    step, curve = 0, []
-    if state_file.is_file():
-        state = json.loads(state_file.read_text())
-        load_model(model, str(scratch / state["dir"] / "model.safetensors"))
-        opt = torch.load(scratch / state["dir"] / "optimizer.pt", weights_only=True)
-        optimizer.load_state_dict(opt["optimizer"])
-        scheduler.load_state_dict(opt["scheduler"])
-        step, curve = state["step"], state["curve"]
-    model.train()
-    # Mean loss over fixed windows (never tied to checkpoint_every, a throughput knob).
-    curve_every = max(1, min(50, total // 10))
-    running, n_running = 0.0, 0
-    epoch_batches: tuple[int, list[list[int]]] = (-1, [])
-    while step < total:
-        epoch, offset = divmod(step, per_epoch)
-        if epoch_batches[0] != epoch:
-            epoch_batches = (epoch, make_batches(lengths, schedule.batch_size, seed=seed, epoch=epoch))
-        batch_ids = epoch_batches[1][offset]
-        torch.manual_seed(seeded(seed, "dropout", step))
-        loss = loss_fn(model, [examples[i] for i in batch_ids], schedule)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        scheduler.step()
-        step += 1
-        running, n_running = running + loss.item(), n_running + 1
-        if step % curve_every == 0 or step == total:
-            curve.append([step, round(running / n_running, 4)])
-            running, n_running = 0.0, 0
-        if step % checkpoint_every == 0 and step < total:
-            _checkpoint(scratch, model, optimizer, scheduler, step, curve, save_model)
-        if on_step is not None:
-            on_step(step)
-    model.eval()
-    return {"steps": total, "epochs": round(total / per_epoch, 3), "examples": len(examples),
-            "final_loss": curve[-1][1] if curve else None, "loss_curve": curve}
-
-
-def source_reliance(model, examples: list[dict[str, Any]], *, limit: int = 256, batch_size: int = 64) -> float:
-    """Teacher-forced target cross-entropy with each source swapped for another example's, minus
-    the cross-entropy with its own source, over the first `limit` examples. Near 0 means the
-    model ignores its input: it learned the target language, not translation."""
-    import torch
-    import torch.nn.functional as F
-
-    sample = examples[:limit]
-    if len(sample) < 2:
-        return float("nan")
-    rolled = [{"src": other["src"], "tgt": ex["tgt"]} for ex, other in zip(sample, sample[1:] + sample[:1])]
-
-    def mean_ce(rows: list[dict[str, Any]]) -> float:
-        total, tokens = 0.0, 0
-        for start in range(0, len(rows), batch_size):
-            logits, labels = teacher_forced(model, rows[start:start + batch_size])
-            total += F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=-100,
-                                     reduction="sum").item()
-            tokens += int((labels != -100).sum())
-        return total / max(tokens, 1)
-
-    was_training = model.training
-    model.eval()
-    with torch.inference_mode():
-        gap = mean_ce(rolled) - mean_ce(sample)
-    model.train(was_training)
-    return gap
-
-
-def _checkpoint(scratch: Path, model, optimizer, scheduler, step: int, curve: list, save_model) -> None:
-    import shutil
-
-    import torch
-
-    from pipeline.artifact import atomic_write_text
-
-    # A fresh directory per checkpoint, then the state file naming it is replaced atomically:
-    # a crash at any point leaves the previous checkpoint intact and referenced.
-    target = scratch / f"step-{step:09d}"
-    target.mkdir(parents=True, exist_ok=True)
-    save_model(model, str(target / "model.safetensors"))
-    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()},
-               target / "optimizer.pt")
-    atomic_write_text(scratch / "train_state.json",
-                      json.dumps({"step": step, "curve": curve, "dir": target.name}))
-    for old in scratch.glob("step-*"):
-        if old.name != target.name:
-            shutil.rmtree(old, ignore_errors=True)
-
-
-def save_checkpoint(model, tok, spm_dir: Path, out: Path) -> int:
-    """An HF checkpoint dir (weights, config, tokenizer, the sentencepiece model); returns params."""
-    import shutil
-
-    out.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(str(out))
-    tok.save_pretrained(str(out))
-    shutil.copy(spm_dir / f"{SPM_NAME}.model", out / f"{SPM_NAME}.model")
-    return sum(p.numel() for p in model.parameters())
-
-
-def read_pairs(ctx: StageContext, role: str, source_column: str, target_column: str) -> list[dict[str, str]]:
-    """Rows {id, src, tgt} of a parallel artifact, sorted by id (shard order never matters)."""
-    table = ctx.input(role).read_table(columns=["id", source_column, target_column])
-    rows = [{"id": i, "src": s or "", "tgt": t or ""} for i, s, t in zip(
-        table["id"].to_pylist(), table[source_column].to_pylist(), table[target_column].to_pylist())]
-    return sorted(rows, key=lambda r: r["id"])
-
-
-def check_columns(input_columns: dict, role: str, wanted: dict[str, str]) -> list[Problem]:
-    problems = []
-    for cols in input_columns.get(role, []):
-        if cols is None:
-            continue
-        for loc, col in wanted.items():
-            if col not in cols:
-                problems.append(Problem(loc, f"column {col!r} is not in the {role!r} input (it has "
-                                        f"{', '.join(cols)}); set {loc.split('.')[-1]} to one of them"))
-    return problems
 
 
 # --- the stage --------------------------------------------------------------------------------
@@ -348,6 +43,7 @@ class Seq2SeqTeacherStage(TaskStage):
     inputs = {"data": InputRole(doc="parallel corpus: id, source and target columns")}
 
     config: Seq2SeqTeacherConfig
+    model_folder = "model"
 
     def validate(self, *, input_columns) -> list[Problem]:
         cfg = self.config
@@ -366,13 +62,16 @@ class Seq2SeqTeacherStage(TaskStage):
             texts = [p["src"] for p in pairs] + [p["tgt"] for p in pairs]
             train_sentencepiece(texts, spm_dir, cfg.vocab_size, seed=ctx.seed)
         tok = load_spm_tokenizer(spm_dir)
+        # As planned (num_gpus > 0 -> CUDA), or DeviceUnavailable naming this node.
+        device, dtype = worker_device(self.numerics(), stage=ctx.stage_name)
         model = build_model(tok, cfg.model, seed=seeded(ctx.seed, "init"),
-                         max_new_tokens=cfg.train.max_target_tokens, num_beams=cfg.num_beams)
+                            max_new_tokens=cfg.train.max_target_tokens, num_beams=cfg.num_beams).to(device)
         src = encode(tok, [p["src"] for p in pairs], cfg.train.max_source_tokens)
         tgt = encode(tok, [p["tgt"] for p in pairs], cfg.train.max_target_tokens)
         examples = [{"src": s, "tgt": t} for s, t in zip(src, tgt)]
         stats = fit(model, examples, cfg.train, scratch=ctx.scratch_dir / "train", seed=ctx.seed,
-                    checkpoint_every=cfg.checkpoint_every)
+                    checkpoint_every=cfg.checkpoint_every, dtype=dtype)
         stats["source_reliance"] = source_reliance(model, examples)
         params = save_checkpoint(model, tok, spm_dir, ctx.out_dir / "model")
-        return {"parameters": params, "vocab_size": len(tok), **stats}
+        return {"parameters": params, "vocab_size": len(tok), "device": device.type,
+                "dtype": str(dtype).removeprefix("torch."), **stats}

@@ -11,14 +11,13 @@ from typing import Literal
 
 from pydantic import Field
 
-from pipeline.stage import InputRole, MapStage, Problem, StageConfig, throughput
+from pipeline.stage import InputRole, MapStage, Problem, ResourceConfig, throughput
 
 
-class SplitConfig(StageConfig):
+class SplitConfig(ResourceConfig):
     fraction: float = Field(gt=0, le=1, description="share of rows that are 'in'")
     part: Literal["in", "out"] = "in"
     seed: int = 0
-    num_cpus: float = throughput(1, gt=0)
     concurrency: int | None = throughput(None, gt=0)
 
 

@@ -10,17 +10,16 @@ from typing import Any, Literal
 
 from pydantic import Field
 
-from pipeline.stage import InputRole, Problem, StageConfig, StageContext, TaskStage, throughput
+from pipeline.stage import InputRole, Problem, ResourceConfig, StageContext, TaskStage
 
 
-class SpmConfig(StageConfig):
+class SpmConfig(ResourceConfig):
     columns: list[str] = Field(default_factory=lambda: ["text"], description="text columns to learn from")
     vocab_size: int = Field(8000, gt=8, description="an upper bound on a small corpus (hard_vocab_limit off)")
     model_type: Literal["unigram", "bpe", "char", "word"] = "unigram"
     character_coverage: float = Field(1.0, gt=0, le=1)
     input_sentence_size: int = Field(1_000_000, gt=0)
     seed: int = 0
-    num_cpus: int = throughput(1, gt=0)
 
 
 class SpmStage(TaskStage):

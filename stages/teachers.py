@@ -103,11 +103,57 @@ def read_config(local: Path) -> dict[str, Any]:
 
 
 def label_names(config: dict[str, Any]) -> list[str]:
-    """Label names in index order from a config's id2label (keys are strings in JSON)."""
+    """Label names in index order from a config's id2label (keys are strings in JSON, ints in a
+    loaded PretrainedConfig). The one parser of id2label in kdpipe."""
     id2label = config.get("id2label") or {}
     if not id2label:
         return [f"LABEL_{i}" for i in range(int(config.get("num_labels", 2)))]
     return [str(id2label.get(str(i), id2label.get(i, f"LABEL_{i}"))) for i in range(len(id2label))]
+
+
+PLACEHOLDER_RE = re.compile(r"^LABEL_\d+$")
+
+
+def placeholder_names(names: list[str]) -> bool:
+    """transformers' default names (LABEL_0, LABEL_1, ...): they carry no meaning, only a position."""
+    return bool(names) and all(PLACEHOLDER_RE.match(str(n)) for n in names)
+
+
+class LabelOrderError(ValueError):
+    """A teacher's label names cannot be matched with the data's."""
+
+
+def label_order(teacher: list[str], target: list[str] | None, *, label_map: dict[str, str] | None = None,
+                teacher_name: str = "teacher") -> list[int]:
+    """For each of the `target` (data) labels in order, the index of the teacher's logit for it:
+    `logits[:, order]` puts the teacher's logits into the data's order. Matching is by name
+    (after `label_map`, teacher name -> data name). Placeholder names (LABEL_i) without a map
+    keep their positions. Without target names the teacher's order is kept."""
+    mapping = dict(label_map or {})
+    unknown = sorted(set(mapping) - set(teacher))
+    if unknown:
+        raise LabelOrderError(f"label_map names {unknown}, which are not labels of teacher {teacher_name!r} "
+                              f"{teacher}; its keys are the teacher's label names")
+    mapped = [mapping.get(n, n) for n in teacher]
+    identity = list(range(len(teacher)))
+    if len(set(mapped)) != len(mapped):
+        raise LabelOrderError(f"teacher {teacher_name!r} labels {teacher} map to {mapped}, which repeats a name; "
+                              "map each teacher label to a different data label")
+    if not target:
+        return identity
+    target = [str(n) for n in target]
+    if sorted(mapped) == sorted(target):
+        return [mapped.index(n) for n in target]
+    if len(teacher) == len(target) and placeholder_names(teacher) and not mapping:
+        return identity
+    if len(teacher) != len(target):
+        raise LabelOrderError(f"teacher {teacher_name!r} has {len(teacher)} labels {teacher} but the data has "
+                              f"{len(target)} label_names {target}; use a teacher trained on these labels")
+    example = ", ".join(f"{t}: {d}" for t, d in zip(teacher, target))
+    raise LabelOrderError(
+        f"teacher {teacher_name!r} has labels {teacher} but the data's label_names are {target}; if they are "
+        f"the same classes, say which is which in the label stage's config, e.g. `label_map: {{{example}}}` "
+        "(teacher name: data name; check each pair), else use a teacher trained on these labels")
 
 
 def check_teacher(path: str, *, revision: str | None, task: Task, trust_remote_code: bool,
@@ -169,36 +215,6 @@ def _known_model_type(model_type: str | None) -> bool:
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
 
     return model_type in CONFIG_MAPPING_NAMES
-
-
-def cuda_visible() -> bool:
-    """Whether this machine has an NVIDIA GPU, without importing torch (driver-side resources)."""
-    if os.environ.get("CUDA_VISIBLE_DEVICES", None) in ("", "-1"):
-        return False
-    return Path("/proc/driver/nvidia/gpus").is_dir() and any(Path("/proc/driver/nvidia/gpus").iterdir())
-
-
-def pick_device(device: str) -> str:
-    """'auto' -> 'cuda' when torch sees a GPU, else 'cpu'. An explicit 'cuda' without one fails."""
-    import torch
-
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise RuntimeError(f"device {device!r} requested but torch sees no CUDA device; use device: auto or cpu")
-    return device
-
-
-def pick_dtype(device: str, dtype: str = "auto"):
-    """Weights dtype. CPU is always float32: bf16 runs 5.5x slower on CPUs without bf16 units and
-    fp16 matmuls are not supported well there. On CUDA, auto = bf16 where supported, else fp16."""
-    import torch
-
-    if not device.startswith("cuda"):
-        return torch.float32
-    if dtype == "auto":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[dtype]
 
 
 def load_teacher(local: Path, *, task: Task, device: str, dtype, trust_remote_code: bool = False,

@@ -5,9 +5,11 @@ artifacts, optional and possibly several: without them this is the no-KD baselin
 (an `spm` artifact, optional), `dev` (optional, for epoch selection; never the test set).
 
 Streaming: one data shard is in memory at a time. Shards are visited in a seeded order per epoch,
-rows within a shard are ordered by a hash of (seed, epoch, id), and teacher logits are joined to
-the shard by id (the label shard with the same index is tried first, then every label shard is
-scanned), so the result depends neither on worker count nor on shard layout.
+rows within a shard are ordered by a hash of (seed, epoch, id), and a batch never crosses a shard
+boundary. Teacher logits are joined to the shard by id (the label shard with the same index is
+tried first, then every label shard is scanned). So the result does not depend on the worker
+count nor on how the label artifacts are sharded, but it does depend on the `data` artifact's
+shard layout (its source's `rows_per_shard`): which rows share a batch changes with it.
 
 Gold labels on augmented rows (`aug_index >= 0`) are ignored when a teacher is present, as in
 Tang et al. 2019: an augmented sentence may no longer carry its parent's label, and the teacher's
@@ -29,8 +31,9 @@ from typing import Any, Callable, Literal
 from pydantic import Field
 
 from pipeline.artifact import write_json
+from pipeline.devices import NumericsConfig, autocast, move, worker_device
 from pipeline.hashing import hash_obj, hash_tree
-from pipeline.stage import InputRole, Problem, StageConfig, StageContext, TaskStage, throughput
+from pipeline.stage import InputRole, Problem, StageConfig, StageContext, TaskStage, throughput_fields
 from stages.train_data import ShardStream, label_sources, read_eval_table, resolve_label_names
 
 
@@ -66,7 +69,7 @@ class EnsembleSpec(StageConfig):
     weights: list[float] | None = None
 
 
-class TrainConfig(StageConfig):
+class TrainConfig(NumericsConfig):
     task: Literal["classification", "token_classification"] = Field(
         "classification", description="token_classification: a bilstm tagger over a word-list "
         "student_column (e.g. words), gold tag lists in label_column, token-level KD")
@@ -88,7 +91,6 @@ class TrainConfig(StageConfig):
     max_length: int = Field(64, gt=0)
     patience: int | None = Field(None, gt=0, description="stop after this many epochs without dev gain")
     seed: int = 0
-    num_cpus: int = throughput(1, gt=0)
 
 
 def derive_seed(*parts: Any) -> int:
@@ -106,6 +108,21 @@ class TrainStage(TaskStage):
         "dev": InputRole(required=False, doc="dev set for epoch selection"),
     }
     config: TrainConfig
+    model_folder = "student"
+
+    @classmethod
+    def report_section(cls, *, name: str, files_dir: Path, manifest: dict[str, Any]):
+        """One student row (dev accuracy from training, no speed) and its training curves."""
+        from pipeline.stage import ReportSection
+
+        m = json.loads((files_dir / "metrics.json").read_text())
+        row = {"model": name, "role": "student", "type": m.get("student"), "params": m.get("parameters"),
+               "size_bytes": sum(f.stat().st_size for f in (files_dir / "student").rglob("*") if f.is_file()),
+               "metric": "dev accuracy" if m.get("dev_accuracy") is not None else "",
+               "value": m.get("dev_accuracy"), "sent/s": None, "speed-up": None,
+               "labels": ", ".join(lab.get("stage") or lab["key"] for lab in m.get("labels", [])) or "gold only"}
+        curves = files_dir / "curves.png"
+        return ReportSection([row], [(f"Training curves: {name}", curves)] if curves.is_file() else [])
 
     # --- planning --------------------------------------------------------------------------
     def tokenizer_kind(self, has_spm_input: bool) -> str:
@@ -171,7 +188,7 @@ class TrainStage(TaskStage):
         labels = ctx.inputs.get("labels") or []
         dev = ctx.optional_input("dev")
         sources = label_sources(labels)
-        label_names = resolve_label_names(data, sources, cfg.label_column)
+        label_names = resolve_label_names(data, sources, cfg.label_column, cfg.task)
         num_labels = len(label_names)
         temperature = cfg.temperature or next((s.temperature for s in sources if s.temperature), 1.0)
         if cfg.ensemble.mode == "weighted" and len(cfg.ensemble.weights or []) != sum(len(s.columns) for s in sources):
@@ -184,16 +201,20 @@ class TrainStage(TaskStage):
                 "max_length": cfg.max_length, "student_column": cfg.student_column,
                 "student_pair_column": cfg.student_pair_column,
                 "hyperparameters": cfg.student.model_dump(mode="json", exclude_none=True)}
+        # As planned (num_gpus > 0 -> CUDA), or DeviceUnavailable naming this node.
+        device, dtype = worker_device(self.numerics(), stage=ctx.stage_name)
         torch.manual_seed(derive_seed(seed, "init"))
-        module = _student_module(cfg.student.type, cfg.task).create(meta=meta, tokenizer=tokenizer)
+        module = _student_module(cfg.student.type, cfg.task).create(meta=meta, tokenizer=tokenizer).to(device)
         if any(s.task != cfg.task for s in sources):
             raise ValueError(f"config.task is {cfg.task!r} but the label artifacts hold "
                              f"{sorted({s.task for s in sources})} labels; set task to match the label stage")
         optimizer = _optimizer(cfg, module)
+        # float16 needs loss scaling; bfloat16 and float32 do not (the scaler is then a pass-through).
+        scaler = torch.amp.GradScaler("cuda", enabled=device.type == "cuda" and dtype == torch.float16)
         stream = ShardStream(data=data, sources=sources, label_names=label_names, cfg=cfg,
                              use_gold_on_augmented=cfg.gold_on_augmented or not sources)
         total_steps = cfg.epochs * stream.batches_per_epoch()
-        state = _Resume(ctx.scratch_dir, hash_obj([cfg.model_dump(mode="json", exclude={"num_cpus"}), seed,
+        state = _Resume(ctx.scratch_dir, hash_obj([cfg.model_dump(mode="json", exclude=throughput_fields(TrainConfig)), seed,
                                                    [a.key for a in labels], data.key]))
         start_epoch, step, history, best = state.restore(module, optimizer)
         resumed_from = start_epoch if start_epoch else None
@@ -208,10 +229,13 @@ class TrainStage(TaskStage):
             seen, t0 = 0, time.perf_counter()
             for batch, gold, teacher in stream.batches(epoch=epoch, seed=seed, module=module):
                 progress = step / max(1, total_steps - 1)
-                loss, parts = _loss(cfg, module(**batch), gold, teacher, temperature, progress)
+                batch, gold, teacher = move(batch, device), move(gold, device), move(teacher, device)
+                with autocast(device, dtype):
+                    loss, parts = _loss(cfg, module(**batch), gold, teacher, temperature, progress)
                 optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
+                scaler.scale(loss).backward()
+                scaler.step(optimizer)
+                scaler.update()
                 step += 1
                 seen += len(gold)
                 for k, v in {"loss": float(loss.detach()), **parts}.items():
@@ -248,7 +272,8 @@ class TrainStage(TaskStage):
         _plot_curves(history, ctx.out_dir / "curves.png", title=f"{ctx.stage_name} ({cfg.student.type})")
         return {k: metrics[k] for k in ("student", "parameters", "best_epoch", "labels", "dev_accuracy",
                                         "resumed_from_epoch", "train_examples_per_s")} | {
-            "epochs_run": len(history), "student_dir": str(student_dir)}
+            "epochs_run": len(history), "student_dir": str(student_dir), "device": device.type,
+            "dtype": str(dtype).removeprefix("torch.")}
 
     def _build_tokenizer(self, ctx: StageContext, data):
         from stages.students.common import HFTokenizer, SpmTokenizer, WordVocab
@@ -313,7 +338,7 @@ def _loss(cfg: TrainConfig, logits, gold, teacher, temperature: float, progress:
 
 
 def _dev_metrics(student, table: dict[str, Any]) -> dict[str, float]:
-    from stages.evaluate import accuracy, macro_f1, token_f1
+    from kd.metrics import accuracy, macro_f1, token_f1
 
     if student.task == "token_classification":  # epoch selection by token accuracy
         pred = student.predict(table["texts"])

@@ -61,12 +61,17 @@ def label_sources(artifacts: list["Artifact"]) -> list[LabelSource]:
     return out
 
 
-def resolve_label_names(data: "Artifact", sources: list[LabelSource], label_column: str) -> list[str]:
-    """Label names from the teacher labels, else the data's metadata, else the gold integers."""
+def resolve_label_names(data: "Artifact", sources: list[LabelSource], label_column: str,
+                        task: str = "classification") -> list[str]:
+    """The class order of training: the data's label_names (gold integers index them), else the
+    first teacher labels' names, else the gold values. Teacher logits are put into this order
+    by name (`teacher_orders`). Tagging ignores the data's label_names (sentence classes)."""
+    names = _md(data, "label_names")
+    if names and task == "classification":
+        return [str(n) for n in names]
     for source in sources:
         if source.label_names:
             return [str(n) for n in source.label_names]
-    names = _md(data, "label_names")
     if names:
         return [str(n) for n in names]
     if sources:  # teacher logits without names: their width is the class count
@@ -83,6 +88,26 @@ def resolve_label_names(data: "Artifact", sources: list[LabelSource], label_colu
     if all(isinstance(v, int) for v in values):
         return [str(i) for i in range(max(values) + 1)]
     return sorted(map(str, values))
+
+
+def teacher_orders(sources: list[LabelSource], label_names: list[str]) -> list[list[int] | None]:
+    """Per label source, the column order that puts its logits into `label_names` order (None:
+    already in it). Names are matched by name: a label artifact made in another order is
+    permuted, one with other names is an error."""
+    from stages.teachers import label_order
+
+    out: list[list[int] | None] = []
+    for s in sources:
+        names = [str(n) for n in s.label_names or []]
+        if not names or names == label_names:
+            out.append(None)
+            continue
+        try:
+            out.append(label_order(names, label_names, teacher_name=s.stage_name or s.key))
+        except ValueError as e:
+            raise ValueError(f"label artifact {s.key}: {e}; relabel with a `label` stage whose data carries "
+                             "these label_names (it stores logits in the data's order)") from None
+    return out
 
 
 def gold_indices(values: list[Any], label_names: list[str]) -> list[int]:
@@ -129,6 +154,7 @@ class ShardStream:
                  use_gold_on_augmented: bool):
         self.data, self.sources, self.label_names, self.cfg = data, sources, label_names, cfg
         self.use_gold_on_augmented = use_gold_on_augmented
+        self.orders = teacher_orders(sources, label_names)
         self.columns = data.columns() or []
         self.shard_rows = [s["rows"] for s in data.manifest.get("shards", [])] or \
             [data.read_shard(i, columns=["id"]).num_rows for i in range(data.num_shards())]
@@ -157,9 +183,12 @@ class ShardStream:
                                  f"label artifact {art.key} (e.g. id {missing[0]!r}); label the same data "
                                  "artifact the student trains on")
         taken = table.take(pos)
+        order = self.orders[self.sources.index(source)]
         if source.task == "token_classification":
-            return [token_logits_rows(taken[c]) for c in source.columns]
-        return [logits_matrix(taken[c]) for c in source.columns]
+            rows = [token_logits_rows(taken[c]) for c in source.columns]
+            return rows if order is None else [[r[:, order] for r in per_col] for per_col in rows]
+        mats = [logits_matrix(taken[c]) for c in source.columns]
+        return mats if order is None else [m[:, order] for m in mats]
 
     def load_shard(self, index: int, *, epoch: int, seed: int) -> dict[str, Any]:
         """One shard, joined and in this epoch's seeded row order."""

@@ -26,17 +26,18 @@ from typing import Any, Literal
 
 from pydantic import Field
 
-from pipeline.stage import InputRole, Problem, StageConfig, StageContext, TaskStage, throughput
-from stages.seq2seq_teacher import (SPM_NAME, ModelDims, TrainSchedule, build_model, check_columns, encode,
-                                    fit, load_spm_tokenizer, read_pairs, save_checkpoint, seeded, source_reliance,
-                                    token_loss, train_sentencepiece)
+from kd.seq2seq import (SPM_NAME, ModelDims, TrainSchedule, build_model, check_columns, encode, fit,
+                        load_spm_tokenizer, read_pairs, save_checkpoint, seeded, source_reliance, token_loss,
+                        train_sentencepiece)
+from pipeline.stage import InputRole, Problem, StageContext, TaskStage, throughput
+from pipeline.devices import NumericsConfig, worker_device
 
 Target = Literal["reference", "seqkd", "seqinter", "wordkd"]
 LABEL_COLUMNS = {"reference": [], "seqkd": ["hyp_text", "hyp_ids"], "seqinter": ["hyp_text", "hyp_ids"],
                  "wordkd": ["hyp_ids", "topk_ids", "topk_logprobs"]}
 
 
-class TrainSeq2SeqConfig(StageConfig):
+class TrainSeq2SeqConfig(NumericsConfig):
     target: Target = "reference"
     source_column: str = "text"
     target_column: str = Field("de", description="reference translations (reference, seqinter)")
@@ -46,7 +47,6 @@ class TrainSeq2SeqConfig(StageConfig):
     kd_alpha: float = Field(0.5, ge=0, le=1, description="wordkd: weight of the top-k term")
     num_beams: int = Field(4, gt=0, description="default beam width stored in generation_config")
     checkpoint_every: int = throughput(200, gt=0)
-    num_cpus: float | None = throughput(None, gt=0)
 
 
 # --- targets ----------------------------------------------------------------------------------
@@ -125,7 +125,7 @@ def word_kd_loss(model, batch: list[dict[str, Any]], schedule: TrainSchedule, al
     import torch
     import torch.nn.functional as F
 
-    from stages.seq2seq_teacher import teacher_forced
+    from kd.seq2seq import teacher_forced
 
     logits, labels = teacher_forced(model, batch)
     nll = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=-100,
@@ -138,6 +138,7 @@ def word_kd_loss(model, batch: list[dict[str, Any]], schedule: TrainSchedule, al
         n = len(ex["topk_ids"])
         ids[b, :n] = torch.tensor(ex["topk_ids"], dtype=torch.long)
         teacher_lp[b, :n] = torch.tensor(ex["topk_logprobs"], dtype=torch.float32)
+    ids, teacher_lp = ids.to(logits.device), teacher_lp.to(logits.device)
     # The label stage pads top-k with id -1 / -inf when the vocabulary is smaller than k.
     absent = (ids < 0) | ~torch.isfinite(teacher_lp)
     ids = ids.clamp(min=0)
@@ -163,6 +164,7 @@ class TrainSeq2SeqStage(TaskStage):
     }
 
     config: TrainSeq2SeqConfig
+    model_folder = "student"
 
     def validate(self, *, input_columns) -> list[Problem]:
         cfg = self.config
@@ -228,18 +230,21 @@ class TrainSeq2SeqStage(TaskStage):
             raise ValueError("target 'wordkd' needs the `teacher` input (its vocabulary indexes the top-k ids)")
         tok, spm_dir = self._tokenizer(ctx, pairs)
         examples, target_stats = build_examples(pairs, tok, cfg, teacher_vocab=has_teacher)
+        # As planned (num_gpus > 0 -> CUDA), or DeviceUnavailable naming this node.
+        device, dtype = worker_device(self.numerics(), stage=ctx.stage_name)
         model = build_model(tok, cfg.model, seed=seeded(ctx.seed, "student-init"),
-                         max_new_tokens=cfg.train.max_target_tokens, num_beams=cfg.num_beams)
+                            max_new_tokens=cfg.train.max_target_tokens, num_beams=cfg.num_beams).to(device)
         loss_fn = functools.partial(word_kd_loss, alpha=cfg.kd_alpha) if cfg.target == "wordkd" else token_loss
         stats = fit(model, examples, cfg.train, scratch=ctx.scratch_dir / "train", seed=ctx.seed,
-                    checkpoint_every=cfg.checkpoint_every, loss_fn=loss_fn)
+                    checkpoint_every=cfg.checkpoint_every, loss_fn=loss_fn, dtype=dtype)
         stats["source_reliance"] = source_reliance(model, examples)
         out = ctx.out_dir / "student"
         params = save_checkpoint(model, tok, spm_dir, out)
         meta = {"type": "seq2seq", "task": "seq2seq", "target": cfg.target, "source_column": cfg.source_column,
                 "parameters": params, "hyperparameters": cfg.model_dump(mode="json")}
         (out / "student.json").write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
-        metrics = {"target": cfg.target, "parameters": params, "vocab_size": len(tok), **target_stats, **stats}
+        metrics = {"target": cfg.target, "parameters": params, "vocab_size": len(tok), "device": device.type,
+                   "dtype": str(dtype).removeprefix("torch."), **target_stats, **stats}
         (ctx.out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")
         _plot_curve(stats["loss_curve"], ctx.out_dir / "curves.png", title=f"train_seq2seq ({cfg.target})")
         return {k: v for k, v in metrics.items() if k != "loss_curve"}

@@ -184,3 +184,47 @@ def minilm_classifier(directory: str | Path, num_labels: int = 2, label_names: S
     model.save_pretrained(str(directory))
     tok.save_pretrained(str(directory))
     return directory
+
+
+def tiny_causal_lm(directory: str | Path, *, sentences: Sequence[str] = (), vocab_size: int = 120,
+                   pad_rows: int = 5, seed: int = 0, max_positions: int = 64) -> Path:
+    """A random GPT-2 with a sentencepiece tokenizer trained on DEFAULT_SENTENCES + `sentences`;
+    the embedding has `pad_rows` rows beyond the tokenizer (padded vocab), never real tokens."""
+    import torch
+    from transformers import GPT2LMHeadModel
+
+    from kd.lm.tokenizer import gpt2_config, train_spm_tokenizer
+
+    directory = Path(directory)
+    tok = train_spm_tokenizer([*DEFAULT_SENTENCES, *sentences] * 3, directory, vocab_size, seed=seed)
+    torch.manual_seed(seed)
+    config = gpt2_config(len(tok) + pad_rows, d_model=32, layers=2, heads=2, max_positions=max_positions)
+    model = GPT2LMHeadModel(config)
+    with torch.no_grad():  # sharper than the random init: more LM-like distributions
+        model.lm_head.weight.mul_(8)
+    model.save_pretrained(str(directory))
+    assert len(tok) < model.config.vocab_size
+    return directory
+
+
+def relabelled_copy(src: str | Path, directory: str | Path, order: Sequence[int]) -> Path:
+    """The same classifier with its labels in another order: output i of the copy is output
+    order[i] of `src` (classifier rows and id2label permuted together), like a hub checkpoint
+    that lists {0: POSITIVE, 1: NEGATIVE} where the data says [negative, positive]."""
+    import shutil
+
+    import torch
+    from transformers import AutoModelForSequenceClassification
+
+    directory = Path(directory)
+    shutil.copytree(src, directory, dirs_exist_ok=True)
+    model = AutoModelForSequenceClassification.from_pretrained(str(src)).eval()
+    names = [model.config.id2label[i] for i in range(model.config.num_labels)]
+    head = model.classifier
+    with torch.no_grad():
+        head.weight.copy_(head.weight[list(order)].clone())
+        head.bias.copy_(head.bias[list(order)].clone())
+    model.config.id2label = {i: names[j] for i, j in enumerate(order)}
+    model.config.label2id = {names[j]: i for i, j in enumerate(order)}
+    model.save_pretrained(str(directory))
+    return directory

@@ -74,7 +74,10 @@ def test_a_helper_module_change_changes_the_digest_of_stages_that_import_it(tmp_
     root = write(tmp_path, PROJECT)
     before = combined_digest(closure("stages.student", root)[0])
     (root / "lib/plugin.py").write_text("import transformers\nclass Plugin:\n    x = 1\n")
-    assert combined_digest(closure("stages.student", root)[0]) != before
+    changed = combined_digest(closure("stages.student", root)[0])
+    assert changed != before
+    (root / "lib/plugin.py").write_text("import transformers\nclass Plugin:\n    x = 2\n")  # same size, same tick
+    assert combined_digest(closure("stages.student", root)[0]) not in (before, changed)
     (root / "stages/unused.py").write_text("import torch\nY = 2\n")  # imported by nobody
     after = combined_digest(closure("stages.student", root)[0])
     (root / "stages/unused.py").write_text("import torch\nY = 3\n")
@@ -133,8 +136,9 @@ def test_reliability_key_table_is_generated_from_the_code():
 def test_key_table_names_seed_use_and_documented_fingerprints():
     rows = {row["stage type"].strip("`"): row for row in key_table_rows()}
     assert {t for t, r in rows.items() if r["manifest seed"] == "yes"} == {
-        "augment", "finetune", "seq2seq_teacher", "train", "train_seq2seq"}
+        "augment", "finetune", "seq2seq_teacher", "train", "train_seq2seq", "lm_teacher", "train_lm"}
     assert rows["label"]["manifest seed"].startswith("when config.allow_new_head")
+    assert rows["lm_label"]["manifest seed"].startswith("when mode: sampled")
     assert all("undocumented" not in r["outside content"] for r in rows.values())
     assert "batch_size" in rows["label"]["left out (throughput)"] and "batch_size" not in rows["label"]["config fields"]
 
@@ -153,6 +157,8 @@ def test_plan_reasons_name_the_changed_file_library_and_field():
                  'numerics changed null -> {"dtype": "float32"}'):
         assert part in reason
     assert "unigram" not in reason
+    legacy = {"type": "augment", "code_version": "1", "config": {}, "inputs": {}, "fingerprint": {}, "seed": 0}
+    assert explain_change(legacy, {**legacy, "code": "b"}).startswith("made before code digests existed")
 
 
 @pytest.mark.parametrize("bad", ["0" * 15, "not-a-digest"])

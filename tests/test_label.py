@@ -11,7 +11,7 @@ import pytest
 from factories import (minilm_dir, tiny_bert_classifier, tiny_bert_encoder, tiny_seq2seq,
                        tiny_token_classifier)
 
-from pipeline.stage import throughput_fields
+from pipeline.stage import throughput_fields, unkeyed_fields
 from pipeline.testing import make_artifact, make_context
 from stages.label import LabelConfig, LabelStage
 from stages.teachers import length_batches
@@ -66,8 +66,10 @@ def test_length_batches_respect_budget_and_cover_every_row_once():
 
 
 def test_throughput_knobs_stay_out_of_the_cache_key():
-    assert {"device", "token_budget", "batch_size", "num_cpus", "num_gpus", "concurrency"} <= throughput_fields(LabelConfig)
-    assert "dtype" not in throughput_fields(LabelConfig)  # fp16 vs fp32 changes the numbers
+    assert {"token_budget", "batch_size", "num_cpus", "num_gpus", "memory", "concurrency"} <= throughput_fields(LabelConfig)
+    # device and dtype change the numbers: their resolved values enter the key (tests/test_placement.py)
+    assert not {"device", "dtype"} & throughput_fields(LabelConfig)
+    assert {"device", "dtype"} <= unkeyed_fields(LabelConfig)
 
 
 # --- classification -------------------------------------------------------------------------
@@ -261,9 +263,9 @@ def test_cuda_labels_match_cpu_within_half_precision(tmp_path, models):
     if not torch.cuda.is_available():
         pytest.skip("no CUDA device")
     table = _table()
-    stage, gpu = _run(tmp_path / "gpu", table, teacher=str(models["clf"]), device="auto")
-    assert stage.device == "cuda" and stage.dtype in (torch.float16, torch.bfloat16)
-    _, cpu = _run(tmp_path / "cpu", table, teacher=str(models["clf"]), device="cpu")
+    stage, gpu = _run(tmp_path / "gpu", table, teacher=str(models["clf"]), num_gpus=1)
+    assert stage.device.type == "cuda" and stage.dtype == torch.bfloat16
+    _, cpu = _run(tmp_path / "cpu", table, teacher=str(models["clf"]))
     np.testing.assert_allclose(np.array(gpu.column("logits").to_pylist()),
                                np.array(cpu.column("logits").to_pylist()), atol=3e-2)
 

@@ -80,7 +80,7 @@ class BiLSTMTagger(nn.Module):
                                                    enforce_sorted=False)
         hidden, _ = nn.utils.rnn.pad_packed_sequence(self.lstm(packed)[0], batch_first=True,
                                                      total_length=ids.shape[1])
-        mask = torch.arange(ids.shape[1]).unsqueeze(0) < n_words.unsqueeze(1)
+        mask = torch.arange(ids.shape[1], device=ids.device).unsqueeze(0) < n_words.unsqueeze(1)
         return self.out(hidden)[mask]
 
 
@@ -89,12 +89,15 @@ class TaggerStudent(ClassifierStudent):
 
     def logits(self, texts, pairs=None, *, batch_size: int = 64) -> list:
         """Per-row (words, classes) arrays."""
+        from pipeline.devices import move
+
         self.module.eval()
+        device = next(self.module.parameters()).device
         out = []
         with torch.inference_mode():
             for start in range(0, len(texts), batch_size):
-                batch = self.module.collate(self.module.tokenize_rows(texts[start:start + batch_size]))
-                flat = self.module(**batch).float().numpy()
+                batch = move(self.module.collate(self.module.tokenize_rows(texts[start:start + batch_size])), device)
+                flat = self.module(**batch).float().cpu().numpy()
                 bounds = batch["n_words"].cumsum(0).tolist()
                 out.extend(flat[b - n:b] for b, n in zip(bounds, batch["n_words"].tolist()))
         return out

@@ -35,7 +35,16 @@ class CNNClassifier(SiameseTokenization, nn.Module):
 
     def encode(self, ids: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         x = self.embedding(ids).transpose(1, 2)  # (batch, emb, time)
-        return torch.cat([torch.relu(conv(x)).amax(dim=-1) for conv in self.convs], dim=-1)
+        return torch.cat([self._pool(torch.relu(conv(x)), lengths, conv.kernel_size[0]) for conv in self.convs], dim=-1)
+
+    @staticmethod
+    def _pool(h: torch.Tensor, lengths: torch.Tensor, width: int) -> torch.Tensor:
+        """Max over the windows that start inside the text and end inside it (a text shorter
+        than the filter keeps its first window), so padding added for longer rows of the
+        batch never changes a row's features."""
+        valid = (lengths.to(h.device) - width + 1).clamp(min=1)
+        mask = torch.arange(h.shape[-1], device=h.device).unsqueeze(0) < valid.unsqueeze(1)
+        return h.masked_fill(~mask.unsqueeze(1), float("-inf")).amax(dim=-1)
 
     def forward(self, ids, lengths, ids2=None, lengths2=None) -> torch.Tensor:
         h = self.encode(ids, lengths)

@@ -217,13 +217,17 @@ class ClassifierStudent:
         import numpy as np
         import torch
 
+        from pipeline.devices import move
+
         self.module.eval()
+        device = next(self.module.parameters()).device
         out = []
         with torch.inference_mode():
             for start in range(0, len(texts), batch_size):
                 chunk_pairs = None if pairs is None else pairs[start:start + batch_size]
                 rows = self.module.tokenize_rows(texts[start:start + batch_size], chunk_pairs)
-                out.append(self.module(**self.module.collate(rows)).float().numpy())
+                batch = move(self.module.collate(rows), device)
+                out.append(self.module(**batch).float().cpu().numpy())
         width = self.meta["num_labels"]
         return np.concatenate(out) if out else np.zeros((0, width), dtype=np.float32)
 

