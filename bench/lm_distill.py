@@ -15,9 +15,13 @@ The stages run in this process through their own classes (no Ray): the same code
 runs (manifests/lm-distill.yaml), plus the online full-KD student the manifest cannot express.
 
 --scale S in (0, 1]: fraction of the corpora (teacher: S x 96,349 documents; transfer set:
-S x 29,000; held-out: all 1,014 val.en sentences). Models and epochs stay fixed.
+S x 29,000; held-out: all 1,014 val.en sentences). Models and epochs stay fixed unless given.
+Seeds can run in parallel processes sharing one workdir (the first makes teacher and labels):
 
     .venv/bin/python bench/lm_distill.py --scale 0.1
+    for s in 0 1 2; do .venv/bin/python bench/lm_distill.py --scale 0.1 --workdir W --only-seed $s \
+        --json r$s.json & done   # start seeds 1 and 2 once seed 0 has printed its labels
+    .venv/bin/python bench/lm_distill.py --merge r0.json r1.json r2.json
     .venv/bin/python bench/lm_distill.py --scale 0.01 --tiny      # a smoke run, not a result
 """
 from __future__ import annotations
@@ -29,7 +33,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from _env import REPO
+from _env import REPO, scale_fraction
 
 TEACHER = {"d_model": 128, "layers": 4, "heads": 4, "dropout": 0.1, "max_positions": 64}
 STUDENT = {"d_model": 32, "layers": 2, "heads": 2, "dropout": 0.1, "max_positions": 64}
@@ -58,7 +62,8 @@ def _read(data: Path, scale: float):
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--scale", type=float, default=0.1)
+    p.add_argument("--scale", type=scale_fraction, default=0.1,
+                   help="fraction in (0, 1] of the full-size run (the corpora, see above); default 0.1")
     p.add_argument("--data", default=str(REPO.parent / "shared" / "data"))
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--teacher-epochs", type=float, default=3.0)

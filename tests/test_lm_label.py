@@ -119,7 +119,7 @@ seed: 1
 stages:
   - name: read
     type: read
-    config: {{path: {corpus}, format: text, rows_per_shard: 40}}
+    config: {{path: {corpus}, format: text, rows_per_shard: 12}}
   - name: lm
     type: lm_label
     inputs: {{data: read}}
@@ -134,12 +134,13 @@ def _shard_hashes(workdir: Path) -> dict[str, str]:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1800)  # three runs with Ray start-ups: minutes on a busy 2-core machine
 def test_kill_9_mid_label_then_resume_gives_identical_shards(tmp_path, teacher):
     from test_crash import run_until_killed
 
     corpus = tmp_path / "corpus.txt"
     corpus.write_text("\n".join(f"{s} {i} {LONG if i % 7 == 0 else ''}" for i, s in
-                                enumerate(DEFAULT_SENTENCES * 20)) + "\n")
+                                enumerate(DEFAULT_SENTENCES * 6)) + "\n")
     env = {**os.environ, "RAY_AUTH_MODE": "disabled", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
            "PYTHONPATH": str(REPO)}
     clean_wd, crashed_wd = tmp_path / "clean", tmp_path / "crashed"
@@ -164,6 +165,9 @@ def test_kill_9_mid_label_then_resume_gives_identical_shards(tmp_path, teacher):
                    env=env_crash, check=True, timeout=600)
     assert 2 <= done_at_kill < 9
     assert _shard_hashes(crashed_wd) == clean
+    shown = subprocess.run([sys.executable, "-m", "pipeline.cli", "inspect", "lmcrash/lm", "--workdir", str(clean_wd)],
+                           cwd=REPO, env=env, capture_output=True, text=True, timeout=300, check=True).stdout
+    assert "token distributions: mode sampled, k 12" in shown and "bytes/token on disk" in shown
 
 
 def test_lm_teacher_trains_a_padded_vocab_gpt2_that_lm_label_reads_as_an_input(tmp_path):
