@@ -4,6 +4,8 @@
   probability proportional to its size ** alpha (alpha = 0.75 in the paper), so small tasks are
   seen more often than under size-proportional sampling without being repeated as often as under
   uniform sampling. The draw is a pure function of (seed, step): a resumed run sees the same tasks.
+* `interleave`: the batches of those steps, each from its task's own stream of epochs; resuming
+  at a step skips in each stream as many batches as that task was drawn before it.
 * `gold_weight`: BAM! teacher annealing. The target is lambda * gold + (1 - lambda) * teacher with
   lambda rising linearly from 0 to 1 over training, so a student starts by imitating its teacher
   and ends on the gold labels (the paper's direction). Each task may anneal over its own window.
@@ -19,7 +21,7 @@ import hashlib
 import struct
 from bisect import bisect_right
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping, Sequence
 
 if TYPE_CHECKING:
     import torch
@@ -64,6 +66,34 @@ class TaskSampler:
 
     def schedule(self, start: int, stop: int) -> list[str]:
         return [self.task_at(step) for step in range(start, stop)]
+
+
+def interleave(sampler: TaskSampler, epochs: Mapping[str, Callable[[int], Iterator[Any]]], *,
+               start: int, stop: int) -> Iterator[tuple[int, str, Any]]:
+    """(step, task, batch) for steps start..stop-1. `epochs[task](epoch)` iterates one epoch of
+    the task's batches (seeded by epoch, so replaying it gives the same batches); a task's epoch
+    ends when its iterator does and the next one begins at once."""
+    missing = set(sampler.tasks) - set(epochs)
+    if missing:
+        raise ValueError(f"no batches for tasks {sorted(missing)}; give each sampled task its batch stream")
+
+    def stream(task: str) -> Iterator[Any]:
+        epoch = 0
+        while True:
+            empty = True
+            for batch in epochs[task](epoch):
+                empty = False
+                yield batch
+            if empty:
+                raise ValueError(f"task {task!r} has no batches in epoch {epoch}")
+            epoch += 1
+
+    streams = {task: stream(task) for task in sampler.tasks}
+    for step in range(start):  # replay only the positions, never the training
+        next(streams[sampler.task_at(step)])
+    for step in range(start, stop):
+        task = sampler.task_at(step)
+        yield step, task, next(streams[task])
 
 
 @dataclass(frozen=True)

@@ -209,3 +209,19 @@ def test_discriminator_accuracy_falls_towards_chance_as_the_student_learns_to_fo
     assert sum(late) / len(late) < 0.7, late
     # the student really moved its features onto the teacher's (the shift is what told them apart)
     assert torch.linalg.norm(student.bias.detach() - shift) < 0.5 * torch.linalg.norm(shift)
+
+
+def test_interleaved_batches_resume_mid_run_and_run_through_epochs():
+    sampler = TaskSampler({"big": 40, "small": 5}, seed=2)
+
+    def batches(task, n_batches):
+        return lambda epoch: iter([f"{task}:e{epoch}:b{i}" for i in range(n_batches)])
+
+    epochs = {"big": batches("big", 4), "small": batches("small", 2)}
+    full = list(multitask.interleave(sampler, epochs, start=0, stop=60))
+    assert [task for _, task, _ in full] == sampler.schedule(0, 60)
+    small = [batch for _, task, batch in full if task == "small"]
+    assert small[:5] == ["small:e0:b0", "small:e0:b1", "small:e1:b0", "small:e1:b1", "small:e2:b0"]
+    assert list(multitask.interleave(sampler, epochs, start=37, stop=60)) == full[37:]
+    with pytest.raises(ValueError, match="small"):
+        next(multitask.interleave(sampler, {"big": epochs["big"]}, start=0, stop=1))
