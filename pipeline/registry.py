@@ -32,6 +32,13 @@ STAGES: dict[str, str] = {
 # How `predict` loads a model folder (a student directory or an HF checkpoint).
 MODEL_LOADER = "stages.students:load_student"
 
+# CLI commands that live in the `kd/` library: "module:add_parser", added to `kdpipe`'s parser.
+LIBRARY_COMMANDS = ("kd.audit.command:add_parser",)
+
+
+def library_commands() -> list[Any]:
+    return [_resolve(target) for target in LIBRARY_COMMANDS]
+
 
 def stage_types() -> list[str]:
     return sorted(STAGES)

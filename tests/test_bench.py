@@ -53,7 +53,7 @@ def test_every_bench_documents_scale_as_a_fraction_and_takes_json(script):
 def test_run_all_selection_and_arguments(tmp_path):
     assert run_all.select(None, None) == list(run_all.BENCHES)
     assert run_all.select("augment,label", None) == ["label", "augment"]  # run order, not given order
-    assert run_all.select(None, "sst2_kd,multi30k_seqkd") == ["train", "label", "augment"]
+    assert run_all.select(None, "sst2_kd,multi30k_seqkd,storage,lm_distill") == ["train", "label", "augment"]
     with pytest.raises(SystemExit, match="unknown bench"):
         run_all.select("lable", None)
     cmd = run_all.command("label", 0.05, tmp_path / "l.json", tmp_path)

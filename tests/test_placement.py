@@ -24,7 +24,7 @@ from pipeline.plan import make_plan
 from pipeline.registry import get_stage_class, stage_types
 
 REPO = Path(__file__).resolve().parent.parent
-NUMERIC_STAGES = {"label", "finetune", "train", "seq2seq_teacher", "train_seq2seq"}
+NUMERIC_STAGES = {"label", "finetune", "train", "seq2seq_teacher", "train_seq2seq", "lm_label"}
 
 
 @pytest.fixture(scope="module")
