@@ -3,29 +3,18 @@ from __future__ import annotations
 
 from pathlib import Path
 
-SPM_NAME = "spiece"
+from kd.seq2seq import SPM_NAME, load_spm_tokenizer, train_sentencepiece
+
+__all__ = ["SPM_NAME", "gpt2_config", "train_spm_tokenizer"]
 
 
 def train_spm_tokenizer(texts: list[str], directory: Path, vocab_size: int, *, seed: int):
     """Unigram sentencepiece (pad 0, eos 1, unk 2, no bos: documents start with eos, as in
-    GPT-2) saved at `directory`, loaded back as a T5Tokenizer whose length is checked."""
-    import sentencepiece as spm
-    from transformers import T5Tokenizer
-
+    GPT-2) saved at `directory`, loaded back as a T5Tokenizer whose length is checked — the same
+    vocabulary recipe as the seq2seq models (kd/seq2seq.py), plus the tokenizer files saved."""
     directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    spm.set_random_generator_seed(seed)
-    spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(texts), model_prefix=str(directory / SPM_NAME), vocab_size=vocab_size,
-        hard_vocab_limit=False, model_type="unigram", character_coverage=1.0, pad_id=0, eos_id=1,
-        unk_id=2, bos_id=-1, minloglevel=2, num_threads=1, input_sentence_size=2_000_000,
-        shuffle_input_sentence=False)
-    # from_pretrained(dir) reads dir/spiece.model; T5Tokenizer(vocab_file=...) ignores it in 5.x.
-    tok = T5Tokenizer.from_pretrained(str(directory), extra_ids=0, legacy=False)
-    pieces = spm.SentencePieceProcessor(model_file=str(directory / f"{SPM_NAME}.model")).get_piece_size()
-    if len(tok) != pieces or tok.pad_token_id != 0 or tok.eos_token_id != 1:
-        raise RuntimeError(f"tokenizer built from {directory} has {len(tok)} tokens (pad {tok.pad_token_id}, "
-                           f"eos {tok.eos_token_id}); sentencepiece has {pieces}")
+    train_sentencepiece(texts, directory, vocab_size, seed=seed)
+    tok = load_spm_tokenizer(directory)
     tok.save_pretrained(str(directory))
     return tok
 
