@@ -160,7 +160,8 @@ class EvaluateStage(TaskStage):
             refs = [t or "" for t in table[cfg.target_column].to_pylist()]
             hyps = model.predict(texts, batch_size=bs)
             return {"bleu": round(sacrebleu.corpus_bleu(hyps, [refs]).score, 3),
-                    "chrf": round(sacrebleu.corpus_chrf(hyps, [refs]).score, 3)}
+                    "chrf": round(sacrebleu.corpus_chrf(hyps, [refs]).score, 3),
+                    **({"num_beams": model.num_beams} if hasattr(model, "num_beams") else {})}
         gold = table[cfg.label_column].to_pylist()
         if model.task == "token_classification":
             return {"token_f1": round(token_f1(model.predict(texts, batch_size=bs), gold), 4)}

@@ -446,3 +446,29 @@ def test_labels_from_another_teacher_are_refused(tmp_path, teacher_art):
     manifest["inputs"] = {"teacher": [{"stage": "teacher", "key": teacher.key}]}
     write_json(labels.manifest_path, manifest)
     _check_same_teacher(ctx)
+
+
+def test_hf_seq2seq_decodes_with_the_checkpoints_own_beam_width(tmp_path: Path):
+    """A teacher checkpoint saved with generation_config.num_beams = 5 is decoded with 5 beams by
+    `evaluate` (through stages/students/hf.py), not with a hard-coded default of 4, and the width
+    used is reported."""
+    import torch
+
+    from kd.seq2seq import ModelDims, build_model, load_spm_tokenizer, save_checkpoint, train_sentencepiece
+    from stages.students.hf import HFModel
+
+    pairs = toy_pairs()
+    spm_dir = tmp_path / "spm"
+    train_sentencepiece([s for p in pairs for s in p] * 3, spm_dir, 60, seed=0)
+    tok = load_spm_tokenizer(spm_dir)
+    dims = ModelDims(d_model=32, d_ff=64, num_layers=1, num_decoder_layers=1, num_heads=2)
+    model = build_model(tok, dims, seed=0, max_new_tokens=8, num_beams=5)
+    save_checkpoint(model, tok, spm_dir, tmp_path / "model")
+
+    teacher = HFModel(tmp_path / "model")
+    assert teacher.num_beams == 5
+    texts = [src for src, _ in pairs[:4]]
+    enc = teacher._encode(texts, return_token_type_ids=False)
+    with torch.inference_mode():
+        five = teacher.model.generate(**enc, num_beams=5, max_new_tokens=64)
+    assert teacher.predict(texts, batch_size=4) == teacher.tokenizer.batch_decode(five, skip_special_tokens=True)

@@ -58,7 +58,7 @@ class HFModel:
         return np.concatenate(out) if out else np.zeros((0, self.config.num_labels), dtype=np.float32)
 
     def predict(self, texts: Sequence[str], pairs: Sequence[str] | None = None, *, batch_size: int = 64,
-                return_names: bool = True, num_beams: int = 4, max_new_tokens: int = 64) -> list[Any]:
+                return_names: bool = True, num_beams: int | None = None, max_new_tokens: int = 64) -> list[Any]:
         texts = list(texts)
         if self.task == "seq2seq":
             return self._generate(texts, batch_size=batch_size, num_beams=num_beams, max_new_tokens=max_new_tokens)
@@ -69,14 +69,19 @@ class HFModel:
             return [self.label_names[i] for i in idx]
         return [int(i) for i in idx]
 
-    def _generate(self, texts: list[str], *, batch_size: int, num_beams: int, max_new_tokens: int) -> list[str]:
+    @property
+    def num_beams(self) -> int:
+        """The beam width `predict` uses when not told otherwise: the checkpoint's generation config."""
+        return int(getattr(self.model.generation_config, "num_beams", None) or 1)
+
+    def _generate(self, texts: list[str], *, batch_size: int, num_beams: int | None, max_new_tokens: int) -> list[str]:
         import torch
 
         out: list[str] = []
         with torch.inference_mode():
             for s in range(0, len(texts), batch_size):
                 enc = self._encode(texts[s:s + batch_size], return_token_type_ids=False)
-                ids = self.model.generate(**enc, num_beams=num_beams, max_new_tokens=max_new_tokens)
+                ids = self.model.generate(**enc, num_beams=num_beams or self.num_beams, max_new_tokens=max_new_tokens)
                 out.extend(self.tokenizer.batch_decode(ids, skip_special_tokens=True))
         return out
 
