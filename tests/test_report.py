@@ -106,7 +106,10 @@ def test_evaluate_scores_a_seq2seq_model_with_bleu_and_chrf(tmp_path):
     ctx.out_dir.mkdir(parents=True)
     summary = EvaluateStage(config=EvaluateStage.Config(teacher_model=str(model), speed_rows=3)).run(ctx)
     metrics = summary["models"]["mt"]["metrics"]
-    assert set(metrics) == {"bleu", "chrf"} and 0.0 <= metrics["chrf"] <= 100.0
+    assert set(metrics) == {"bleu", "chrf", "num_beams"} and 0.0 <= metrics["chrf"] <= 100.0
+    # the beam width actually used: the checkpoint's own generation config, not a default of 4
+    from transformers import GenerationConfig
+    assert metrics["num_beams"] == (GenerationConfig.from_pretrained(str(model)).num_beams or 1)
     assert summary["teacher"] == "mt" and summary["models"]["mt"]["speedup_vs_teacher"] == 1.0
 
 
