@@ -111,7 +111,7 @@ def bench_fair(sentences: list[str], model_dir: Path, args) -> tuple[float, int]
     import torch
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    from stages.teachers import length_batches, pad_batch
+    from kd.teachers import length_batches, pad_batch
 
     torch.set_num_threads(int(args.num_cpus))
     tok = AutoTokenizer.from_pretrained(model_dir)

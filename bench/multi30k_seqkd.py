@@ -60,7 +60,7 @@ def main() -> None:
     from pipeline.graph import build_graph
     from pipeline.manifest import load_manifest
     from pipeline.runner import run_graph
-    from stages.students.seq2seq import load
+    from kd.students.seq2seq import load
 
     train_pairs = max(64, round(10_000 * args.scale))
     teacher_pairs = max(64, round(29_000 * args.scale))

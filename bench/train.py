@@ -53,7 +53,7 @@ def bare_loop(cfg, data_art, lab_art, threads: int) -> tuple[float, int]:
     import torch
 
     from stages.train import TrainStage, _loss, _student_module, _optimizer, derive_seed
-    from stages.train_data import ShardStream, label_sources, resolve_label_names
+    from kd.train_data import ShardStream, label_sources, resolve_label_names
     from pipeline.testing import make_context
 
     torch.set_num_threads(threads)

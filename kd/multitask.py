@@ -13,7 +13,7 @@
   a task's soft target is the mean of its teachers' class probabilities (at a temperature), and
   rows with a gold label mix the soft-target loss with gold cross-entropy by a weight.
 
-Gold labels use -1 for "no gold label here", as in `stages/losses.py`.
+Gold labels use -1 for "no gold label here", as in `kd/losses.py`.
 """
 from __future__ import annotations
 
@@ -123,7 +123,7 @@ def gold_weights(progress: float, windows: Mapping[str, AnnealWindow]) -> dict[s
 
 def ensemble_soft_targets(teacher_logits: Sequence["torch.Tensor"], temperature: float = 1.0) -> "torch.Tensor":
     """MT-DNN KD soft targets: the mean over teachers of softmax(logits / T). Probabilities, not
-    logits, are averaged, as in the paper (`stages.losses.combine_teachers` averages logits)."""
+    logits, are averaged, as in the paper (`kd.losses.combine_teachers` averages logits)."""
     import torch
 
     if not teacher_logits:

@@ -2,7 +2,7 @@
 
 A stage's code identity is the set of project modules it can execute: its own module, every
 project module it imports (absolute, relative, inside functions) and every module named by a
-registry string ("stages.students.bilstm", "stages.read:ReadStage"), transitively, with the
+registry string ("kd.students.bilstm", "stages.read:ReadStage"), transitively, with the
 `__init__` of each package on the way. Each module is parsed and its AST dumped without
 docstrings, so comments, docstrings and formatting do not count; a changed line of code does.
 

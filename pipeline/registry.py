@@ -30,7 +30,7 @@ STAGES: dict[str, str] = {
 
 
 # How `predict` loads a model folder (a student directory or an HF checkpoint).
-MODEL_LOADER = "stages.students:load_student"
+MODEL_LOADER = "kd.students:load_student"
 
 # CLI commands that live in the `kd/` library: "module:add_parser", added to `kdpipe`'s parser.
 LIBRARY_COMMANDS = ("kd.audit.command:add_parser",)

@@ -4,7 +4,7 @@ teacher and a German student on held-out Multi30k pairs). No gold labels needed.
 
 Inputs: `data` (held-out rows: id + the student's column), `labels` (the teacher's label
 artifact for the same rows: a `logits` column, or `logits_<teacher>` in an ensemble), `models`
-(train artifacts whose files/student loads with `stages.students.load_student`). Rows are joined
+(train artifacts whose files/student loads with `kd.students.load_student`). Rows are joined
 by id. Output `files/metrics.json`: agreement per student, both label distributions, and the
 teacher x student confusion counts, Cohen's kappa (agreement corrected for chance) and the
 teacher's majority-class rate (what a constant student would score).
@@ -70,7 +70,7 @@ class AgreementStage(TaskStage):
     def run(self, ctx: StageContext) -> dict[str, Any]:
         import numpy as np
 
-        from stages.students import load_student
+        from kd.students import load_student
 
         cfg = self.config
         data = ctx.input("data").read_table()

@@ -104,7 +104,7 @@ class EvaluateStage(TaskStage):
         return {f"teacher {path}": hash_tree(path)} if path and Path(path).is_dir() else {}
 
     def run(self, ctx: StageContext) -> dict[str, Any]:
-        from stages.students import load_student
+        from kd.students import load_student
 
         cfg = self.config
         data = ctx.input("data")
@@ -184,7 +184,7 @@ def _gold_indices(gold: list[Any], model_names: list[str] | None, data) -> list[
     """Gold values as the model's class indices, matched by name: an integer gold label names
     the data's label_names[i], which may sit at another index of the model (a teacher whose
     id2label is in another order). Without names on either side, integers are positions."""
-    from stages.train_data import _md
+    from kd.train_data import _md
 
     data_names = [str(n) for n in _md(data, "label_names") or []] or None
     names = [str(n) for n in model_names] if model_names else None

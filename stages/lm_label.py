@@ -25,7 +25,7 @@ from pydantic import Field, model_validator
 
 from pipeline.devices import NumericsConfig, worker_device
 from pipeline.stage import Facts, InputRole, MapStage, Problem, StageContext, throughput
-from stages.teachers import check_teacher, length_batches, quiet_transformers, resolve_teacher, teacher_fingerprint
+from kd.teachers import check_teacher, length_batches, quiet_transformers, resolve_teacher, teacher_fingerprint
 
 DIST_COLUMNS = {"topk": ["topk_ids", "topk_logprobs", "log_normalizer"], "sampled": ["sample_ids", "sample_counts"]}
 

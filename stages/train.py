@@ -34,7 +34,7 @@ from pipeline.artifact import write_json
 from pipeline.devices import NumericsConfig, autocast, move, worker_device
 from pipeline.hashing import hash_obj, hash_tree
 from pipeline.stage import InputRole, Problem, StageConfig, StageContext, TaskStage, throughput_fields
-from stages.train_data import ShardStream, label_sources, read_eval_table, resolve_label_names
+from kd.train_data import ShardStream, label_sources, read_eval_table, resolve_label_names
 
 
 class StudentSpec(StageConfig):
@@ -180,7 +180,7 @@ class TrainStage(TaskStage):
     def run(self, ctx: StageContext, *, on_epoch_end: Callable[[int], None] | None = None) -> dict[str, Any]:
         import torch
 
-        from stages.students.common import ClassifierStudent
+        from kd.students.common import ClassifierStudent
 
         cfg = self.config
         seed = derive_seed(ctx.seed, cfg.seed)
@@ -276,7 +276,7 @@ class TrainStage(TaskStage):
             "dtype": str(dtype).removeprefix("torch.")}
 
     def _build_tokenizer(self, ctx: StageContext, data):
-        from stages.students.common import HFTokenizer, SpmTokenizer, WordVocab
+        from kd.students.common import HFTokenizer, SpmTokenizer, WordVocab
 
         cfg = self.config
         spm_art = ctx.optional_input("tokenizer")
@@ -303,7 +303,7 @@ class TrainStage(TaskStage):
 def _student_module(kind: str, task: str = "classification"):
     import importlib
 
-    from stages.students import STUDENTS
+    from kd.students import STUDENTS
 
     if task == "token_classification":
         return importlib.import_module(STUDENTS["bilstm"]).BiLSTMTagger
@@ -312,7 +312,7 @@ def _student_module(kind: str, task: str = "classification"):
 
 
 def _tagger_student():
-    from stages.students.bilstm import TaggerStudent
+    from kd.students.bilstm import TaggerStudent
 
     return TaggerStudent
 
@@ -330,7 +330,7 @@ def _optimizer(cfg: TrainConfig, module):
 
 
 def _loss(cfg: TrainConfig, logits, gold, teacher, temperature: float, progress: float):
-    from stages.losses import distillation_loss
+    from kd.losses import distillation_loss
 
     w = cfg.losses
     return distillation_loss(logits, gold=gold, teacher=teacher, ce=w.ce, mse=w.mse, kl=w.kl,

@@ -14,7 +14,7 @@ artifact: the student reuses the teacher's tokenizer, required for wordkd since 
 index the teacher's vocabulary). Without `teacher`, a sentencepiece model is trained on the data.
 
 Output `files/student/` (HF checkpoint + tokenizer + student.json, loaded by
-`stages.students.seq2seq`), `files/metrics.json`, `files/curves.png`.
+`kd.students.seq2seq`), `files/metrics.json`, `files/curves.png`.
 """
 from __future__ import annotations
 

@@ -72,8 +72,8 @@ def test_words_without_a_teacher_logit_are_masked_in_every_teacher_term():
 def test_cnn_features_of_a_row_do_not_depend_on_the_padding_of_its_batch():
     import torch
 
-    from stages.students.cnn import CNNClassifier
-    from stages.students.common import WordVocab
+    from kd.students.cnn import CNNClassifier
+    from kd.students.common import WordVocab
 
     texts = ["a dull mess", "one of the best films of the year , i loved every minute of it", "joy"]
     vocab = WordVocab.build(texts, max_size=100)
@@ -170,9 +170,9 @@ def test_a_teacher_with_reversed_id2label_gives_kd_targets_in_the_data_order(tmp
     accuracies were 1 - the true ones)."""
     from pipeline.artifact import Artifact
     from stages.evaluate import EvaluateConfig, EvaluateStage
-    from stages.students import load_student
+    from kd.students import load_student
     from stages.train import TrainStage
-    from stages.train_data import ShardStream, label_sources, resolve_label_names
+    from kd.train_data import ShardStream, label_sources, resolve_label_names
 
     straight, reversed_ = teachers
     table = labeled_table(40, offset=100)
@@ -332,7 +332,7 @@ def test_a_teacher_from_another_run_is_matched_by_name_at_plan_time(tmp_path, se
 
 def test_train_puts_label_artifacts_of_another_order_into_the_data_order(tmp_path):
     from stages.train import TrainStage
-    from stages.train_data import ShardStream, label_sources, resolve_label_names
+    from kd.train_data import ShardStream, label_sources, resolve_label_names
 
     table = labeled_table(12)
     data = make_artifact(tmp_path / "data", table, rows_per_shard=5, metadata=DATA_MD)

@@ -86,10 +86,10 @@ def test_a_helper_module_change_changes_the_digest_of_stages_that_import_it(tmp_
 
 def test_every_stage_type_digests_its_own_module_and_shared_helpers():
     label = CodeIdentity("label")
-    assert {"stages/label.py", "stages/teachers.py", "pipeline/stage.py"} <= set(label.modules)
+    assert {"stages/label.py", "kd/teachers.py", "pipeline/stage.py"} <= set(label.modules)
     assert {"torch", "transformers", "tokenizers"} <= set(label.library_names)
     train = CodeIdentity("train")
-    assert {"stages/losses.py", "stages/train_data.py", "stages/students/bilstm.py"} <= set(train.modules)
+    assert {"kd/losses.py", "kd/train_data.py", "kd/students/bilstm.py"} <= set(train.modules)
     assert "stages/train.py" not in CodeIdentity("split").modules
     assert "spacy" in CodeIdentity("pos_tag").library_names
     assert CodeIdentity("split").libraries()["python"] == code_identity.python_version()

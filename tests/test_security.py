@@ -221,7 +221,7 @@ def test_student_checkpoints_are_safetensors_not_pickles(tmp_path, kind):
     import pyarrow as pa
 
     from pipeline.testing import make_artifact, make_context
-    from stages.students import load_student
+    from kd.students import load_student
     from stages.train import TrainStage
 
     texts = ["a warm funny film", "a dull mess", "the cast is terrific", "so boring"] * 4

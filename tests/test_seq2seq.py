@@ -311,7 +311,7 @@ def test_word_kd_loss_matches_a_hand_computation():
 
 def test_students_train_on_each_target_and_load(tmp_path, teacher_art):
     from pipeline.testing import make_artifact, make_context
-    from stages.students import load_student
+    from kd.students import load_student
     from stages.train_seq2seq import TrainSeq2SeqStage
 
     teacher, _ = teacher_art
@@ -450,12 +450,12 @@ def test_labels_from_another_teacher_are_refused(tmp_path, teacher_art):
 
 def test_hf_seq2seq_decodes_with_the_checkpoints_own_beam_width(tmp_path: Path):
     """A teacher checkpoint saved with generation_config.num_beams = 5 is decoded with 5 beams by
-    `evaluate` (through stages/students/hf.py), not with a hard-coded default of 4, and the width
+    `evaluate` (through kd/students/hf.py), not with a hard-coded default of 4, and the width
     used is reported."""
     import torch
 
     from kd.seq2seq import ModelDims, build_model, load_spm_tokenizer, save_checkpoint, train_sentencepiece
-    from stages.students.hf import HFModel
+    from kd.students.hf import HFModel
 
     pairs = toy_pairs()
     spm_dir = tmp_path / "spm"

@@ -9,7 +9,7 @@ import pyarrow as pa
 import pytest
 
 from pipeline.testing import make_artifact, make_context
-from stages.students import load_student
+from kd.students import load_student
 from stages.train import TrainStage
 
 POS = ["a warm funny film", "the cast is terrific", "an absolute joy", "smart and beautiful"]
@@ -124,7 +124,7 @@ def test_missing_teacher_labels_fail_loudly(tmp_path, data_art):
 
 
 def test_augmented_rows_use_only_the_teacher(tmp_path):
-    from stages.train_data import ShardStream, label_sources
+    from kd.train_data import ShardStream, label_sources
 
     ids, texts, labels = corpus(1)
     aug = [-1 if i % 2 == 0 else 0 for i in range(len(ids))]
@@ -226,7 +226,7 @@ def test_born_again_transformer_uses_the_teachers_architecture_and_tokenizer(tmp
 def test_teacher_ensemble_columns_and_artifacts_are_combined_by_weight(tmp_path, data_art):
     import torch
 
-    from stages.train_data import ShardStream, label_sources
+    from kd.train_data import ShardStream, label_sources
 
     ids, _, labels = corpus()
     a = np.array(teacher_logits(labels, strength=1.0), dtype=np.float32)
@@ -240,7 +240,7 @@ def test_teacher_ensemble_columns_and_artifacts_are_combined_by_weight(tmp_path,
     cfg = student_cfg(losses={"ce": 0.0, "kl": 1.0}, ensemble={"mode": "weighted", "weights": [1, 1, 2]})
     stream = ShardStream(data=data_art, sources=sources, label_names=["neg", "pos"], cfg=cfg,
                          use_gold_on_augmented=False)
-    from stages.students.common import WordVocab
+    from kd.students.common import WordVocab
     from stages.train import _student_module
 
     vocab = WordVocab.build(corpus()[1], max_size=100)

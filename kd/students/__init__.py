@@ -17,11 +17,11 @@ from typing import Any
 
 # student type -> module providing load(path)
 STUDENTS: dict[str, str] = {
-    "bilstm": "stages.students.bilstm",
-    "cnn": "stages.students.cnn",
-    "transformer": "stages.students.transformer",
-    "seq2seq": "stages.students.seq2seq",
-    "hf": "stages.students.hf",  # an HF checkpoint directory (teachers), see hf.py
+    "bilstm": "kd.students.bilstm",
+    "cnn": "kd.students.cnn",
+    "transformer": "kd.students.transformer",
+    "seq2seq": "kd.students.seq2seq",
+    "hf": "kd.students.hf",  # an HF checkpoint directory (teachers), see hf.py
 }
 
 

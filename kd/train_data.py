@@ -94,7 +94,7 @@ def teacher_orders(sources: list[LabelSource], label_names: list[str]) -> list[l
     """Per label source, the column order that puts its logits into `label_names` order (None:
     already in it). Names are matched by name: a label artifact made in another order is
     permuted, one with other names is an error."""
-    from stages.teachers import label_order
+    from kd.teachers import label_order
 
     out: list[list[int] | None] = []
     for s in sources:
@@ -284,7 +284,7 @@ class ShardStream:
         import numpy as np
         import torch
 
-        from stages.losses import combine_teachers
+        from kd.losses import combine_teachers
 
         rng = np.random.default_rng([seed & 0xFFFFFFFF, epoch])
         b = self.cfg.batch_size

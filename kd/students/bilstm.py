@@ -11,7 +11,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from stages.students.common import ClassifierStudent, SiameseTokenization, load_classifier, pair_features
+from kd.students.common import ClassifierStudent, SiameseTokenization, load_classifier, pair_features
 
 DEFAULTS = {"embedding_dim": 128, "hidden_dim": 128, "mlp_dim": 128, "dropout": 0.1}
 
@@ -70,7 +70,7 @@ class BiLSTMTagger(nn.Module):
                 for t in texts]
 
     def collate(self, rows) -> dict[str, Any]:
-        from stages.students.common import pad_ids
+        from kd.students.common import pad_ids
 
         ids, lengths = pad_ids([r[0] for r in rows], self.tokenizer.pad_id)
         return {"ids": ids, "lengths": lengths, "n_words": torch.tensor([len(r[0]) for r in rows])}

@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from stages.students.common import SiameseTokenization, load_classifier, pair_features
+from kd.students.common import SiameseTokenization, load_classifier, pair_features
 
 DEFAULTS = {"embedding_dim": 128, "num_filters": 100, "filter_sizes": [3, 4, 5], "dropout": 0.5}
 

@@ -11,7 +11,7 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
-from stages.students.common import load_classifier, pad_ids
+from kd.students.common import load_classifier, pad_ids
 
 
 def build_hf_config(hp: dict[str, Any], *, vocab_size: int, num_labels: int, pad_id: int):

@@ -31,7 +31,7 @@ class HFModel:
             from transformers import AutoModelForSequenceClassification as Auto
             self.task = "classification"
         self.model = Auto.from_pretrained(str(self.path), trust_remote_code=trust_remote_code).eval()
-        from stages.teachers import label_names, placeholder_names
+        from kd.teachers import label_names, placeholder_names
 
         names = label_names(self.config.to_dict())
         # transformers' placeholder names (LABEL_0...) carry no meaning: keep indices then.
