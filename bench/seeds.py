@@ -23,9 +23,19 @@ from _env import write_json  # first: _env sets the offline environment
 
 
 def evaluate_metrics(summary: list[dict]) -> dict[str, dict[str, float]]:
-    """model name -> metrics, from every evaluate stage of a finished run."""
+    """model name -> metrics, from every evaluate stage of a finished run, and from every
+    train_multitask stage (its per-task dev accuracy as STAGE[TASK], discriminator accuracy)."""
     out: dict[str, dict[str, float]] = {}
     for stage in summary:
+        if stage["type"] == "train_multitask":
+            metrics = json.loads((Path(stage["path"]) / "files" / "metrics.json").read_text())
+            for task, entry in metrics["tasks"].items():
+                if entry.get("dev_accuracy") is not None:
+                    out[f"{stage['name']}[{task}]"] = {"accuracy": entry["dev_accuracy"]}
+            for key in ("discriminator_accuracy_first", "discriminator_accuracy_last"):
+                if key in metrics:
+                    out.setdefault(f"{stage['name']}[discriminator]", {})[key.rsplit("_", 1)[1]] = metrics[key]
+            continue
         if stage["type"] != "evaluate":
             continue
         metrics = json.loads((Path(stage["path"]) / "files" / "metrics.json").read_text())
