@@ -27,9 +27,10 @@ from typing import Any, Literal
 from pydantic import Field
 
 from kd.seq2seq import (SPM_NAME, ModelDims, TrainSchedule, build_model, check_columns, encode, fit,
-                        load_spm_tokenizer, read_pairs, save_checkpoint, seeded, source_reliance, token_loss,
+                        load_spm_tokenizer, read_pairs, save_checkpoint, source_reliance, token_loss,
                         train_sentencepiece)
 from pipeline.stage import InputRole, Problem, StageContext, TaskStage, throughput
+from kd.training import derive_seed
 from pipeline.devices import NumericsConfig, worker_device
 
 Target = Literal["reference", "seqkd", "seqinter", "wordkd"]
@@ -232,7 +233,7 @@ class TrainSeq2SeqStage(TaskStage):
         examples, target_stats = build_examples(pairs, tok, cfg, teacher_vocab=has_teacher)
         # As planned (num_gpus > 0 -> CUDA), or DeviceUnavailable naming this node.
         device, dtype = worker_device(self.numerics(), stage=ctx.stage_name)
-        model = build_model(tok, cfg.model, seed=seeded(ctx.seed, "student-init"),
+        model = build_model(tok, cfg.model, seed=derive_seed(ctx.seed, "student-init"),
                             max_new_tokens=cfg.train.max_target_tokens, num_beams=cfg.num_beams).to(device)
         loss_fn = functools.partial(word_kd_loss, alpha=cfg.kd_alpha) if cfg.target == "wordkd" else token_loss
         stats = fit(model, examples, cfg.train, scratch=ctx.scratch_dir / "train", seed=ctx.seed,
