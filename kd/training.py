@@ -115,17 +115,21 @@ def fit(model, *, optimizer, loss_fn: Callable[[Any, int], Any], batches: Callab
             epoch, skip = divmod(loop.step, steps_per_epoch)
             end = min(total_steps, (epoch + 1) * steps_per_epoch)
             model.train()
-            for batch in batches(epoch, skip):
-                loss, parts = _update(model, optimizer, scheduler, scaler, loss_fn, batch, loop.step,
-                                      seed=seed, device=device, dtype=dtype, clip_grad_norm=clip_grad_norm)
-                loop.add(loss, parts, count(batch) if count else 1)
-                bar.update(1)
-                if loop.step == end:
-                    break
-                if checkpoint_every and loop.step % checkpoint_every == 0:
-                    store.save(loop, model, optimizer=optimizer, scheduler=scheduler, scaler=scaler)
-                if on_step is not None:
-                    on_step(loop.step)
+            epoch_batches = iter(batches(epoch, skip))
+            try:
+                for batch in epoch_batches:
+                    loss, parts = _update(model, optimizer, scheduler, scaler, loss_fn, batch, loop.step,
+                                          seed=seed, device=device, dtype=dtype, clip_grad_norm=clip_grad_norm)
+                    loop.add(loss, parts, count(batch) if count else 1)
+                    bar.update(1)
+                    if loop.step == end:
+                        break
+                    if checkpoint_every and loop.step % checkpoint_every == 0:
+                        store.save(loop, model, optimizer=optimizer, scheduler=scheduler, scaler=scaler)
+                    if on_step is not None:
+                        on_step(loop.step)
+            finally:
+                getattr(epoch_batches, "close", lambda: None)()  # stops a prefetching producer now
             if loop.step != end:
                 raise RuntimeError(f"epoch {epoch + 1} ran out of batches after update {loop.step}; "
                                    f"{steps_per_epoch} per epoch were promised")
