@@ -25,6 +25,9 @@ MAX_SHARD_ATTEMPTS = 3
 # The first ready actor waits this long for its peers before taking work alone, so that actors
 # set up at different speeds (other nodes, model loads) all share a stage's shards.
 STARTUP_GRACE_S = 30.0
+# Shards handed to one map actor at a time: the second one's read and the first one's write
+# overlap the model (see _ShardWorkerImpl).
+SHARDS_PER_ACTOR = 2
 
 
 def _enter_worker(cwd: str, num_cpus: float) -> None:
@@ -104,14 +107,22 @@ def make_context(plan: StagePlan, graph: Graph, upstream_dirs: dict[str, Any]) -
 
 
 class _ShardWorkerImpl:
-    """Ray actor body for map stages: setup once, then one shard per call."""
+    """Ray actor body for map stages: setup once, then one shard per call.
+
+    The actor runs SHARDS_PER_ACTOR calls at once (a threaded actor), but the stage's `process`
+    one at a time: while the model works on one shard, the next shard's input is read and the
+    previous one's Parquet written, so neither read nor write stalls the model (which matters
+    most for a GPU worker). Each call returns only after its own shard's marker is written."""
 
     def __init__(self, stage: Stage, ctx: StageContext, provenance: dict[str, str], cwd: str):
+        import threading
+
         # Cheap on purpose: the actor's creation is the signal that Ray placed it; the model
         # loads in setup(), which the placement deadline does not cover.
         _enter_worker(cwd, ctx.num_cpus)
         self.stage, self.ctx, self.provenance = stage, ctx, provenance
         self.setup_seconds: float | None = None
+        self.compute_lock = threading.Lock()
 
     def setup(self) -> None:
         start = time.perf_counter()
@@ -123,14 +134,16 @@ class _ShardWorkerImpl:
         import ray
 
         table = storage.read_parquet(input_path)
-        start = time.perf_counter()
-        out = self.stage.process(table, self.ctx, shard_index=index)
-        compute = time.perf_counter() - start
+        with self.compute_lock:
+            start = time.perf_counter()
+            out = self.stage.process(table, self.ctx, shard_index=index)
+            compute = time.perf_counter() - start
+            setup_seconds, self.setup_seconds = self.setup_seconds, None
         stats = write_shard(art_dir, index, out, self.metadata)
         stats.update(input_rows=table.num_rows, compute_seconds=round(compute, 4),
                      node_id=ray.get_runtime_context().get_node_id())
-        if self.setup_seconds is not None:
-            stats["setup_seconds"], self.setup_seconds = self.setup_seconds, None
+        if setup_seconds is not None:
+            stats["setup_seconds"] = setup_seconds
         return stats
 
 
@@ -212,16 +225,18 @@ class _MapRun:
         self.plan, self.stage, self.ctx, self.provenance, self.res = plan, stage, ctx, provenance, res
         self.cwd, self.placement_timeout, self.bar = cwd, placement_timeout, bar
         self.data = ctx.input("data")
-        self.worker_cls = ray.remote(_ShardWorkerImpl).options(max_restarts=0, max_task_retries=0, **res)
+        self.worker_cls = ray.remote(_ShardWorkerImpl).options(max_restarts=0, max_task_retries=0,
+                                                               max_concurrency=SHARDS_PER_ACTOR, **res)
         self.actors: list[Any] = []
         self.starting: dict[Any, Any] = {}  # setup ref -> actor still running setup
         self.placing: dict[Any, Any] = {}  # ready ref -> actor not yet known to be placed
         self.placed: set[Any] = set()
-        self.idle: list[Any] = []  # actors set up and without a shard
+        self.idle: list[Any] = []  # a free shard slot of an actor that finished setup, per entry
         self.in_flight: dict[Any, tuple[int, Any]] = {}  # process ref -> (shard index, actor)
         self.queue: list[int] = []
         self.attempts: dict[int, int] = {}
         self.setup_failures = 0
+        self.lost: set[Any] = set()  # actors that died with shards in flight
         self.results: list[dict[str, Any]] = []
         self.initial: set[Any] = set()  # setup refs of the first actors (the start-up barrier)
         self.barrier_until: float | None = None  # set when the first actor is ready
@@ -284,8 +299,18 @@ class _MapRun:
         self.in_flight[ref] = (index, actor)
 
     def _hand_out(self) -> None:
+        """Queued shards to free slots: every actor's first slot before any second one, and a
+        second one only while the queue outlasts the actors (at the tail a shard waiting behind
+        another in a busy actor would leave an idle actor without work)."""
         while self.idle and self.queue:
-            self._submit(self.idle.pop())
+            busy = {a: 0 for a in self.idle}
+            for _, a in self.in_flight.values():
+                busy[a] = busy.get(a, 0) + 1
+            actor = min(self.idle, key=busy.__getitem__)
+            if busy[actor] and len(self.queue) <= len(busy):
+                return
+            self.idle.remove(actor)
+            self._submit(actor)
 
     def _barrier_up(self) -> bool:
         """The first actors are still setting up and the grace period has not run out."""
@@ -333,7 +358,9 @@ class _MapRun:
             return
         if self.barrier_until is None:
             self.barrier_until = time.monotonic() + STARTUP_GRACE_S
-        (self._submit if self.queue and not self._barrier_up() else self.idle.append)(actor)
+        self.idle += [actor] * SHARDS_PER_ACTOR
+        if not self._barrier_up():
+            self._hand_out()
 
     def _on_setup_failed(self, actor: Any, e: Exception) -> None:
         import ray
@@ -356,7 +383,7 @@ class _MapRun:
         try:
             stats = ray.get(ref)
         except ray.exceptions.RayActorError:
-            if not self._requeue_lost(index):
+            if not self._requeue_lost(index, actor):
                 raise
             return
         self.results.append(stats)
@@ -364,17 +391,21 @@ class _MapRun:
         if self.bar is not None:
             self.bar.update(1)
             self.bar.set_postfix(rows_per_s=f"{self.rows / max(time.perf_counter() - self.t0, 1e-9):.0f}")
-        (self._submit if self.queue else self.idle.append)(actor)
+        self.idle.append(actor)
+        self._hand_out()
 
-    def _requeue_lost(self, index: int) -> bool:
+    def _requeue_lost(self, index: int, actor: Any) -> bool:
         """The actor died with shard `index`: back on the queue, unless that happened
         MAX_SHARD_ATTEMPTS times (then False)."""
         self.attempts[index] = self.attempts.get(index, 0) + 1
         if self.attempts[index] >= MAX_SHARD_ATTEMPTS:
             return False
         self.queue.insert(0, index)
-        if self.idle:
-            self._submit(self.idle.pop())
+        if actor in self.lost:
+            return True  # its other shard: capacity already replaced
+        self.lost.add(actor)
+        self.idle = [a for a in self.idle if a is not actor]
+        self._hand_out()
         self._start_actor()  # replace the lost capacity; harmless if it cannot be placed
         return True
 
