@@ -88,6 +88,15 @@ def join_labels(pairs: list[dict[str, Any]], labels, columns: list[str]) -> list
     return [{**p, "label": by_id[p["id"]]} for p in pairs]
 
 
+def target_texts(pairs: list[dict[str, Any]]) -> list[str]:
+    """The target-language side a student's own sentencepiece must cover: references, and the
+    teacher's hypotheses when labels are joined (Seq-KD pairs carry no reference; a vocabulary
+    trained on the sources alone turns target-only characters into <unk>)."""
+    texts = [p["tgt"] for p in pairs if p["tgt"]]
+    texts += [h for p in pairs if "label" in p for h in p["label"].get("hyp_text") or []]
+    return texts
+
+
 def build_examples(pairs: list[dict[str, Any]], tok, cfg: TrainSeq2SeqConfig, *,
                    teacher_vocab: bool) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """Training examples {src, tgt[, topk_ids, topk_logprobs]} for the configured target."""
@@ -205,7 +214,7 @@ class TrainSeq2SeqStage(TaskStage):
                 spm_dir.mkdir(parents=True, exist_ok=True)
                 shutil.copy(source, spm_dir / f"{SPM_NAME}.model")
             else:
-                texts = [p["src"] for p in pairs] + [p["tgt"] for p in pairs]
+                texts = [p["src"] for p in pairs] + target_texts(pairs)
                 train_sentencepiece(texts, spm_dir, self.config.vocab_size, seed=ctx.seed)
         tok = load_spm_tokenizer(spm_dir)
         if teacher is not None:
