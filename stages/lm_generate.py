@@ -22,7 +22,7 @@ from pydantic import Field, model_validator
 from kd.lm.teacher import teacher_vocab_facts
 from kd.teachers import quiet_transformers, teacher_fingerprint
 from pipeline.devices import NumericsConfig, worker_device
-from pipeline.stage import Facts, InputRole, MapStage, Problem, StageContext
+from pipeline.stage import Facts, InputRole, MapStage, Problem, StageContext, throughput
 
 
 class LmGenerateConfig(NumericsConfig):
@@ -42,6 +42,7 @@ class LmGenerateConfig(NumericsConfig):
     num_beams: int = Field(4, gt=0, description="beam: beam width")
     targets: Literal["completion", "all"] = Field("completion", description="which next tokens train_lm learns: "
                                                   "the completion's, or every token after the start")
+    concurrency: int | None = throughput(None, gt=0)
 
     @model_validator(mode="after")
     def _consistent(self) -> "LmGenerateConfig":

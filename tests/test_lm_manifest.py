@@ -16,7 +16,7 @@ from factories import DEFAULT_SENTENCES
 REPO = Path(__file__).resolve().parent.parent
 TINY = {"teacher_docs": 40, "sst2_docs": 20, "vocab_size": 90, "teacher_d_model": 16, "teacher_layers": 1,
         "teacher_epochs": 1, "student_d_model": 8, "student_layers": 1, "student_epochs": 1, "max_length": 24,
-        "rows_per_shard": 16}
+        "rows_per_shard": 16, "new_tokens": 12}
 
 
 def _tiny_data(root: Path) -> Path:
@@ -57,13 +57,19 @@ def test_lm_distill_manifest_runs_end_to_end_and_its_labels_inspect(tmp_path):
     stages = {s["name"]: s["status"] for s in summary["stages"]}
     assert set(stages.values()) == {"ran"}
     assert {"teacher", "labels_topk8", "labels_topk64", "labels_sampled", "student_ce", "student_topk8",
-            "student_topk64", "student_sampled"} <= set(stages)
+            "student_topk64", "student_sampled", "generated", "student_seqkd"} <= set(stages)
 
     runs = tmp_path / "data" / "runs" / "lm-distill"
-    for student in ("student_ce", "student_topk8", "student_topk64", "student_sampled"):
+    for student in ("student_ce", "student_topk8", "student_topk64", "student_sampled", "student_seqkd"):
         metrics = json.loads((runs / student / "files" / "metrics.json").read_text())
         assert metrics["heldout"]["tokens"] > 0 and metrics["heldout"]["perplexity"] > 1
     assert json.loads((runs / "student_sampled" / "files" / "metrics.json").read_text())["targets"] == "sampled"
+    assert json.loads((runs / "student_seqkd" / "files" / "metrics.json").read_text())["targets"] == "text"
+    import pandas as pd
+
+    generated = pd.read_parquet(runs / "generated" / "shards")
+    assert len(generated) == 40 and (generated.completion.str.len() > 0).all()
+    assert (generated.target_start == 2).all()  # start + 2 prompt tokens: the completion is the target
 
     for labels, mode, k in (("labels_topk8", "topk", 8), ("labels_sampled", "sampled", 12)):
         shown = subprocess.run([sys.executable, "-m", "pipeline.cli", "inspect", f"lm-distill/{labels}", "--workdir",
