@@ -21,6 +21,7 @@ Output `files/student/` (HF checkpoint + tokenizer + student.json, loaded by
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import json
@@ -52,6 +53,8 @@ class TrainSeq2SeqConfig(NumericsConfig):
     kd_alpha: float = Field(0.5, ge=0, le=1, description="wordkd, seqkd_wordkd: weight of the top-k term")
     num_beams: int = Field(4, gt=0, description="default beam width stored in generation_config")
     checkpoint_every: int = throughput(200, gt=0)
+    seed: int = Field(0, ge=0, description="a run seed beside the manifest's (0: the manifest's seed alone), "
+                      "for several seeds of one student in one manifest")
 
 
 # --- targets ----------------------------------------------------------------------------------
@@ -236,6 +239,8 @@ class TrainSeq2SeqStage(TaskStage):
 
     def run(self, ctx: StageContext) -> dict[str, Any]:
         cfg = self.config
+        if cfg.seed:  # initialisation, batch order and dropout all follow ctx.seed
+            ctx = dataclasses.replace(ctx, seed=seeded(ctx.seed, "run-seed", cfg.seed) % 2**31)  # spm wants 32 bits
         has_teacher = ctx.optional_input("teacher") is not None
         if cfg.target in ("reference", "seqinter"):
             pairs = read_pairs(ctx, "data", cfg.source_column, cfg.target_column)

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 REPO = Path(__file__).resolve().parent.parent
 BENCH = REPO / "bench"
@@ -120,3 +121,26 @@ def test_label_profile_renders_ratios_and_the_breakdown_in_shard_order():
     assert "| actor setup (imports, model load) | 8.0 | 12% |" in text
     steps = [line.split("|")[1].strip() for line in text.splitlines() if line.startswith("| ") and "ms per batch" not in line]
     assert steps[-4:] == ["setup (model load)", "tokenise", "forward", "write: hash"]
+
+
+def test_multi30k_picks_each_students_rate_on_validation_from_one_grid():
+    import multi30k_seqkd as m
+
+    assert m.select_lr({5e-4: 10.0, 1e-3: 12.5, 2e-3: 3.0}) == 1e-3
+    assert m.select_lr({2e-3: 7.0, 5e-4: 7.0}) == 5e-4  # a tie goes to the smaller rate
+    with pytest.raises(ValueError, match="no validation scores"):
+        m.select_lr({})
+    raw = yaml.safe_load((REPO / "manifests" / "multi30k-seqkd.yaml").read_text(encoding="utf-8"))
+    runs = [(s, lr, 0) for s in m.STUDENTS for lr in (5e-4, 2e-3)] + [("student_wordkd", 2e-3, 2)]
+    out = m.with_runs(raw, runs)
+    stages = {s["name"]: s for s in out["stages"]}
+    assert not set(m.STUDENTS) & set(stages) and not any(s["type"] == "evaluate" for s in out["stages"])
+    for student, lr, seed in runs:
+        spec = stages[m.run_name(student, lr, seed)]
+        assert spec["config"]["train"]["lr"] == lr and spec["config"]["seed"] == seed
+        assert spec["config"]["target"] == {s["name"]: s for s in raw["stages"]}[student]["config"]["target"]
+    assert raw["stages"][-1]["type"] == "evaluate"  # the template itself is untouched
+    args = m.parse_args(["--lrs", "2e-3,1e-3", "--beams", "3"])
+    assert args.lrs == [1e-3, 2e-3] and args.beams == 3
+    with pytest.raises(SystemExit):
+        m.parse_args(["--lrs", "fast"])

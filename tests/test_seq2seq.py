@@ -536,3 +536,21 @@ def test_hf_seq2seq_decodes_with_the_checkpoints_own_beam_width(tmp_path: Path):
     with torch.inference_mode():
         five = teacher.model.generate(**enc, num_beams=5, max_new_tokens=64)
     assert teacher.predict(texts, batch_size=4) == teacher.tokenizer.batch_decode(five, skip_special_tokens=True)
+
+
+def test_a_config_seed_gives_another_student_and_zero_keeps_the_manifest_seed(tmp_path):
+    from safetensors.torch import load_file
+
+    from pipeline.testing import make_artifact, make_context
+    from stages.train_seq2seq import TrainSeq2SeqStage
+
+    data = make_artifact(tmp_path / "data", parallel_table(), rows_per_shard=64)
+    small = {"d_model": 16, "d_ff": 32, "num_layers": 1, "num_decoder_layers": 1, "num_heads": 2}
+    weights = {}
+    for name, seed, run_seed in (("a", 0, 0), ("b", 0, 0), ("c", 1, 0), ("d", 0, 5)):
+        ctx = make_context(tmp_path, inputs={"data": [data]}, name=name, seed=run_seed)
+        cfg = TrainSeq2SeqStage.Config(vocab_size=50, model=small, train=tiny_schedule(max_steps=1), seed=seed)
+        TrainSeq2SeqStage(config=cfg).run(ctx)
+        weights[name] = load_file(str(ctx.out_dir / "student" / "model.safetensors"))
+    same = lambda x, y: all((weights[x][k] == weights[y][k]).all() for k in weights[x])  # noqa: E731
+    assert same("a", "b") and not same("a", "c") and not same("a", "d") and not same("c", "d")
