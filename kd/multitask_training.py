@@ -1,14 +1,12 @@
-"""The training loop of `train_multitask` (kept apart from the stage so it can move onto the
-shared training core): task tables, single-task batches drawn by `TaskSampler`, MT-DNN soft
-targets mixed with gold (fixed or BAM!-annealed gold weight), per-task loss weights, and the
-optional adversarial imitation term on one task."""
+"""What `train_multitask` trains, on the one training loop (`kd.training.fit`): task tables,
+single-task batches drawn by `TaskSampler`, MT-DNN soft targets mixed with gold (fixed or
+BAM!-annealed gold weight), per-task loss weights, and the optional adversarial term on one task."""
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
@@ -64,118 +62,127 @@ def load_task(spec, *, data, labels: list, dev) -> TaskData:
     return TaskData(spec, names, rows["texts"], rows["pairs"], rows["gold"], teachers, dev_rows)
 
 
-def _seed(*parts: Any) -> int:
-    return int.from_bytes(hashlib.blake2b(":".join(map(str, parts)).encode(), digest_size=8).digest(), "little") >> 1
-
-
-def train_multitask(cfg, tasks: list[TaskData], *, seed: int, device, move: Callable) -> dict[str, Any]:
+def train_multitask(cfg, tasks: list[TaskData], *, seed: int, device, scratch: Path, identity: Any) -> dict[str, Any]:
+    """Train on the one training loop (`kd.training.fit`: seeded dropout, checkpoints every
+    epoch, resume to the same weights). An "epoch" is the sum of the tasks' batches per epoch;
+    the task of each update comes from the sampler, so a resumed run replays the same tasks."""
     import torch
 
-    from kd.adversarial import AdversarialKD, FeatureDiscriminator, discriminator_accuracy
-    from kd.multitask import (AnnealWindow, TaskSampler, ensemble_soft_targets, gold_weight, interleave,
-                              mtdnn_kd_loss)
+    from kd import training
+    from kd.adversarial import FeatureDiscriminator, discriminator_accuracy, discriminator_loss, reverse_gradient
+    from kd.multitask import AnnealWindow, TaskSampler, ensemble_soft_targets, gold_weight, interleave, mtdnn_kd_loss
     from kd.multitask_student import MultiTaskStudent
     from kd.students.common import WordVocab
+    from pipeline.devices import move
 
-    torch.manual_seed(_seed("multitask-init", seed))
+    torch.manual_seed(training.derive_seed(seed, "multitask-init"))
     vocab = WordVocab.build((t for task in tasks for t in task.texts + (task.pairs or [])),
                             max_size=cfg.vocab_size)
-    model = MultiTaskStudent(vocab_size=len(vocab), pad_id=vocab.pad_id,
-                             heads={t.spec.name: (len(t.label_names), t.pairs is not None) for t in tasks},
-                             **cfg.encoder.model_dump()).to(device)
+    student = MultiTaskStudent(vocab_size=len(vocab), pad_id=vocab.pad_id,
+                               heads={t.spec.name: (len(t.label_names), t.pairs is not None) for t in tasks},
+                               **cfg.encoder.model_dump())
     by_name = {t.spec.name: t for t in tasks}
+    adv_task = cfg.adversarial.task if cfg.adversarial else None
+    if adv_task and not by_name[adv_task].teachers:
+        raise ValueError(f"adversarial.task {adv_task!r} has no teacher labels to imitate")
+    # The discriminator lives beside the student, so the loop checkpoints and resumes both.
+    model = torch.nn.ModuleDict({"student": student})
+    if adv_task:
+        model["discriminator"] = FeatureDiscriminator(feature_dim=len(by_name[adv_task].label_names),
+                                                      hidden_dim=cfg.adversarial.hidden_dim)
+    model.to(device)
+    groups = [{"params": list(student.parameters()), "lr": cfg.lr}]
+    if adv_task:
+        groups.append({"params": list(model["discriminator"].parameters()), "lr": cfg.adversarial.lr})
+    optimizer = torch.optim.Adam(groups)
+
     encoded = {t.spec.name: _encode(vocab, t.texts, t.pairs, cfg.max_length) for t in tasks}
     soft = {t.spec.name: (ensemble_soft_targets([torch.from_numpy(x) for x in t.teachers], cfg.temperature)
                           if t.teachers else None) for t in tasks}
-    batches_per_epoch = {n: -(-len(t.texts) // cfg.batch_size) for n, t in by_name.items()}
-    total = max(1, round(cfg.epochs * sum(batches_per_epoch.values())))
+    per_epoch = {n: -(-len(t.texts) // cfg.batch_size) for n, t in by_name.items()}
+    steps_per_epoch = sum(per_epoch.values())
+    total = max(1, round(cfg.epochs * steps_per_epoch))
     sampler = TaskSampler({n: len(t.texts) for n, t in by_name.items()}, alpha=cfg.sampling_alpha, seed=seed)
-    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
 
-    def epochs(name: str):
+    def task_epochs(name: str):
         def one_epoch(epoch: int):
-            order = np.random.default_rng(_seed(seed, name, epoch)).permutation(len(by_name[name].texts))
+            order = np.random.default_rng(training.derive_seed(seed, "batches", name, epoch)).permutation(
+                len(by_name[name].texts))
             for start in range(0, len(order), cfg.batch_size):
                 yield order[start:start + cfg.batch_size].tolist()
         return one_epoch
 
-    adv, adv_curve = None, []
-    if cfg.adversarial is not None:
-        if soft[cfg.adversarial.task] is None:
-            raise ValueError(f"adversarial.task {cfg.adversarial.task!r} has no teacher labels to imitate")
-        disc = FeatureDiscriminator(feature_dim=len(by_name[cfg.adversarial.task].label_names),
-                                    hidden_dim=cfg.adversarial.hidden_dim).to(device)
-        adv = AdversarialKD(discriminator=disc, disc_optimizer=torch.optim.Adam(disc.parameters(), lr=cfg.adversarial.lr),
-                            student_optimizer=optimizer, weight=cfg.adversarial.weight)
+    streams = {n: task_epochs(n) for n in by_name}
 
-    steps_per_task = {n: 0 for n in by_name}
-    curve: list[list[float]] = []
-    model.train()
-    for step, name, idx in interleave(sampler, {n: epochs(n) for n in by_name}, start=0, stop=total):
+    def batches(epoch: int, skip: int):
+        start = epoch * steps_per_epoch + skip
+        for _, name, idx in interleave(sampler, streams, start=start, stop=min(total, (epoch + 1) * steps_per_epoch)):
+            yield name, idx
+
+    adv_curve: list[list[float]] = []
+
+    def loss_fn(item, step: int):
+        name, idx = item
         task, spec = by_name[name], by_name[name].spec
-        steps_per_task[name] += 1
-        batch = move(model.collate([encoded[name][i] for i in idx]), device)
+        batch = move(student.collate([encoded[name][i] for i in idx]), device)
         gold = torch.tensor([task.gold[i] for i in idx], device=device)
-        target = soft[name][idx].to(device) if soft[name] is not None else None
-        progress = step / total
-        weight = (gold_weight(progress, AnnealWindow(spec.anneal_start, spec.anneal_end)) if spec.anneal
+        logits = student(name, batch).float()
+        if soft[name] is None:
+            if not (gold >= 0).any():  # a batch without gold labels contributes nothing
+                return logits.sum() * 0
+            return spec.weight * torch.nn.functional.cross_entropy(logits, gold, ignore_index=-1)
+        target = soft[name][idx].to(device)
+        weight = (gold_weight(step / total, AnnealWindow(spec.anneal_start, spec.anneal_end)) if spec.anneal
                   else spec.gold_weight)
+        loss = spec.weight * mtdnn_kd_loss(logits, target, gold, gold_weight=weight, temperature=cfg.temperature)
+        if name != adv_task:
+            return loss
+        # One backward pass (Ganin & Lempitsky): the discriminator learns to tell the teacher's
+        # distribution from the student's; through the reversed gradient the student learns to
+        # make them indistinguishable.
+        disc = model["discriminator"]
+        features = torch.softmax(logits / cfg.temperature, -1)
+        accuracy = discriminator_accuracy(disc, target, features.detach())
+        adv_curve.append([step, round(accuracy, 4)])
+        adversarial = discriminator_loss(disc, target, reverse_gradient(features, 1.0))
+        return loss + cfg.adversarial.weight * adversarial, {"discriminator_accuracy": accuracy}
 
-        def loss_of(logits):
-            if target is None:  # gold only; a batch without gold labels contributes nothing
-                if not (gold >= 0).any():
-                    return logits.sum() * 0
-                return spec.weight * torch.nn.functional.cross_entropy(logits, gold, ignore_index=-1)
-            return spec.weight * mtdnn_kd_loss(logits, target, gold, gold_weight=weight, temperature=cfg.temperature)
+    result = training.fit(model, optimizer=optimizer, loss_fn=loss_fn, batches=batches,
+                          steps_per_epoch=steps_per_epoch, total_steps=total, scratch=scratch, seed=seed,
+                          device=device, clip_grad_norm=5.0, identity=identity, desc="train_multitask")
 
-        if adv is not None and name == cfg.adversarial.task:
-            def student_forward():
-                logits = model(name, batch)
-                return torch.softmax(logits / cfg.temperature, -1), loss_of(logits)
-            with torch.no_grad():
-                model.eval()
-                before = discriminator_accuracy(adv.disc, target, torch.softmax(model(name, batch) / cfg.temperature, -1))
-                model.train()
-            out = adv.step(teacher_features=target, student_forward=student_forward)
-            adv_curve.append([step, round(before, 4), round(out["disc_loss"], 5)])
-            loss_value = out.get("kd", 0.0)
-        else:
-            loss = loss_of(model(name, batch))
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 5.0)
-            optimizer.step()
-            loss_value = float(loss.detach())
-        if step % 10 == 0:
-            curve.append([step, name, round(float(loss_value), 5)])
-
-    model.eval()
+    schedule = sampler.schedule(0, total)
     results = {}
     for name, task in by_name.items():
-        entry: dict[str, Any] = {"rows": len(task.texts), "steps": steps_per_task[name],
+        entry: dict[str, Any] = {"rows": len(task.texts), "steps": schedule.count(name),
                                  "teachers": len(task.teachers), "labels": list(task.spec.labels),
                                  "sampling_probability": round(sampler.probabilities[name], 4)}
         if task.dev is not None:
-            pred = _predict(model, name, _encode(vocab, task.dev["texts"], task.dev["pairs"], cfg.max_length),
+            pred = _predict(student, name, _encode(vocab, task.dev["texts"], task.dev["pairs"], cfg.max_length),
                             cfg.eval_batch_size, device, move)
             scored = [(p, g) for p, g in zip(pred, task.dev["gold"]) if g >= 0]
             entry["dev_accuracy"] = round(sum(p == g for p, g in scored) / max(1, len(scored)), 4)
             entry["dev_rows"] = len(scored)
         results[name] = entry
-    metrics: dict[str, Any] = {"tasks": results, "steps": total, "parameters": sum(p.numel() for p in model.parameters()),
-                               "vocab_size": len(vocab), "loss_curve": curve}
-    if adv_curve:
-        accs = [a for _, a, _ in adv_curve]
+    metrics: dict[str, Any] = {"tasks": results, "steps": total, "vocab_size": len(vocab),
+                               "parameters": sum(p.numel() for p in student.parameters()),
+                               "loss_curve": result.curve, "history": result.history,
+                               "resumed_from": result.resumed_from}
+    if adv_task:
+        # Per-epoch means come from the loop's history (they survive a resume); the per-step
+        # curve covers the updates of this process.
+        accs = [a for _, a in adv_curve]
         k = max(1, len(accs) // 10)
         metrics["discriminator_curve"] = adv_curve
-        metrics["discriminator_accuracy_first"] = round(float(np.mean(accs[:k])), 4)
-        metrics["discriminator_accuracy_last"] = round(float(np.mean(accs[-k:])), 4)
+        if accs:
+            metrics["discriminator_accuracy_first"] = round(float(np.mean(accs[:k])), 4)
+            metrics["discriminator_accuracy_last"] = round(float(np.mean(accs[-k:])), 4)
 
     def save(directory: Path) -> None:
         from safetensors.torch import save_model
 
         directory.mkdir(parents=True, exist_ok=True)
-        save_model(model, str(directory / "model.safetensors"))
+        save_model(student, str(directory / "model.safetensors"))
         meta = {"type": "multitask", "tokenizer": vocab.save(directory),
                 "tasks": {n: {"label_names": t.label_names, "pair": t.pairs is not None} for n, t in by_name.items()},
                 "encoder": cfg.encoder.model_dump(), "max_length": cfg.max_length}

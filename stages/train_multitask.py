@@ -10,15 +10,16 @@ tasks' data and teacher labels at once (MT-DNN KD, Liu et al. 2019; BAM!, Clark 
   labels trains on gold only, so one stage gives the multi-task KD, single-task KD (one task)
   and no-KD (no labels) students of a comparison with the same encoder and schedule.
 * `adversarial` (optional, one task): imitation KD with a discriminator (after Liu et al. AAAI
-  2019): the discriminator tells the teachers' output distributions from the student's; on that
-  task's steps it is updated once, then the student on its KD loss plus `weight` x the
-  "fool the discriminator" loss (`kd.adversarial.AdversarialKD`). Its accuracy is recorded.
+  2019): a discriminator learns to tell the teachers' output distributions from the student's,
+  and through a reversed gradient (one backward pass, Ganin & Lempitsky 2015) the student learns
+  to make them indistinguishable, on top of its KD loss. Its accuracy on each batch is recorded.
 
 Inputs are named by manifest stage: `tasks[].data`, `tasks[].labels`, `tasks[].dev` must each be
 listed under the stage's `data`, `labels` and `dev` inputs. Rows and teacher logits are joined
 by id. Output: `files/student/` (weights, vocabulary, student.json with the task heads),
 `files/metrics.json` (per-task dev accuracy, steps per task, loss and discriminator curves).
-Not resumable: a crash retrains from the start (the stage runs in minutes at CPU scale).
+Training runs on the one training loop (`kd.training`): checkpoints every epoch, and a crash
+resumes to the same weights.
 """
 from __future__ import annotations
 
@@ -27,8 +28,10 @@ from typing import Any
 
 from pydantic import Field, model_validator
 
-from pipeline.devices import NumericsConfig, move, worker_device
-from pipeline.stage import InputRole, Problem, StageConfig, StageContext, TaskStage, throughput
+from pipeline.devices import NumericsConfig, worker_device
+from pipeline.hashing import hash_obj
+from pipeline.stage import (InputRole, Problem, StageConfig, StageContext, TaskStage, throughput,
+                            throughput_fields)
 
 
 class TaskSpec(StageConfig):
@@ -153,8 +156,11 @@ class TrainMultitaskStage(TaskStage):
         tasks = [load_task(spec, data=named("data", spec.data), labels=[named("labels", n) for n in spec.labels],
                            dev=named("dev", spec.dev) if spec.dev else None) for spec in cfg.tasks]
         device, _ = worker_device(self.numerics(), stage=ctx.stage_name)
-        result = train_multitask(cfg, tasks, seed=int(ctx.seed or 0), device=device, move=move)
+        semantic = cfg.model_dump(mode="json", exclude=throughput_fields(type(cfg)))
+        identity = hash_obj([semantic, ctx.seed, {role: [a.key for a in arts] for role, arts in ctx.inputs.items()}])
+        result = train_multitask(cfg, tasks, seed=int(ctx.seed or 0), device=device,
+                                 scratch=ctx.scratch_dir / "train", identity=identity)
         out = ctx.out_dir / "student"
         result.pop("save")(out)
         (ctx.out_dir / "metrics.json").write_text(json.dumps(result, indent=2, sort_keys=True) + "\n")
-        return {k: v for k, v in result.items() if k not in ("loss_curve", "discriminator_curve")}
+        return {k: v for k, v in result.items() if k not in ("loss_curve", "discriminator_curve", "history")}

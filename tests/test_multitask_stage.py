@@ -163,16 +163,19 @@ def test_inputs_named_by_tasks_must_be_given():
 
 def test_adversarial_imitation_drives_the_discriminator_towards_chance(tmp_path):
     """Teacher distributions are confident and the student's start near uniform, so the
-    discriminator first tells them apart; as the student imitates the teacher (KD plus the
-    fool-the-discriminator term) its accuracy falls back to chance."""
+    discriminator soon tells them apart; as the student imitates the teacher (KD plus the
+    reversed discriminator gradient) its accuracy falls back to chance."""
     sst = sentiment(160)
     _, metrics = _run(tmp_path, {"sst": (sst, sentiment(20, "d"), [logits_for(sst, invert=False)],
                                          {"gold_weight": 0.0})},
-                      epochs=8, adversarial={"task": "sst", "weight": 0.5, "lr": 1e-2})
-    first, last = metrics["discriminator_accuracy_first"], metrics["discriminator_accuracy_last"]
-    assert first >= 0.6  # the first 10% of the adversarial steps
-    assert abs(last - 0.5) <= 0.1 and abs(last - 0.5) < abs(first - 0.5)
-    assert len(metrics["discriminator_curve"]) == metrics["tasks"]["sst"]["steps"]
+                      epochs=8, adversarial={"task": "sst", "weight": 1.0, "lr": 3e-2})
+    curve = [accuracy for _, accuracy in metrics["discriminator_curve"]]
+    assert len(curve) == metrics["tasks"]["sst"]["steps"] == 160
+    windows = [sum(curve[i:i + 8]) / 8 for i in range(0, len(curve), 8)]
+    peak = max(windows[: len(windows) // 4])
+    last = metrics["discriminator_accuracy_last"]  # the last 10% of the steps
+    assert peak >= 0.8
+    assert abs(last - 0.5) <= 0.1 and last < peak - 0.3
     assert metrics["tasks"]["sst"]["dev_accuracy"] == 1.0
 
 
