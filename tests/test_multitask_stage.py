@@ -179,6 +179,23 @@ def test_adversarial_imitation_drives_the_discriminator_towards_chance(tmp_path)
     assert metrics["tasks"]["sst"]["dev_accuracy"] == 1.0
 
 
+def test_a_rerun_resumes_from_the_finished_checkpoint_to_the_same_weights(tmp_path):
+    """The loop is kd.training's: a second run of the same stage and scratch resumes (here from
+    the last epoch) and saves the same student, discriminator included in the checkpoint."""
+    from safetensors.torch import load_file
+
+    sst = sentiment(40)
+    tasks = {"sst": (sst, sentiment(10, "d"), [logits_for(sst, invert=False)], {"anneal": True})}
+    kwargs = dict(epochs=2, adversarial={"task": "sst", "weight": 0.5})
+    _, first = _run(tmp_path, tasks, **kwargs)
+    weights = load_file(str(tmp_path / "mt-out" / "files" / "student" / "model.safetensors"))
+    _, again = _run(tmp_path, tasks, **kwargs)
+    assert first["resumed_from"] is None and again["resumed_from"] == {"step": first["steps"], "epoch": 2}
+    resumed = load_file(str(tmp_path / "mt-out" / "files" / "student" / "model.safetensors"))
+    assert weights.keys() == resumed.keys() and all((weights[k] == resumed[k]).all() for k in weights)
+    assert again["tasks"] == first["tasks"]
+
+
 # --- the manifests ----------------------------------------------------------------------------
 
 REPO = __import__("pathlib").Path(__file__).resolve().parent.parent
