@@ -76,6 +76,8 @@ class TrainMultitaskConfig(NumericsConfig):
     lr: float = Field(2e-3, gt=0)
     temperature: float = Field(1.0, gt=0, description="of the teachers' soft targets and the soft loss")
     adversarial: AdversarialSpec | None = None
+    seed: int = Field(0, description="combined with the manifest seed: students of several seeds "
+                      "over teachers trained once")
     eval_batch_size: int = throughput(256, gt=0)
 
     @model_validator(mode="after")
@@ -158,7 +160,10 @@ class TrainMultitaskStage(TaskStage):
         device, _ = worker_device(self.numerics(), stage=ctx.stage_name)
         semantic = cfg.model_dump(mode="json", exclude=throughput_fields(type(cfg)))
         identity = hash_obj([semantic, ctx.seed, {role: [a.key for a in arts] for role, arts in ctx.inputs.items()}])
-        result = train_multitask(cfg, tasks, seed=int(ctx.seed or 0), device=device,
+        from kd.training import derive_seed
+
+        seed = derive_seed(int(ctx.seed or 0), cfg.seed) if cfg.seed else int(ctx.seed or 0)
+        result = train_multitask(cfg, tasks, seed=seed, device=device,
                                  scratch=ctx.scratch_dir / "train", identity=identity)
         out = ctx.out_dir / "student"
         result.pop("save")(out)
