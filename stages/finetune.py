@@ -165,7 +165,10 @@ class FinetuneStage(TaskStage):
         import torch
 
         cfg = self.config
-        source, _ = self.model_source()
+        # The copy the engine stored in the workdir (external_models): this node may have neither
+        # the driver's folder nor its HF cache. A local folder: no revision.
+        stored = ctx.model_dir("base model")
+        source = str(stored) if stored is not None else self.model_source()[0]
         data = ctx.input("data")
         names = resolve_label_names(cfg, data)
         train = load_examples(data, cfg, names)
@@ -181,8 +184,6 @@ class FinetuneStage(TaskStage):
         device, dtype = worker_device(self.numerics(), stage=ctx.stage_name)
         if not source:
             raise FileNotFoundError(f"base model {cfg.base_model!r} not found locally (see `kdpipe plan`)")
-        # The copy stored in the workdir (external_models), a local folder: no revision.
-        source = str(ctx.model_dir("base model") or source)
         kwargs = {"trust_remote_code": cfg.trust_remote_code}
         tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
         torch.manual_seed(seed)  # the fresh head's initialisation
