@@ -26,6 +26,7 @@ from typing import Any, Callable
 
 from pydantic import Field
 
+from kd.teachers import gold_indices
 from pipeline.artifact import write_json
 from pipeline.devices import NumericsConfig, autocast, worker_device
 from pipeline.hashing import hash_obj, hash_tree
@@ -230,7 +231,9 @@ def resolve_label_names(cfg: FinetuneConfig, data) -> list[str]:
     md = data.file_metadata().get("kdpipe.label_names")
     if md:
         return [str(n) for n in json.loads(md)]
-    values = set(data.read_table([cfg.label_column]).column(0).to_pylist())
+    values = {v for v in data.read_table([cfg.label_column]).column(0).to_pylist() if v is not None}
+    if values and all(isinstance(v, int) for v in values):  # integers are positions: 0..max
+        return [str(i) for i in range(max(values) + 1)]
     return [str(v) for v in sorted(values)]
 
 
@@ -238,22 +241,16 @@ def load_examples(art, cfg: FinetuneConfig, names: list[str]) -> dict[str, list]
     """Rows sorted by id (so shard order never matters), labels as indices into `names`."""
     cols = ["id", cfg.text_column, cfg.label_column] + ([cfg.text_pair_column] if cfg.text_pair_column else [])
     rows = sorted(art.read_table(cols).to_pylist(), key=lambda r: r["id"])
-    by_name = {n: i for i, n in enumerate(names)}
     md = art.file_metadata().get("kdpipe.label_names")
-    data_names = [str(n) for n in json.loads(md)] if md else None
-    labels = []
-    for r in rows:
-        value = r[cfg.label_column]
-        if isinstance(value, int) and data_names and 0 <= value < len(data_names):
-            value = data_names[value]  # the data's own order, which config.label_names may permute
-        if isinstance(value, int) and str(value) not in by_name:
-            index = value  # integer labels index label_names
-        else:
-            index = by_name.get(str(value), -1)
-        if not 0 <= index < len(names):
-            raise ValueError(f"{art.path}: row {r['id']} has label {value!r}, not one of {names} "
-                             "(fix config.label_names or the data)")
-        labels.append(index)
+    values = [r[cfg.label_column] for r in rows]
+    try:
+        labels = gold_indices(values, names, data_names=json.loads(md) if md else None)
+    except ValueError as e:
+        raise ValueError(f"{art.path}: {e} (fix config.label_names or the data)") from None
+    missing = [r["id"] for r, i in zip(rows, labels) if i < 0]
+    if missing:
+        raise ValueError(f"{art.path}: row {missing[0]} has no label ({len(missing)} rows); finetune needs "
+                         "every row labelled (fix the data or drop those rows)")
     return {"texts": [r[cfg.text_column] or "" for r in rows],
             "pairs": [r[cfg.text_pair_column] or "" for r in rows] if cfg.text_pair_column else None,
             "labels": labels}
