@@ -7,6 +7,7 @@ Ray Data shape: a callable class whose `setup` loads the model once per actor.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import time
@@ -17,6 +18,7 @@ from pipeline import storage
 from pipeline.artifact import MANIFEST, Artifact, MissingShard, file_checksums, write_alias, write_shard
 from pipeline.errors import KdpipeError, StageFailed
 from pipeline.graph import Graph
+from pipeline.model_store import store_model
 from pipeline.placement import PlacementError, timed_out, unplaceable
 from pipeline.plan import StagePlan
 from pipeline.stage import Stage, StageContext
@@ -173,7 +175,6 @@ def _run_task_impl(stage: Stage, ctx: StageContext, cwd: str) -> dict[str, Any]:
     With a remote workdir the stage works in a local folder of this worker: scratch/ is pulled
     from the store first (resume), mirrored back while the stage runs, and files/ is uploaded
     once it returns (before the driver writes manifest.json, which commits the artifact)."""
-    import dataclasses
     import shutil
 
     _enter_worker(cwd, ctx.num_cpus)
@@ -466,6 +467,9 @@ class Executor:
     def run_stage(self, plan: StagePlan, upstream_dirs: dict[str, Any]) -> dict[str, Any]:
         stage = plan.node.stage
         ctx = make_context(plan, self.graph, upstream_dirs)
+        # Workers load outside models from the workdir, never from the driver's paths or the hub.
+        ctx = dataclasses.replace(ctx, models={name: store_model(folder, ctx.workdir)
+                                               for name, folder in stage.external_models().items()})
         if not storage.is_remote(plan.art_dir):
             Path(plan.art_dir).mkdir(parents=True, exist_ok=True)
         provenance = _provenance(plan, self.graph)

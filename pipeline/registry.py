@@ -24,8 +24,10 @@ STAGES: dict[str, str] = {
     "train_seq2seq": "stages.train_seq2seq:TrainSeq2SeqStage",
     "agreement": "stages.agreement:AgreementStage",
     "lm_label": "stages.lm_label:LmLabelStage",
+    "lm_generate": "stages.lm_generate:LmGenerateStage",
     "train_lm": "stages.train_lm:TrainLmStage",
     "lm_teacher": "stages.lm_teacher:LmTeacherStage",
+    "chain_seq2seq": "stages.chain_seq2seq:ChainSeq2SeqStage",
 }
 
 

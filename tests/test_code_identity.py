@@ -139,6 +139,7 @@ def test_key_table_names_seed_use_and_documented_fingerprints():
         "augment", "finetune", "seq2seq_teacher", "train", "train_seq2seq", "lm_teacher", "train_lm"}
     assert rows["label"]["manifest seed"].startswith("when config.allow_new_head")
     assert rows["lm_label"]["manifest seed"].startswith("when mode: sampled")
+    assert rows["lm_generate"]["manifest seed"].startswith("when strategy: sample")
     assert all("undocumented" not in r["outside content"] for r in rows.values())
     assert "batch_size" in rows["label"]["left out (throughput)"] and "batch_size" not in rows["label"]["config fields"]
 

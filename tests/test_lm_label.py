@@ -82,6 +82,44 @@ def test_topk_rows_windows_and_narrow_dtypes(tmp_path, teacher):
     assert md["mode"] == "topk" and int(md["vocab_size"]) == vocab and int(md["model_vocab_size"]) > vocab
 
 
+@pytest.mark.parametrize("max_length,stride", [(2, 1), (8, 1), (8, 4), (8, 7), (9, 5), (32, 16), (32, 31)])
+def test_windows_predict_every_token_once_with_the_most_context(max_length, stride):
+    from kd.lm.text import windows
+
+    for n in range(1, 80):
+        wins = windows(n, max_length, stride)
+        predictor: dict[int, object] = {}
+        for w in wins:
+            assert 0 <= w.start < w.end <= n and w.end - w.start <= max_length
+            for pos in range(w.start + w.target_start, w.end - 1):  # positions whose next token is a target
+                assert pos + 1 not in predictor, (n, pos + 1)
+                predictor[pos + 1] = w
+        assert sorted(predictor) == list(range(1, n))  # token 0 (the start) has no prediction
+        starts = [w.start for w in wins]
+        assert starts == sorted(set(starts)) and all(b - a <= stride for a, b in zip(starts, starts[1:]))
+        for t, w in predictor.items():  # context of token t: the tokens before it in its window
+            assert t - w.start == max(t - v.start for v in wins if v.start < t < v.end)  # the most there is
+            assert t - w.start >= min(t, max_length - stride)  # at least max_length - stride past the first
+
+
+def test_every_window_of_a_long_document_holds_the_teachers_distribution_in_its_own_context(tmp_path, teacher):
+    from kd.lm.text import document_ids
+
+    stage, out = _label(tmp_path, teacher, mode="topk", k=4)
+    long_ids = document_ids(stage.tok, LONG)
+    rows = [r for r in out.to_pylist() if r["doc_id"] == "d1"]
+    predicted = []
+    for r in rows:
+        start = int(r["id"].split("#")[1]) * 16  # stride 16
+        start = min(start, len(long_ids) - 32)
+        assert r["input_ids"] == long_ids[start:start + len(r["input_ids"])]
+        logp = _teacher_logprobs(teacher, r["input_ids"])[r["target_start"]:]
+        np.testing.assert_allclose(np.array(r["topk_logprobs"], dtype=np.float64),
+                                   np.take_along_axis(logp, np.array(r["topk_ids"], dtype=np.int64), -1), atol=5e-3)
+        predicted += [start + p + 1 for p in range(r["target_start"], len(r["input_ids"]) - 1)]
+    assert predicted == list(range(1, len(long_ids)))
+
+
 def test_sampled_rows_are_seeded_and_counts_sum_to_k(tmp_path, teacher):
     stage, out = _label(tmp_path, teacher, mode="sampled", k=12, store_logprobs=True)
     again = stage.process(_docs(), make_context(tmp_path / "b", seed=3), shard_index=0)

@@ -11,17 +11,12 @@ from typing import Any
 
 import numpy as np
 
-
-def seeded(*parts: Any) -> int:
-    """A 63-bit seed from any parts, stable across processes."""
-    import hashlib
-
-    return int.from_bytes(hashlib.sha256(repr(parts).encode()).digest()[:8], "big") >> 1
+from kd.training import derive_seed
 
 
 def epoch_plan(shard_rows: list[int], batch_size: int, *, seed: int, epoch: int) -> list[tuple[int, list[int]]]:
     """[(shard index, row indices)] for one epoch."""
-    rng = random.Random(seeded(seed, "lm-batches", epoch))
+    rng = random.Random(derive_seed(seed, "lm-batches", epoch))
     shards = [i for i, n in enumerate(shard_rows) if n]
     rng.shuffle(shards)
     plan = []
@@ -41,8 +36,9 @@ class ShardBatches:
 
     def __init__(self, shard_paths: list, *, mode: str, k: int, temperature: float = 1.0):
         self.paths, self.mode, self.k, self.temperature = shard_paths, mode, k, temperature
-        self.columns = ["input_ids", "target_start"] + (
-            ["topk_ids", "topk_logprobs"] if mode == "topk" else ["sample_ids", "sample_counts"])
+        # mode "text" (lm_generate's completions): tokens only, learnt with cross-entropy.
+        self.columns = ["input_ids", "target_start"] + {
+            "topk": ["topk_ids", "topk_logprobs"], "sampled": ["sample_ids", "sample_counts"], "text": []}[mode]
         if mode == "sampled" and temperature != 1.0:
             self.columns.append("sample_logprobs")
         self._loaded: tuple[int, Any] = (-1, None)
@@ -62,7 +58,7 @@ class ShardBatches:
                           t["target_start"].to_numpy())
         if self.mode == "topk":
             out.update(topk_targets(t["topk_ids"], t["topk_logprobs"], self.k))
-        else:
+        elif self.mode == "sampled":
             logprobs = t["sample_logprobs"] if "sample_logprobs" in self.columns else None
             out.update(sampled_targets(t["sample_ids"], t["sample_counts"], logprobs, self.temperature))
         return out
