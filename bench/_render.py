@@ -156,11 +156,26 @@ def render_sst2_kd(r: dict[str, Any]) -> str:
 
 
 def render_multi30k_seqkd(r: dict[str, Any]) -> str:
-    out = [f"Teacher on {r['teacher_pairs']:,} pairs, students on {r['train_pairs']:,}, {r['test_rows']:,} test "
-           f"sentences{' (tiny models: a smoke run, not a result)' if r.get('tiny') else ''}.", "",
-           "| model | decode | params | BLEU | chrF | sentences/s |", "|---|---|---|---|---|---|"]
-    out += [f"| {m['name']} | {m['decode']} | {m['parameters']:,} | {m['bleu']:.2f} | {m['chrf']:.1f} | "
-            f"{_f(m['sentences_per_s'])} |" for m in r["models"]]
+    seeds = len(r.get("seeds") or [0])
+    out = [f"Teacher on {r['teacher_pairs']:,} pairs, students on {r['train_pairs']:,}; learning rate chosen per "
+           f"student from {', '.join(f'{lr:g}' for lr in r['lr_grid'])} by greedy BLEU on {r['val_rows']:,} "
+           f"validation sentences (seed 0), then {seeds} seed(s) at that rate; {r['test_rows']:,} test sentences; "
+           f"beam {r['beams']} (teacher checkpoint: {r['teacher_checkpoint_num_beams']}, labels: "
+           f"{r.get('label_num_beams')})"
+           f"{'; tiny models: a smoke run, not a result' if r.get('tiny') else ''}.", "",
+           "| model | decode | lr | params | BLEU (mean ± sd) | chrF (mean ± sd) | sentences/s | speed vs teacher beam |",
+           "|---|---|---|---|---|---|---|---|"]
+    for m in r["models"]:
+        lr = f"{m['lr']:g}" if "lr" in m else "-"
+        out.append(f"| {m['name']} | {m['decode']} | {lr} | {m['parameters']:,} | {m['bleu_mean']:.2f} ± "
+                   f"{m['bleu_sd']:.2f} | {m['chrf_mean']:.1f} ± {m['chrf_sd']:.1f} | "
+                   f"{_f(sorted(m['sentences_per_s'])[len(m['sentences_per_s']) // 2])} | "
+                   f"{m['speedup_vs_teacher_beam']:.1f}× |")
+    out += ["", "| student | " + " | ".join(f"val BLEU @ {lr:g}" for lr in r["lr_grid"]) + " | chosen |",
+            "|---|" + "---|" * (len(r["lr_grid"]) + 1)]
+    for name, scores in r["validation_bleu"].items():
+        out.append(f"| {name} | " + " | ".join(f"{scores[f'{lr:g}']:.2f}" for lr in r["lr_grid"]) +
+                   f" | {r['chosen_lr'][name]:g} |")
     return "\n".join(out)
 
 

@@ -19,6 +19,12 @@ Scale 1.0 (sized for about an hour on 2 CPU cores, not shared with other work):
     ~20 min, evaluation ~2 min.
 --scale is a fraction in (0, 1] of the training subset (the other settings stay); 0.02 is a smoke test.
 
+--variants adds students from the literature that try to close more of the gap, each trained on
+the same augmented transfer set and teacher labels as the KD+aug BiLSTM (VARIANTS below: KL at a
+temperature instead of MSE, a CNN, a small transformer, a sentencepiece vocabulary from the `spm`
+stage instead of words); --n-iter sets the augmentation samples per sentence. bench/sst2_frontier.py
+draws params vs accuracy vs sentences/s of every model from the --json output.
+
     .venv/bin/python bench/sst2_kd.py --scale 1 [--data ../shared/data/sst2] [--seeds 3] [--json out.json]
 """
 from __future__ import annotations
@@ -38,10 +44,24 @@ TEMPLATE = REPO / "manifests" / "sst2-tang.yaml"
 TRAIN_ROWS = 5000
 STUDENTS = {"student_kd_aug": "KD + augmentation", "student_kd": "KD, no augmentation", "student_nokd": "no KD"}
 GOALS = {"kd_aug_minus_nokd_points": 4.0, "gap_closed": 0.5, "speedup": 20.0}
+# name -> (label, config changes to the KD+aug BiLSTM). All train on `augment` with the same labels.
+VARIANTS: dict[str, tuple[str, dict]] = {
+    "kl_t2": ("BiLSTM, KL at T = 2 (Hinton)", {"losses": {"ce": 0.0, "mse": 0.0, "kl": 1.0}, "temperature": 2.0}),
+    "kl_t4": ("BiLSTM, KL at T = 4 (Hinton)", {"losses": {"ce": 0.0, "mse": 0.0, "kl": 1.0}, "temperature": 4.0}),
+    "cnn": ("CNN (Kim 2014), MSE", {"student": {"type": "cnn", "embedding_dim": 300, "num_filters": 100,
+                                                "filter_sizes": [3, 4, 5], "dropout": 0.1}}),
+    "transformer": ("transformer 2 x 128, MSE", {
+        "student": {"type": "transformer", "dropout": 0.1,
+                    "hf_config": {"model_type": "bert", "hidden_size": 128, "num_hidden_layers": 2,
+                                  "num_attention_heads": 2, "intermediate_size": 256, "max_position_embeddings": 128}},
+        "lr": 5.0e-4}),
+    "spm": ("BiLSTM, 8k sentencepiece vocabulary, MSE", {"tokenizer": {"kind": "spm", "lowercase": True}}),
+}
 
 
 def build_manifest(*, scale: float, data: str, seeds: list[int], n_iter: int, workdir: str,
-                   teacher_epochs: int, kd_aug_epochs: int, student_epochs: int) -> dict:
+                   teacher_epochs: int, kd_aug_epochs: int, student_epochs: int,
+                   variants: list[str] = (), variant_seeds: list[int] | None = None) -> dict:
     raw = yaml.safe_load(TEMPLATE.read_text(encoding="utf-8"))  # anchors are expanded here
     rows = max(40, round(TRAIN_ROWS * scale))
     raw["name"] = f"sst2-kd-bench-{rows}"
@@ -60,6 +80,19 @@ def build_manifest(*, scale: float, data: str, seeds: list[int], n_iter: int, wo
             spec["config"].update(seed=seed, epochs=kd_aug_epochs if name == "student_kd_aug" else student_epochs)
             out.append(spec)
             models.append(spec["name"])
+    if "spm" in variants:
+        out.append({"name": "spm", "type": "spm", "inputs": {"data": "augment"}, "config": {"vocab_size": 8000}})
+    for variant in variants:
+        for seed in seeds if variant_seeds is None else variant_seeds:
+            spec = copy.deepcopy(stages["student_kd_aug"])
+            spec["name"] = f"variant_{variant}_seed{seed}"
+            changes = copy.deepcopy(VARIANTS[variant][1])
+            spec["config"]["losses"] = changes.pop("losses", spec["config"]["losses"])
+            spec["config"].update(changes, seed=seed, epochs=kd_aug_epochs)
+            if variant == "spm":
+                spec["inputs"] = {**spec["inputs"], "tokenizer": "spm"}
+            out.append(spec)
+            models.append(spec["name"])
     evaluate = copy.deepcopy(stages["evaluate"])
     evaluate["inputs"]["models"] = models
     evaluate["config"]["speed_rows"] = 512
@@ -72,13 +105,16 @@ def mean_std(values: list[float]) -> tuple[float, float]:
     return statistics.mean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
 
 
-def summarize(metrics: dict, seeds: list[int]) -> dict:
+def summarize(metrics: dict, seeds: list[int], variants: list[str] = (), variant_seeds: list[int] | None = None) -> dict:
+    """Mean/std per student over seeds; gap closure of KD+aug and of each variant against no-KD."""
     by_name = {m["name"]: m for m in metrics["models"]}
     teacher = by_name["teacher"]
     out = {"teacher": {"accuracy": teacher["metrics"]["accuracy"], "parameters": teacher["parameters"],
                        "sentences_per_s": teacher["sentences_per_s"]}}
-    for name in STUDENTS:
-        runs = [by_name[f"{name}_seed{s}"] for s in seeds]
+    names = [(name, seeds) for name in STUDENTS]
+    names += [(f"variant_{v}", seeds if variant_seeds is None else variant_seeds) for v in variants]
+    for name, name_seeds in names:
+        runs = [by_name[f"{name}_seed{s}"] for s in name_seeds]
         acc = mean_std([r["metrics"]["accuracy"] for r in runs])
         out[name] = {"accuracy_mean": acc[0], "accuracy_std": acc[1],
                      "accuracies": [r["metrics"]["accuracy"] for r in runs], "parameters": runs[0]["parameters"],
@@ -89,6 +125,10 @@ def summarize(metrics: dict, seeds: list[int]) -> dict:
     out["kd_aug_minus_nokd_points"] = 100 * (kd_aug - nokd)
     out["gap_closed"] = (kd_aug - nokd) / gap if gap > 0 else None
     out["kd_minus_nokd_points"] = 100 * (out["student_kd"]["accuracy_mean"] - nokd)
+    for v in variants:
+        acc = out[f"variant_{v}"]["accuracy_mean"]
+        out[f"variant_{v}"]["label"] = VARIANTS[v][0]
+        out[f"variant_{v}"]["gap_closed"] = (acc - nokd) / gap if gap > 0 else None
     return out
 
 
@@ -104,6 +144,11 @@ def report(res: dict, *, rows: int, dev_rows: int, seeds: list[int], args, secon
         s = res[name]
         lines.append(f"{label:<22} {100 * s['accuracy_mean']:>8.2f} +- {100 * s['accuracy_std']:<5.2f} "
                      f"{s['parameters']:>12,} {s['sentences_per_s']:>9.1f} {s['speedup']:>8.1f}x")
+    for key in (k for k in res if k.startswith("variant_")):
+        s = res[key]
+        gap = "n/a" if s["gap_closed"] is None else f"{100 * s['gap_closed']:.0f}%"
+        lines.append(f"{s['label']:<42} {100 * s['accuracy_mean']:>8.2f} +- {100 * s['accuracy_std']:<5.2f} "
+                     f"{s['parameters']:>12,} {s['sentences_per_s']:>9.1f} {s['speedup']:>8.1f}x  gap closed {gap}")
     gap = res["gap_closed"]
     checks = [("KD+aug - no-KD (points)", res["kd_aug_minus_nokd_points"], GOALS["kd_aug_minus_nokd_points"]),
               ("share of the gap closed", gap, GOALS["gap_closed"]),
@@ -131,7 +176,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--kd-aug-epochs", type=int, default=4)
     p.add_argument("--student-epochs", type=int, default=10)
     p.add_argument("--workdir", default=str(REPO / "out" / "sst2_kd"))
+    p.add_argument("--variants", default="", help="comma-separated extra students: " + ", ".join(VARIANTS))
+    p.add_argument("--variant-seeds", type=int, default=None, help="seeds per variant (default: --seeds)")
     args = p.parse_args(argv)
+    variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+    unknown = [v for v in variants if v not in VARIANTS]
+    if unknown:
+        p.error(f"unknown variant(s) {unknown}; known: {', '.join(VARIANTS)}")
     if not (Path(args.data) / "train.tsv").is_file():
         p.error(f"{args.data}/train.tsv not found; pass --data <folder with the GLUE SST-2 TSVs>")
     from pipeline.graph import build_graph
@@ -139,9 +190,10 @@ def main(argv: list[str] | None = None) -> int:
     from pipeline.runner import run_graph
 
     seeds = list(range(args.seeds))
+    variant_seeds = None if args.variant_seeds is None else list(range(args.variant_seeds))
     raw = build_manifest(scale=args.scale, data=args.data, seeds=seeds, n_iter=args.n_iter, workdir=args.workdir,
                          teacher_epochs=args.teacher_epochs, kd_aug_epochs=args.kd_aug_epochs,
-                         student_epochs=args.student_epochs)
+                         student_epochs=args.student_epochs, variants=variants, variant_seeds=variant_seeds)
     rows = raw["stages"][0]["config"]["limit"]
     start = time.perf_counter()
     summary = run_graph(build_graph(parse_manifest(raw, source=f"{TEMPLATE} (scaled)")), progress=False)
@@ -150,12 +202,13 @@ def main(argv: list[str] | None = None) -> int:
     from pipeline.artifact import Artifact
 
     metrics = json.loads((Artifact(stages["evaluate"]["path"]).files_dir / "metrics.json").read_text())
-    res = summarize(metrics, seeds)
+    res = summarize(metrics, seeds, variants, variant_seeds)
     stage_seconds = {n: s["seconds"] for n, s in stages.items() if s["seconds"] >= 1}
     print()
     print(report(res, rows=rows, dev_rows=metrics["rows"], seeds=seeds, args=args, seconds=seconds,
                  stage_seconds=stage_seconds))
     write_json(args.json, {"bench": "sst2_kd", "scale": args.scale, "rows": rows, "seeds": seeds,
+                           "variants": variants, "variant_seeds": variant_seeds if variant_seeds is not None else seeds,
                            "n_iter": args.n_iter, "seconds": round(seconds, 1), "stage_seconds": stage_seconds,
                            "dev_rows": metrics["rows"], "results": res})
     return 0

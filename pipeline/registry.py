@@ -27,6 +27,7 @@ STAGES: dict[str, str] = {
     "lm_generate": "stages.lm_generate:LmGenerateStage",
     "train_lm": "stages.train_lm:TrainLmStage",
     "lm_teacher": "stages.lm_teacher:LmTeacherStage",
+    "chain_seq2seq": "stages.chain_seq2seq:ChainSeq2SeqStage",
 }
 
 

@@ -8,7 +8,9 @@ gets a `_<teacher>` suffix, so one labeling serves any later mean/weighted combi
   the logits of each word's first sub-token (NaN for words cut off by max_length)
 * seq2seq: n-best `hyp_text`, `hyp_ids` (EOS kept, decoder start dropped), `hyp_scores`
   (generate's length-penalised sequence scores); with `topk: k`, the teacher's top-k next-token
-  log-probs along the best hypothesis (`topk_ids` int32, `topk_logprobs` float16)
+  log-probs along the best hypothesis (`topk_ids` int32, `topk_logprobs` float16); with
+  `reference_column` as well, the gold target's ids (`ref_ids`) and the teacher's top-k along the
+  gold prefixes (`ref_topk_ids`, `ref_topk_logprobs`): Kim & Rush's word-level KD
 
 Speed: each shard is tokenized once, sorted by length and cut into batches by a padded-token
 budget; one model per Ray actor; output rows come back in input order.
@@ -16,6 +18,7 @@ budget; one model per Ray actor; output rows come back in input order.
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import Field, model_validator
@@ -51,6 +54,9 @@ class LabelConfig(NumericsConfig):
     length_penalty: float = 1.0
     max_new_tokens: int = Field(64, gt=0)
     topk: int = Field(0, ge=0, description="seq2seq word-level KD targets per position; 0 = off")
+    reference_column: str | None = Field(
+        None, description="seq2seq with topk: also the teacher's top-k along this gold target column, "
+        "teacher-forced on the gold prefixes (ref_ids, ref_topk_ids, ref_topk_logprobs)")
     token_budget: int = throughput(8192, gt=0, description="padded tokens per batch")
     batch_size: int = throughput(256, gt=0, description="most rows per batch")
     concurrency: int | None = throughput(None, gt=0, description="actors (one model each)")
@@ -71,6 +77,9 @@ class LabelConfig(NumericsConfig):
             raise ValueError("temperature and text_pair_column apply to task: classification only")
         if self.task != "seq2seq" and self.topk:
             raise ValueError("topk applies to task: seq2seq only")
+        if self.reference_column is not None and not (self.task == "seq2seq" and self.topk):
+            raise ValueError("reference_column stores top-k along the gold target: it needs task: seq2seq "
+                             "and topk > 0")
         if self.task == "seq2seq" and self.label_map:
             raise ValueError("label_map applies to classification and token_classification only")
         if self.task != "token_classification" and self.words_column:
@@ -83,6 +92,7 @@ class LabelConfig(NumericsConfig):
         return list(self.teachers or [])
 
 
+REFERENCE_COLUMNS = ("ref_ids", "ref_topk_ids", "ref_topk_logprobs")
 TASK_COLUMNS = {"classification": ["logits"], "token_classification": ["token_logits"],
                 "seq2seq": ["hyp_text", "hyp_ids", "hyp_scores"]}
 
@@ -166,7 +176,7 @@ class LabelStage(MapStage):
         for columns in input_columns.get("data") or []:
             if columns is None:
                 continue
-            for field in ("text_column", "text_pair_column", "words_column"):
+            for field in ("text_column", "text_pair_column", "words_column", "reference_column"):
                 col = getattr(cfg, field)
                 if col is not None and col not in columns:
                     problems.append(Problem(f"config.{field}", f"column {col!r} not in the input; it has: "
@@ -201,6 +211,8 @@ class LabelStage(MapStage):
             base.append("probs")
         if cfg.topk:
             base += ["topk_ids", "topk_logprobs"]
+        if cfg.reference_column:
+            base += list(REFERENCE_COLUMNS)
         cols = ["id"] + (["words"] if cfg.task == "token_classification" else [])
         return cols + [c + _suffix(n, len(names)) for n in names for c in base]
 
@@ -216,29 +228,41 @@ class LabelStage(MapStage):
             out["teacher input names"] = json.dumps(names)
         return out
 
+    def external_models(self) -> dict[str, Path]:
+        """Teachers given by path, `pkg:` folder or pinned hub id (resolved on the driver)."""
+        out = {}
+        for spec in self.config.teacher_specs():
+            local = resolve_teacher(spec.path, spec.revision)
+            if local is None:
+                raise FileNotFoundError(f"teacher {spec.path!r} not found locally or in the HF cache")
+            out[f"teacher {spec.name}"] = local
+        return out
+
     # --- worker ---------------------------------------------------------------------------
     def setup(self, ctx: StageContext) -> None:
         quiet_transformers()
         cfg = self.config
         # As planned (num_gpus > 0 -> CUDA), or DeviceUnavailable naming this node.
         self.device, self.dtype = worker_device(self.numerics(), stage=ctx.stage_name)
-        sources: list[tuple[str, Any, str | None]] = []
+        # Teachers by path or hub id load from the copy the engine stored in the workdir; fine-tuned
+        # teachers from their artifact: on every node, through the storage layer.
+        sources: list[tuple[str, Any]] = []
         for spec in cfg.teacher_specs():
-            local = resolve_teacher(spec.path, spec.revision)
-            if local is None:
-                raise FileNotFoundError(f"teacher {spec.path!r} not found locally or in the HF cache")
-            sources.append((spec.name, local, spec.revision))
+            local = ctx.model_dir(f"teacher {spec.name}") or resolve_teacher(spec.path, spec.revision)
+            sources.append((spec.name, local))
         arts = ctx.inputs.get("teacher") or []
         names = self.input_teacher_names() or [_recorded_name(art, i) for i, art in enumerate(arts)]
         if len(set(names)) != len(names):
             raise ValueError(f"teacher inputs {names} would write the same columns; give each teacher once")
         for name, art in zip(names, arts):
-            sources.append((name, art.files_dir / "model", None))
+            sources.append((name, art.files_dir / "model"))
         self.teachers = []
-        for name, local, revision in sources:
+        for name, local in sources:
+            if local is None:
+                raise FileNotFoundError(f"teacher {name!r} not found locally or in the HF cache")
             # A seeded new head: every actor (and every rerun) builds the same one.
             seed = int(hash_obj([ctx.seed, name])[:8], 16) if cfg.allow_new_head else None
-            model, tok = load_teacher(local, task=cfg.task, device=self.device, dtype=self.dtype, revision=revision,
+            model, tok = load_teacher(local, task=cfg.task, device=self.device, dtype=self.dtype,
                                       trust_remote_code=cfg.trust_remote_code, head_seed=seed)
             self.teachers.append((name, model, tok))
         self.label_names = None
@@ -283,7 +307,7 @@ class LabelStage(MapStage):
         else:
             md.update(num_beams=str(cfg.num_beams), num_return_sequences=str(cfg.num_return_sequences),
                       length_penalty=str(cfg.length_penalty), max_new_tokens=str(cfg.max_new_tokens),
-                      topk=str(cfg.topk))
+                      topk=str(cfg.topk), reference_column=json.dumps(cfg.reference_column))
         return md
 
     def process(self, table, ctx: StageContext, *, shard_index: int):
@@ -307,7 +331,8 @@ class LabelStage(MapStage):
                 elif cfg.task == "token_classification":
                     out = tag_words(model, tok, words, cfg=cfg, device=self.device, order=self.orders.get(name))
                 else:
-                    out = translate(model, tok, texts, cfg=cfg, device=self.device)
+                    refs = _strings(table, cfg.reference_column) if cfg.reference_column else None
+                    out = translate(model, tok, texts, cfg=cfg, device=self.device, references=refs)
             suffix = _suffix(name, len(self.teachers))
             columns.update({col + suffix: arr for col, arr in out.items()})
         return pa.table(columns)
@@ -473,9 +498,11 @@ def _hypothesis(seq: list[int], *, start_id: int | None, eos_id: int | None) -> 
     return ids
 
 
-def translate(model, tok, texts: list[str], *, cfg: LabelConfig, device: str) -> dict[str, Any]:
+def translate(model, tok, texts: list[str], *, cfg: LabelConfig, device: str,
+              references: list[str] | None = None) -> dict[str, Any]:
     """Beam search n-best (`generate` with the checkpoint's generation config plus ours), and
-    optionally top-k log-probs of the teacher forced along its best hypothesis."""
+    optionally top-k log-probs of the teacher forced along its best hypothesis and along the
+    gold `references` (tokenized as the students tokenize targets: EOS kept, max_new_tokens)."""
     import numpy as np
     import pyarrow as pa
     import torch
@@ -500,6 +527,8 @@ def translate(model, tok, texts: list[str], *, cfg: LabelConfig, device: str) ->
     hyp_scores: list[list[float]] = [[] for _ in texts]
     top_ids = [np.zeros((0, k), np.int32) for _ in texts]
     top_lp = [np.zeros((0, k), np.float32) for _ in texts]
+    ref_ids = reference_ids(tok, references, cfg.max_new_tokens) if references is not None else None
+    ref_top_ids, ref_top_lp = list(top_ids), list(top_lp)
     batches = length_batches(lengths, token_budget=cfg.token_budget, batch_size=cfg.batch_size,
                              extra_per_row=cfg.max_new_tokens, rows_factor=cfg.num_beams)
     with torch.inference_mode():
@@ -523,6 +552,11 @@ def translate(model, tok, texts: list[str], *, cfg: LabelConfig, device: str) ->
                 ids, lps = _teacher_forced_topk(model, batch, best, k=k, start_id=start_id, pad_id=pad_id)
                 for r, i in enumerate(rows):
                     top_ids[i], top_lp[i] = ids[r], lps[r]
+            if ref_ids is not None:
+                ids, lps = _teacher_forced_topk(model, batch, [ref_ids[i] for i in rows], k=k, start_id=start_id,
+                                                pad_id=pad_id)
+                for r, i in enumerate(rows):
+                    ref_top_ids[i], ref_top_lp[i] = ids[r], lps[r]
     texts_out = [tok.batch_decode(h, skip_special_tokens=True) if h else [] for h in hyp_ids]
     cols = {"hyp_text": pa.array(texts_out, pa.list_(pa.string())),
             "hyp_ids": pa.array(hyp_ids, pa.list_(pa.list_(pa.int32()))),
@@ -530,7 +564,19 @@ def translate(model, tok, texts: list[str], *, cfg: LabelConfig, device: str) ->
     if k:
         cols["topk_ids"] = _ragged_fixed(top_ids, k, "int32")
         cols["topk_logprobs"] = _ragged_fixed(top_lp, k, "float16")
+    if ref_ids is not None:
+        cols["ref_ids"] = pa.array(ref_ids, pa.list_(pa.int32()))
+        cols["ref_topk_ids"] = _ragged_fixed(ref_top_ids, k, "int32")
+        cols["ref_topk_logprobs"] = _ragged_fixed(ref_top_lp, k, "float16")
     return cols
+
+
+def reference_ids(tok, texts: list[str], max_tokens: int) -> list[list[int]]:
+    """Gold targets as the students encode theirs (kd.seq2seq.encode: EOS kept, at most
+    max_tokens), so the stored top-k lines up with the student's own teacher-forced positions."""
+    from kd.seq2seq import encode
+
+    return encode(tok, texts, max_tokens) if texts else []
 
 
 def _teacher_forced_topk(model, batch: dict[str, Any], targets: list[list[int]], *, k: int, start_id: int,

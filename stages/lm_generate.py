@@ -15,12 +15,13 @@ crash draws the same completions, whatever the batching. Ids past the tokenizer'
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
 from kd.lm.teacher import teacher_vocab_facts
-from kd.teachers import quiet_transformers, teacher_fingerprint
+from kd.teachers import quiet_transformers, resolve_teacher, teacher_fingerprint
 from pipeline.devices import NumericsConfig, worker_device
 from pipeline.stage import Facts, InputRole, MapStage, Problem, StageContext, throughput
 
@@ -93,6 +94,17 @@ class LmGenerateStage(MapStage):
         """The teacher's files (weights, config, tokenizer), or its hub id + revision, when given by path."""
         cfg = self.config
         return {"teacher": teacher_fingerprint(cfg.teacher, cfg.revision)} if cfg.teacher else {}
+
+    def external_models(self) -> dict[str, Path]:
+        """The teacher, when given by path, `pkg:` folder or pinned hub id: stored once in the
+        workdir, and workers load that copy."""
+        cfg = self.config
+        if cfg.teacher is None:
+            return {}
+        local = resolve_teacher(cfg.teacher, cfg.revision)
+        if local is None:
+            raise FileNotFoundError(f"teacher {cfg.teacher!r} not found locally or in the HF cache")
+        return {"teacher": local}
 
     def setup(self, ctx: StageContext) -> None:
         from kd.lm.teacher import load_causal_lm, teacher_dir

@@ -18,6 +18,7 @@ next token predicted once, with the most context):
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import Field, model_validator
@@ -25,7 +26,7 @@ from pydantic import Field, model_validator
 from pipeline.devices import NumericsConfig, worker_device
 from pipeline.stage import Facts, InputRole, MapStage, Problem, StageContext, throughput
 from kd.lm.teacher import teacher_vocab_facts
-from kd.teachers import length_batches, quiet_transformers, teacher_fingerprint
+from kd.teachers import length_batches, quiet_transformers, resolve_teacher, teacher_fingerprint
 
 DIST_COLUMNS = {"topk": ["topk_ids", "topk_logprobs", "log_normalizer"], "sampled": ["sample_ids", "sample_counts"]}
 
@@ -104,6 +105,16 @@ class LmLabelStage(MapStage):
         cfg = self.config
         return {"teacher": teacher_fingerprint(cfg.teacher, cfg.revision)} if cfg.teacher else {}
 
+    def external_models(self) -> dict[str, Path]:
+        """The teacher, when given by path, `pkg:` folder or pinned hub id."""
+        cfg = self.config
+        if cfg.teacher is None:
+            return {}
+        local = resolve_teacher(cfg.teacher, cfg.revision)
+        if local is None:
+            raise FileNotFoundError(f"teacher {cfg.teacher!r} not found locally or in the HF cache")
+        return {"teacher": local}
+
     # --- worker ---------------------------------------------------------------------------
     def setup(self, ctx: StageContext) -> None:
         from kd.lm.codecs import CodecSpec
@@ -116,7 +127,7 @@ class LmLabelStage(MapStage):
         self.device, dtype = worker_device(self.numerics(), stage=ctx.stage_name)
         local = teacher_dir(cfg, ctx)
         self.model, self.tok = load_causal_lm(local, device=self.device, dtype=dtype,
-                                              revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
+                                              trust_remote_code=cfg.trust_remote_code)
         self.spec = CodecSpec(mode=cfg.mode, vocab_size=len(self.tok), k=cfg.k, value_dtype=cfg.value_dtype,
                               store_logprobs=cfg.store_logprobs)
         self.vocab_digest = vocab_digest(self.tok)

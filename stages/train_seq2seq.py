@@ -1,23 +1,27 @@
-"""`train_seq2seq`: a small encoder-decoder student (BART layout by default) trained on one of four targets.
+"""`train_seq2seq`: a small encoder-decoder student (BART layout by default) trained on one of five targets.
 
-    reference  the corpus' own target column (the baseline)
-    seqkd      sequence-level KD: the teacher's top beam hypothesis (Kim & Rush 2016)
-    seqinter   the n-best hypothesis closest to the reference by sentence BLEU (sacrebleu)
-    wordkd     word-level KD along the teacher's top hypothesis: (1 - kd_alpha) * NLL of the
-               hypothesis + kd_alpha * cross-entropy against the stored top-k distributions
-               (renormalised over the k tokens). The label stage records top-k for the top
-               hypothesis' positions, so the student is teacher-forced on that sequence.
+    reference      the corpus' own target column (the baseline)
+    seqkd          sequence-level KD: the teacher's top beam hypothesis (Kim & Rush 2016)
+    seqinter       the n-best hypothesis closest to the reference by sentence BLEU (sacrebleu)
+    wordkd         word-level KD as Kim & Rush define it: teacher-forced on the *gold* target,
+                   (1 - kd_alpha) * NLL of the reference + kd_alpha * cross-entropy against the
+                   teacher's top-k distributions given the gold prefixes (renormalised over the k
+                   tokens; the label stage's `reference_column` stores them as ref_topk_*).
+    seqkd_wordkd   Seq-KD + Word-KD: the same loss along the teacher's top hypothesis instead
+                   (its top-k at the hypothesis' own positions, topk_*).
 
 Inputs: `data` (id, source and reference columns), `labels` (the label stage's seq2seq table:
-hyp_text, hyp_ids, hyp_scores, topk_ids, topk_logprobs; joined by id), `teacher` (its files
-artifact: the student reuses the teacher's tokenizer, required for wordkd since the top-k ids
-index the teacher's vocabulary). Without `teacher`, a sentencepiece model is trained on the data.
+hyp_text, hyp_ids, hyp_scores, topk_ids, topk_logprobs, ref_ids, ref_topk_*; joined by id),
+`teacher` (its files artifact: the student reuses the teacher's tokenizer, required for the
+word-level targets since the top-k ids index the teacher's vocabulary). Without `teacher`, a
+sentencepiece model is trained on the data.
 
 Output `files/student/` (HF checkpoint + tokenizer + student.json, loaded by
 `kd.students.seq2seq`), `files/metrics.json`, `files/curves.png`.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import json
@@ -27,14 +31,17 @@ from typing import Any, Literal
 from pydantic import Field
 
 from kd.seq2seq import (SPM_NAME, ModelDims, TrainSchedule, build_model, check_columns, encode, fit,
-                        load_spm_tokenizer, read_pairs, save_checkpoint, seeded, source_reliance, token_loss,
+                        load_spm_tokenizer, read_pairs, save_checkpoint, source_reliance, token_loss,
                         train_sentencepiece)
 from pipeline.stage import InputRole, Problem, StageContext, TaskStage, throughput
+from kd.training import derive_seed
 from pipeline.devices import NumericsConfig, worker_device
 
-Target = Literal["reference", "seqkd", "seqinter", "wordkd"]
+Target = Literal["reference", "seqkd", "seqinter", "wordkd", "seqkd_wordkd"]
 LABEL_COLUMNS = {"reference": [], "seqkd": ["hyp_text", "hyp_ids"], "seqinter": ["hyp_text", "hyp_ids"],
-                 "wordkd": ["hyp_ids", "topk_ids", "topk_logprobs"]}
+                 "wordkd": ["ref_ids", "ref_topk_ids", "ref_topk_logprobs"],
+                 "seqkd_wordkd": ["hyp_ids", "topk_ids", "topk_logprobs"]}
+WORD_LEVEL = ("wordkd", "seqkd_wordkd")
 
 
 class TrainSeq2SeqConfig(NumericsConfig):
@@ -44,9 +51,11 @@ class TrainSeq2SeqConfig(NumericsConfig):
     vocab_size: int = Field(1000, gt=10, description="own sentencepiece size when no teacher input")
     model: ModelDims = Field(default_factory=ModelDims)
     train: TrainSchedule = Field(default_factory=TrainSchedule)
-    kd_alpha: float = Field(0.5, ge=0, le=1, description="wordkd: weight of the top-k term")
+    kd_alpha: float = Field(0.5, ge=0, le=1, description="wordkd, seqkd_wordkd: weight of the top-k term")
     num_beams: int = Field(4, gt=0, description="default beam width stored in generation_config")
     checkpoint_every: int = throughput(200, gt=0)
+    seed: int = Field(0, ge=0, description="a run seed beside the manifest's (0: the manifest's seed alone), "
+                      "for several seeds of one student in one manifest")
 
 
 # --- targets ----------------------------------------------------------------------------------
@@ -87,6 +96,15 @@ def join_labels(pairs: list[dict[str, Any]], labels, columns: list[str]) -> list
     return [{**p, "label": by_id[p["id"]]} for p in pairs]
 
 
+def target_texts(pairs: list[dict[str, Any]]) -> list[str]:
+    """The target-language side a student's own sentencepiece must cover: references, and the
+    teacher's hypotheses when labels are joined (Seq-KD pairs carry no reference; a vocabulary
+    trained on the sources alone turns target-only characters into <unk>)."""
+    texts = [p["tgt"] for p in pairs if p["tgt"]]
+    texts += [h for p in pairs if "label" in p for h in p["label"].get("hyp_text") or []]
+    return texts
+
+
 def build_examples(pairs: list[dict[str, Any]], tok, cfg: TrainSeq2SeqConfig, *,
                    teacher_vocab: bool) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """Training examples {src, tgt[, topk_ids, topk_logprobs]} for the configured target."""
@@ -96,6 +114,15 @@ def build_examples(pairs: list[dict[str, Any]], tok, cfg: TrainSeq2SeqConfig, *,
     if mode == "reference":
         tgt = encode(tok, [p["tgt"] for p in pairs], sched.max_target_tokens)
         return [{"src": s, "tgt": t} for s, t in zip(src, tgt)], stats
+    if mode == "wordkd":  # the gold target, as the label stage encoded it for the teacher
+        examples = []
+        for s, p in zip(src, pairs):
+            label = p["label"]
+            n = min(sched.max_target_tokens, len(label["ref_ids"]), len(label["ref_topk_ids"]))
+            examples.append({"src": s, "tgt": list(label["ref_ids"][:n]), "topk_ids": label["ref_topk_ids"][:n],
+                             "topk_logprobs": label["ref_topk_logprobs"][:n]})
+        _check_ids(tok, [ex["tgt"] for ex in examples], "gold target")
+        return examples, stats
     chosen = [0] * len(pairs)
     if mode == "seqinter":
         chosen = [closest_hypothesis(p["label"]["hyp_text"], p["tgt"]) for p in pairs]
@@ -104,20 +131,24 @@ def build_examples(pairs: list[dict[str, Any]], tok, cfg: TrainSeq2SeqConfig, *,
         special = dict(start_id=tok.pad_token_id, pad_id=tok.pad_token_id, eos_id=tok.eos_token_id)
         tgt = [clean_hypothesis(p["label"]["hyp_ids"][c], **special)[: sched.max_target_tokens]
                for p, c in zip(pairs, chosen)]
-        too_big = max(max(t) for t in tgt)
-        if too_big >= len(tok):
-            raise ValueError(f"hypothesis token id {too_big} is outside the teacher tokenizer "
-                             f"({len(tok)} tokens): the labels come from another teacher")
+        _check_ids(tok, tgt, "hypothesis")
     else:
         tgt = encode(tok, [p["label"]["hyp_text"][c] for p, c in zip(pairs, chosen)], sched.max_target_tokens)
     examples = [{"src": s, "tgt": t} for s, t in zip(src, tgt)]
-    if mode == "wordkd":
+    if mode == "seqkd_wordkd":
         for ex, p in zip(examples, pairs):
             n = min(len(ex["tgt"]), len(p["label"]["topk_ids"]))
             ex["tgt"] = ex["tgt"][:n]
             ex["topk_ids"] = p["label"]["topk_ids"][:n]
             ex["topk_logprobs"] = p["label"]["topk_logprobs"][:n]
     return examples, stats
+
+
+def _check_ids(tok, targets: list[list[int]], what: str) -> None:
+    too_big = max((max(t) for t in targets if t), default=-1)
+    if too_big >= len(tok):
+        raise ValueError(f"{what} token id {too_big} is outside the teacher tokenizer "
+                         f"({len(tok)} tokens): the labels come from another teacher")
 
 
 def word_kd_loss(model, batch: list[dict[str, Any]], schedule: TrainSchedule, alpha: float):
@@ -179,11 +210,12 @@ class TrainSeq2SeqStage(TaskStage):
         for cols in input_columns.get("labels", []):
             missing = [c for c in needs if cols is not None and c not in cols]
             if missing:
-                hint = " (set `topk:` in the label stage)" if "topk_ids" in missing else ""
+                hint = (" (set `topk:` and `reference_column:` in the label stage)" if "ref_topk_ids" in missing
+                        else " (set `topk:` in the label stage)" if "topk_ids" in missing else "")
                 problems.append(Problem("inputs.labels", f"labels lack column(s) {', '.join(missing)} "
                                         f"needed by target {cfg.target!r}{hint}"))
-        if cfg.target == "wordkd" and "teacher" not in input_columns:
-            problems.append(Problem("inputs", "target 'wordkd' compares distributions over the teacher's "
+        if cfg.target in WORD_LEVEL and "teacher" not in input_columns:
+            problems.append(Problem("inputs", f"target {cfg.target!r} compares distributions over the teacher's "
                                     "vocabulary: add `teacher: <teacher stage>` so the student shares it"))
         if cfg.model.d_model % cfg.model.num_heads:
             problems.append(Problem("config.model.num_heads", f"d_model {cfg.model.d_model} must be "
@@ -204,7 +236,7 @@ class TrainSeq2SeqStage(TaskStage):
                 spm_dir.mkdir(parents=True, exist_ok=True)
                 shutil.copy(source, spm_dir / f"{SPM_NAME}.model")
             else:
-                texts = [p["src"] for p in pairs] + [p["tgt"] for p in pairs]
+                texts = [p["src"] for p in pairs] + target_texts(pairs)
                 train_sentencepiece(texts, spm_dir, self.config.vocab_size, seed=ctx.seed)
         tok = load_spm_tokenizer(spm_dir)
         if teacher is not None:
@@ -217,6 +249,8 @@ class TrainSeq2SeqStage(TaskStage):
 
     def run(self, ctx: StageContext) -> dict[str, Any]:
         cfg = self.config
+        if cfg.seed:  # initialisation, batch order and dropout all follow ctx.seed
+            ctx = dataclasses.replace(ctx, seed=seeded(ctx.seed, "run-seed", cfg.seed) % 2**31)  # spm wants 32 bits
         has_teacher = ctx.optional_input("teacher") is not None
         if cfg.target in ("reference", "seqinter"):
             pairs = read_pairs(ctx, "data", cfg.source_column, cfg.target_column)
@@ -226,15 +260,15 @@ class TrainSeq2SeqStage(TaskStage):
             columns = list(dict.fromkeys(["hyp_text", *LABEL_COLUMNS[cfg.target]]))
             pairs = join_labels(pairs, ctx.input("labels"), columns)
             _check_same_teacher(ctx)
-        if cfg.target == "wordkd" and not has_teacher:
-            raise ValueError("target 'wordkd' needs the `teacher` input (its vocabulary indexes the top-k ids)")
+        if cfg.target in WORD_LEVEL and not has_teacher:
+            raise ValueError(f"target {cfg.target!r} needs the `teacher` input (its vocabulary indexes the top-k ids)")
         tok, spm_dir = self._tokenizer(ctx, pairs)
         examples, target_stats = build_examples(pairs, tok, cfg, teacher_vocab=has_teacher)
         # As planned (num_gpus > 0 -> CUDA), or DeviceUnavailable naming this node.
         device, dtype = worker_device(self.numerics(), stage=ctx.stage_name)
-        model = build_model(tok, cfg.model, seed=seeded(ctx.seed, "student-init"),
+        model = build_model(tok, cfg.model, seed=derive_seed(ctx.seed, "student-init"),
                             max_new_tokens=cfg.train.max_target_tokens, num_beams=cfg.num_beams).to(device)
-        loss_fn = functools.partial(word_kd_loss, alpha=cfg.kd_alpha) if cfg.target == "wordkd" else token_loss
+        loss_fn = functools.partial(word_kd_loss, alpha=cfg.kd_alpha) if cfg.target in WORD_LEVEL else token_loss
         stats = fit(model, examples, cfg.train, scratch=ctx.scratch_dir / "train", seed=ctx.seed,
                     checkpoint_every=cfg.checkpoint_every, loss_fn=loss_fn, dtype=dtype)
         stats["source_reliance"] = source_reliance(model, examples)

@@ -3,11 +3,13 @@ rendering of BENCHMARKS.md blocks. Arguments and text only: no timings, nothing 
 from __future__ import annotations
 
 import argparse
+import json
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 REPO = Path(__file__).resolve().parent.parent
 BENCH = REPO / "bench"
@@ -120,3 +122,54 @@ def test_label_profile_renders_ratios_and_the_breakdown_in_shard_order():
     assert "| actor setup (imports, model load) | 8.0 | 12% |" in text
     steps = [line.split("|")[1].strip() for line in text.splitlines() if line.startswith("| ") and "ms per batch" not in line]
     assert steps[-4:] == ["setup (model load)", "tokenise", "forward", "write: hash"]
+
+
+def test_multi30k_picks_each_students_rate_on_validation_from_one_grid():
+    import multi30k_seqkd as m
+
+    assert m.select_lr({5e-4: 10.0, 1e-3: 12.5, 2e-3: 3.0}) == 1e-3
+    assert m.select_lr({2e-3: 7.0, 5e-4: 7.0}) == 5e-4  # a tie goes to the smaller rate
+    with pytest.raises(ValueError, match="no validation scores"):
+        m.select_lr({})
+    raw = yaml.safe_load((REPO / "manifests" / "multi30k-seqkd.yaml").read_text(encoding="utf-8"))
+    runs = [(s, lr, 0) for s in m.STUDENTS for lr in (5e-4, 2e-3)] + [("student_wordkd", 2e-3, 2)]
+    out = m.with_runs(raw, runs)
+    stages = {s["name"]: s for s in out["stages"]}
+    assert not set(m.STUDENTS) & set(stages) and not any(s["type"] == "evaluate" for s in out["stages"])
+    for student, lr, seed in runs:
+        spec = stages[m.run_name(student, lr, seed)]
+        assert spec["config"]["train"]["lr"] == lr and spec["config"]["seed"] == seed
+        assert spec["config"]["target"] == {s["name"]: s for s in raw["stages"]}[student]["config"]["target"]
+    assert raw["stages"][-1]["type"] == "evaluate"  # the template itself is untouched
+    args = m.parse_args(["--lrs", "2e-3,1e-3", "--beams", "3"])
+    assert args.lrs == [1e-3, 2e-3] and args.beams == 3
+    with pytest.raises(SystemExit):
+        m.parse_args(["--lrs", "fast"])
+
+
+def fake_sst2() -> dict:
+    def student(acc, params, speed, **extra):
+        return {"accuracy_mean": acc, "accuracy_std": 0.01, "accuracies": [acc], "parameters": params,
+                "sentences_per_s": speed, "speedup": speed / 70.0, **extra}
+
+    return {"bench": "sst2_kd", "scale": 0.4, "rows": 2000, "seeds": [0], "n_iter": 10, "variants": ["cnn"],
+            "results": {"teacher": {"accuracy": 0.85, "parameters": 22_713_986, "sentences_per_s": 70.0},
+                        "student_kd_aug": student(0.78, 2_818_802, 2500.0), "student_kd": student(0.70, 2_793_302, 2500.0),
+                        "student_nokd": student(0.65, 2_793_302, 2500.0),
+                        "variant_cnn": student(0.80, 2_000_000, 9000.0, label="CNN (Kim 2014), MSE", gap_closed=0.75),
+                        "gap_closed": 0.65, "kd_aug_minus_nokd_points": 13.0}}
+
+
+def test_sst2_frontier_plots_every_model_with_the_teacher_marked(tmp_path):
+    import matplotlib.image
+
+    import sst2_frontier
+
+    pts = sst2_frontier.points(fake_sst2())
+    assert [p["name"] for p in pts if p["teacher"]] == ["teacher (MiniLM-L6, fine-tuned)"]
+    assert {p["name"] for p in pts} >= {"CNN (Kim 2014), MSE", "BiLSTM, no KD"} and len(pts) == 5
+    assert next(p for p in pts if p["name"].startswith("CNN"))["accuracy"] == pytest.approx(80.0)
+    results = tmp_path / "r.json"
+    results.write_text(json.dumps({"benches": {"sst2_kd": {"result": fake_sst2()}}}))
+    assert sst2_frontier.main(["--from", str(results), "--out", str(tmp_path / "f.png")]) == 0
+    assert matplotlib.image.imread(tmp_path / "f.png").ndim == 3

@@ -187,6 +187,37 @@ def test_beams_equal_generate_and_topk_equal_log_softmax(tmp_path, models):
     assert (md["task"], md["num_beams"], md["topk"]) == ("seq2seq", "4", "5")
 
 
+def test_gold_prefix_topk_is_the_teacher_forced_on_the_reference(tmp_path, models):
+    """Kim & Rush's word-level KD: the teacher's distributions given the *gold* prefixes, stored
+    beside the ones along its own best hypothesis; ref_ids are the student's target encoding."""
+    import torch
+    from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
+
+    from kd.seq2seq import encode
+
+    stage, out = _run(tmp_path, _table(), task="seq2seq", teacher=str(models["s2s"]), text_column="text",
+                      num_beams=2, max_new_tokens=8, topk=3, reference_column="de")
+    assert out.column_names == ["id", "hyp_text", "hyp_ids", "hyp_scores", "topk_ids", "topk_logprobs",
+                                "ref_ids", "ref_topk_ids", "ref_topk_logprobs"]
+    tok = AutoTokenizer.from_pretrained(models["s2s"])
+    model = AutoModelForSeq2SeqLM.from_pretrained(models["s2s"]).eval()
+    rows = out.to_pylist()
+    gold = encode(tok, TGT, 8)
+    assert [r["ref_ids"] for r in rows] == gold
+    assert any(r["ref_ids"] != r["hyp_ids"][0] for r in rows)  # gold and hypothesis differ here
+    for text, row, ref in zip(SRC, rows, gold):
+        with torch.inference_mode():
+            logits = model(**tok(text, return_tensors="pt"), decoder_input_ids=torch.tensor([[0] + ref[:-1]])).logits
+        values, indices = torch.log_softmax(logits[0], -1).topk(3, -1)
+        assert row["ref_topk_ids"] == indices.tolist()
+        np.testing.assert_allclose(np.array(row["ref_topk_logprobs"], dtype=np.float32), values.numpy(), atol=2e-3)
+    assert json.loads(stage.metadata()["reference_column"]) == "de"
+    assert any("reference_column" in m and "'gold'" in m
+               for m in _problems(dict(task="seq2seq", teacher=str(models["s2s"]), topk=3, reference_column="gold")))
+    with pytest.raises(ValueError, match="needs task: seq2seq and topk"):
+        LabelConfig(task="seq2seq", reference_column="de")
+
+
 def test_greedy_seq2seq_reads_a_configured_column(tmp_path, models):
     table = _table().rename_columns(["id", "en", "de"])
     _, out = _run(tmp_path, table, task="seq2seq", teacher=str(models["s2s"]), text_column="en", num_beams=1,

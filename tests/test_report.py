@@ -37,6 +37,12 @@ def sweep_manifest(tmp_path: Path, tsv: Path, teacher: Path) -> dict:
     ]}
 
 
+def json_rows(art_path: str) -> list[dict]:
+    from pipeline.artifact import Artifact
+
+    return Artifact(art_path).read_table().to_pylist()
+
+
 def is_png(path: Path) -> bool:
     import matplotlib.image
 
@@ -70,8 +76,19 @@ def test_sweep_labels_once_then_evaluate_report_and_predict(tmp_path, sentiment_
     by_name = {m["name"]: m for m in ev["models"]}
     assert set(by_name) == {"teacher", "student_kd", "student_gold"} and ev["teacher"] == "teacher"
     assert by_name["teacher"]["speedup_vs_teacher"] == 1.0
-    for m in by_name.values():
-        assert 0.0 <= m["metrics"]["accuracy"] <= 1.0 and m["parameters"] > 0 and m["sentences_per_s"] > 0
+    # every reported accuracy is the saved model's on the saved dev split, recomputed here
+    from kd.students import load_student
+    from stages.evaluate import model_dir
+
+    dev = pa.Table.from_pylist(json_rows(summary["dev"]["path"]))
+    texts, gold = [t or "" for t in dev["text"].to_pylist()], dev["label"].to_pylist()
+    paths = {"teacher": teacher, "student_kd": model_dir(Path(summary["student_kd"]["path"])),
+             "student_gold": model_dir(Path(summary["student_gold"]["path"]))}
+    for name, m in by_name.items():
+        pred = load_student(paths[name]).predict(texts, batch_size=8, return_names=False)
+        recomputed = sum(int(p) == int(g) for p, g in zip(pred, gold)) / len(gold)
+        assert m["metrics"]["accuracy"] == pytest.approx(recomputed, abs=1e-4), name
+        assert m["parameters"] > 0 and m["sentences_per_s"] > 0
     assert by_name["student_kd"]["labels_used"] == ["label"] and by_name["student_gold"]["labels_used"] == []
 
     workdir = str(tmp_path / "wd")
@@ -106,7 +123,14 @@ def test_evaluate_scores_a_seq2seq_model_with_bleu_and_chrf(tmp_path):
     ctx.out_dir.mkdir(parents=True)
     summary = EvaluateStage(config=EvaluateStage.Config(teacher_model=str(model), speed_rows=3)).run(ctx)
     metrics = summary["models"]["mt"]["metrics"]
-    assert set(metrics) == {"bleu", "chrf", "num_beams"} and 0.0 <= metrics["chrf"] <= 100.0
+    assert set(metrics) == {"bleu", "chrf", "num_beams"}
+    # the scores are sacrebleu's on this model's own translations, recomputed here
+    import sacrebleu
+
+    from kd.students import load_student
+    hyps = load_student(model).predict(src, batch_size=3)
+    assert metrics["chrf"] == pytest.approx(round(sacrebleu.corpus_chrf(hyps, [tgt]).score, 3), abs=1e-3)
+    assert metrics["bleu"] == pytest.approx(round(sacrebleu.corpus_bleu(hyps, [tgt]).score, 3), abs=1e-3)
     # the beam width actually used: the checkpoint's own generation config, not a default of 4
     from transformers import GenerationConfig
     assert metrics["num_beams"] == (GenerationConfig.from_pretrained(str(model)).num_beams or 1)

@@ -64,7 +64,8 @@ def teacher_art(tmp_path_factory):
     return art, summary
 
 
-def beam_labels(model_dir: Path, ids: list[str], texts: list[str], *, num_beams: int = 3, topk: int = 4):
+def beam_labels(model_dir: Path, ids: list[str], texts: list[str], *, num_beams: int = 3, topk: int = 4,
+                references: list[str] | None = None):
     """A label table in the ARCHITECTURE.md seq2seq layout from direct `generate` calls (what
     the label stage produces), for testing students independently of it."""
     import pyarrow as pa
@@ -91,6 +92,23 @@ def beam_labels(model_dir: Path, ids: list[str], texts: list[str], *, num_beams:
         topk_ids.append(top.indices[i, :n].tolist())
         topk_lp.append(top.values[i, :n].tolist())
     scores = out.sequences_scores.view(len(texts), num_beams).tolist()
+    extra = {}
+    if references is not None:  # top-k given the gold prefixes (Kim & Rush word-level KD)
+        from kd.seq2seq import encode
+
+        gold = encode(tok, references, 12)
+        ref_ids, ref_top_ids, ref_top_lp = [], [], []
+        for i, g in enumerate(gold):
+            with torch.inference_mode():
+                logits = model(input_ids=enc["input_ids"][i:i + 1], attention_mask=enc["attention_mask"][i:i + 1],
+                               decoder_input_ids=torch.tensor([[0] + g[:-1]])).logits[0]
+            top_g = torch.log_softmax(logits.float(), -1).topk(topk, dim=-1)
+            ref_ids.append(g)
+            ref_top_ids.append(top_g.indices.tolist())
+            ref_top_lp.append(top_g.values.tolist())
+        extra = {"ref_ids": pa.array(ref_ids, pa.list_(pa.int32())),
+                 "ref_topk_ids": pa.array(ref_top_ids, pa.list_(pa.list_(pa.int32(), topk))),
+                 "ref_topk_logprobs": pa.array(ref_top_lp, pa.list_(pa.list_(pa.float16(), topk)))}
     return pa.table({
         "id": pa.array(ids, pa.string()),
         "hyp_text": pa.array(hyp_text, pa.list_(pa.string())),
@@ -98,6 +116,7 @@ def beam_labels(model_dir: Path, ids: list[str], texts: list[str], *, num_beams:
         "hyp_scores": pa.array(scores, pa.list_(pa.float32())),
         "topk_ids": pa.array(topk_ids, pa.list_(pa.list_(pa.int32(), topk))),
         "topk_logprobs": pa.array(topk_lp, pa.list_(pa.list_(pa.float16(), topk))),
+        **extra,
     })
 
 
@@ -194,7 +213,7 @@ def test_fit_resumes_from_scratch_checkpoint_to_identical_weights(tmp_path, arch
     interrupted = build_model(tok, dims, seed=1, max_new_tokens=8, num_beams=1)
     with pytest.raises(Crash):
         fit(interrupted, examples, schedule, scratch=tmp_path / "b", seed=3, checkpoint_every=2, on_step=crash_at_5)
-    assert json.loads((tmp_path / "b" / "train_state.json").read_text())["step"] == 4
+    assert json.loads((tmp_path / "b" / "state.json").read_text())["step"] == 4
     resumed = build_model(tok, dims, seed=99, max_new_tokens=8, num_beams=1)  # weights come from the checkpoint
     stats = fit(resumed, examples, schedule, scratch=tmp_path / "b", seed=3, checkpoint_every=2)
     assert stats["steps"] == 7
@@ -240,7 +259,8 @@ def test_targets_follow_ids_when_label_shards_are_out_of_order(tmp_path, teacher
     teacher, _ = teacher_art
     table = parallel_table()
     data = make_artifact(tmp_path / "data", table, rows_per_shard=16)
-    labels = beam_labels(teacher.files_dir / "model", table["id"].to_pylist(), table["text"].to_pylist())
+    labels = beam_labels(teacher.files_dir / "model", table["id"].to_pylist(), table["text"].to_pylist(),
+                         references=table["de"].to_pylist())
     # the label shards come back in another order and another sharding
     perm = list(range(table.num_rows))[::-1]
     perm = perm[1::2] + perm[::2]
@@ -251,7 +271,7 @@ def test_targets_follow_ids_when_label_shards_are_out_of_order(tmp_path, teacher
     expected = {r["id"]: r for r in labels.to_pylist()}
     source_of = dict(zip(table["id"].to_pylist(), table["text"].to_pylist()))
 
-    for target in ("seqkd", "seqinter", "wordkd"):
+    for target in ("seqkd", "seqinter", "seqkd_wordkd"):
         cfg = TrainSeq2SeqConfig(target=target)
         pairs = read_pairs(ctx, "data", "text", "de") if target == "seqinter" else _read_sources(ctx, "text")
         joined = join_labels(pairs, label_art, ["hyp_text", "hyp_ids", "topk_ids", "topk_logprobs"])
@@ -265,10 +285,52 @@ def test_targets_follow_ids_when_label_shards_are_out_of_order(tmp_path, teacher
                 range(len(row["hyp_text"])), key=lambda i: (__import__("sacrebleu").sentence_bleu(
                     row["hyp_text"][i], [pair["tgt"]]).score, -i))
             want = clean_hypothesis(row["hyp_ids"][chosen], start_id=0, pad_id=0, eos_id=1)
-            if target == "wordkd":  # top-k exists for the generated positions only
+            if target == "seqkd_wordkd":  # top-k exists for the generated positions only
                 want = want[: len(row["topk_ids"])]
                 assert ex["topk_ids"] == row["topk_ids"][: len(want)]
             assert ex["tgt"] == want
+
+
+def test_gold_prefix_wordkd_trains_on_the_reference_and_its_topk_not_the_hypothesis(tmp_path, teacher_art):
+    """Kim & Rush's word-level KD: targets are the gold references (as encoded for the student),
+    with the teacher's top-k given the gold prefixes; Seq-KD + Word-KD keeps the hypothesis."""
+    from pipeline.testing import make_artifact, make_context
+    from stages.seq2seq_teacher import load_spm_tokenizer
+    from stages.train_seq2seq import TrainSeq2SeqConfig, _read_sources, build_examples, join_labels
+    from kd.seq2seq import encode
+
+    teacher, _ = teacher_art
+    table = parallel_table()
+    data = make_artifact(tmp_path / "data", table, rows_per_shard=16)
+    labels = beam_labels(teacher.files_dir / "model", table["id"].to_pylist(), table["text"].to_pylist(),
+                         references=table["de"].to_pylist())
+    label_art = make_artifact(tmp_path / "labels", labels, rows_per_shard=10)
+    ctx = make_context(tmp_path, inputs={"data": [data], "labels": [label_art], "teacher": [teacher]})
+    tok = load_spm_tokenizer(teacher.files_dir / "model")
+    gold = dict(zip(table["id"].to_pylist(), encode(tok, table["de"].to_pylist(), 12)))  # beam_labels: 12 tokens
+    by_id = {r["id"]: r for r in labels.to_pylist()}
+    columns = ["hyp_text", "hyp_ids", "topk_ids", "topk_logprobs", "ref_ids", "ref_topk_ids", "ref_topk_logprobs"]
+    joined = join_labels(_read_sources(ctx, "text"), label_art, columns)
+    word, _ = build_examples(joined, tok, TrainSeq2SeqConfig(target="wordkd"), teacher_vocab=True)
+    hyp, _ = build_examples(joined, tok, TrainSeq2SeqConfig(target="seqkd_wordkd"), teacher_vocab=True)
+    differ = 0
+    for pair, w, h in zip(joined, word, hyp):
+        row = by_id[pair["id"]]
+        assert w["tgt"] == gold[pair["id"]] and w["topk_ids"] == row["ref_topk_ids"]
+        assert w["topk_logprobs"] == row["ref_topk_logprobs"]
+        assert h["topk_ids"] == row["topk_ids"][: len(h["tgt"])]
+        differ += w["tgt"] != h["tgt"]
+    assert differ > len(word) // 2  # the teacher's hypotheses are not the references here
+    assert "reference_column" in " ".join(str(p) for p in _student_problems(
+        "wordkd", labels=[["id", "hyp_text", "hyp_ids", "topk_ids", "topk_logprobs"]]))
+
+
+def _student_problems(target: str, labels: list) -> list:
+    from stages.train_seq2seq import TrainSeq2SeqStage
+
+    stage = TrainSeq2SeqStage(config=TrainSeq2SeqStage.Config(target=target))
+    return stage.validate(input_columns={"data": [["id", "text", "de"]], "labels": labels,
+                                         "teacher": [None]})
 
 
 def test_missing_labels_are_an_error(tmp_path):
@@ -318,9 +380,10 @@ def test_students_train_on_each_target_and_load(tmp_path, teacher_art):
     table = parallel_table()
     data = make_artifact(tmp_path / "data", table, rows_per_shard=16)
     labels = make_artifact(tmp_path / "labels", beam_labels(teacher.files_dir / "model", table["id"].to_pylist(),
-                                                             table["text"].to_pylist()), rows_per_shard=25)
+                                                             table["text"].to_pylist(),
+                                                             references=table["de"].to_pylist()), rows_per_shard=25)
     small = {"d_model": 32, "d_ff": 64, "num_layers": 1, "num_decoder_layers": 1, "num_heads": 2}
-    for target in ("reference", "seqkd", "seqinter", "wordkd"):
+    for target in ("reference", "seqkd", "seqinter", "wordkd", "seqkd_wordkd"):
         inputs = {"data": [data], "teacher": [teacher]}
         if target != "reference":
             inputs["labels"] = [labels]
@@ -346,7 +409,7 @@ def test_students_train_on_each_target_and_load(tmp_path, teacher_art):
 def test_student_validation_explains_missing_inputs():
     from stages.train_seq2seq import TrainSeq2SeqStage
 
-    stage = TrainSeq2SeqStage(config=TrainSeq2SeqStage.Config(target="wordkd"))
+    stage = TrainSeq2SeqStage(config=TrainSeq2SeqStage.Config(target="seqkd_wordkd"))
     problems = stage.validate(input_columns={"data": [["id", "text", "de"]], "labels": [["id", "hyp_text", "hyp_ids"]]})
     messages = " | ".join(f"{p.loc}: {p.message}" for p in problems)
     assert "topk_ids" in messages and "teacher" in messages
@@ -419,7 +482,8 @@ def test_multi30k_seqkd_manifest_runs_end_to_end(tmp_path, ray_session):
 
     metrics = json.loads((Path(by_name["evaluate"]["path"]) / "files" / "metrics.json").read_text())
     names = {m["name"]: m for m in metrics["models"]}
-    assert set(names) == {"teacher", "student_reference", "student_seqkd", "student_seqinter", "student_wordkd"}
+    assert set(names) == {"teacher", "student_reference", "student_seqkd", "student_seqinter", "student_wordkd",
+                          "student_seqkd_wordkd"}
     assert names["teacher"]["is_teacher"] and metrics["rows"] == 16
     for m in names.values():
         assert m["task"] == "seq2seq" and 0 <= m["metrics"]["bleu"] <= 100 and m["metrics"]["chrf"] >= 0
@@ -472,3 +536,21 @@ def test_hf_seq2seq_decodes_with_the_checkpoints_own_beam_width(tmp_path: Path):
     with torch.inference_mode():
         five = teacher.model.generate(**enc, num_beams=5, max_new_tokens=64)
     assert teacher.predict(texts, batch_size=4) == teacher.tokenizer.batch_decode(five, skip_special_tokens=True)
+
+
+def test_a_config_seed_gives_another_student_and_zero_keeps_the_manifest_seed(tmp_path):
+    from safetensors.torch import load_file
+
+    from pipeline.testing import make_artifact, make_context
+    from stages.train_seq2seq import TrainSeq2SeqStage
+
+    data = make_artifact(tmp_path / "data", parallel_table(), rows_per_shard=64)
+    small = {"d_model": 16, "d_ff": 32, "num_layers": 1, "num_decoder_layers": 1, "num_heads": 2}
+    weights = {}
+    for name, seed, run_seed in (("a", 0, 0), ("b", 0, 0), ("c", 1, 0), ("d", 0, 5)):
+        ctx = make_context(tmp_path, inputs={"data": [data]}, name=name, seed=run_seed)
+        cfg = TrainSeq2SeqStage.Config(vocab_size=50, model=small, train=tiny_schedule(max_steps=1), seed=seed)
+        TrainSeq2SeqStage(config=cfg).run(ctx)
+        weights[name] = load_file(str(ctx.out_dir / "student" / "model.safetensors"))
+    same = lambda x, y: all((weights[x][k] == weights[y][k]).all() for k in weights[x])  # noqa: E731
+    assert same("a", "b") and not same("a", "c") and not same("a", "d") and not same("c", "d")

@@ -100,12 +100,13 @@ def teacher_vocab_facts(cfg) -> dict[str, Any]:
 
 
 def teacher_dir(cfg, ctx) -> Path:
-    """The checkpoint directory: `config.teacher` resolved, or the teacher input's files/model/."""
+    """The checkpoint directory: the workdir's stored copy of `config.teacher` (external_models),
+    else `config.teacher` resolved here, or the teacher input's files/model/."""
     from kd.teachers import resolve_teacher
 
     if cfg.teacher is None:
         return ctx.input("teacher").files_dir / "model"
-    local = resolve_teacher(cfg.teacher, cfg.revision)
+    local = ctx.model_dir("teacher") or resolve_teacher(cfg.teacher, cfg.revision)
     if local is None:
         raise FileNotFoundError(f"teacher {cfg.teacher!r} not found locally or in the HF cache")
     return local

@@ -1,0 +1,86 @@
+"""The SST-2 accuracy / speed / size frontier from a bench/sst2_kd.py --json output (or a
+bench/run_all.py results JSON holding one): one point per model, x = parameters (log), y = dev
+accuracy (mean over seeds, bars = std), colour = sentences/s (log), the teacher marked.
+
+    .venv/bin/python bench/sst2_frontier.py --from sst2.json --out docs/sst2_frontier.png
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+LABELS = {"student_kd_aug": "BiLSTM, KD + aug (MSE)", "student_kd": "BiLSTM, KD, no aug", "student_nokd": "BiLSTM, no KD"}
+
+
+def points(result: dict[str, Any]) -> list[dict[str, Any]]:
+    """(name, params, accuracy mean/std in %, sentences/s, is_teacher) per model of one sst2_kd result."""
+    if "benches" in result:  # a run_all results JSON
+        result = result["benches"]["sst2_kd"]["result"]
+    res = result["results"]
+    t = res["teacher"]
+    out = [{"name": "teacher (MiniLM-L6, fine-tuned)", "parameters": t["parameters"], "accuracy": 100 * t["accuracy"],
+            "std": 0.0, "sentences_per_s": t["sentences_per_s"], "teacher": True}]
+    for key, s in res.items():
+        if isinstance(s, dict) and "accuracy_mean" in s:
+            out.append({"name": s.get("label") or LABELS.get(key, key), "parameters": s["parameters"],
+                        "accuracy": 100 * s["accuracy_mean"], "std": 100 * s["accuracy_std"],
+                        "sentences_per_s": s["sentences_per_s"], "teacher": False})
+    return out
+
+
+def plot(pts: list[dict[str, Any]], path: Path, *, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.colors import LogNorm
+
+    fig, ax = plt.subplots(figsize=(8, 5))
+    speeds = [p["sentences_per_s"] for p in pts]
+    norm = LogNorm(vmin=min(speeds), vmax=max(speeds) * (1.01 if min(speeds) == max(speeds) else 1))
+    for p in pts:
+        ax.errorbar(p["parameters"], p["accuracy"], yerr=p["std"], fmt="none", ecolor="grey", capsize=3, zorder=1)
+    sc = ax.scatter([p["parameters"] for p in pts], [p["accuracy"] for p in pts], c=speeds, cmap="viridis", norm=norm,
+                    s=[260 if p["teacher"] else 70 for p in pts], marker="o", edgecolors="black", zorder=2)
+    for p in pts:
+        if p["teacher"]:
+            ax.scatter([p["parameters"]], [p["accuracy"]], marker="*", s=420, facecolors="none",
+                       edgecolors="red", linewidths=1.5, zorder=3)
+        ax.annotate(f"{p['name']}\n{p['sentences_per_s']:,.0f} sent/s", (p["parameters"], p["accuracy"]),
+                    textcoords="offset points", xytext=(6, 4), fontsize=7)
+    ax.set_xscale("log")
+    lo, hi = min(p["parameters"] for p in pts), max(p["parameters"] for p in pts)
+    ax.set_xlim(lo / 2, hi * 4)
+    ax.set(xlabel="parameters (log scale)", ylabel="SST-2 dev accuracy (%)", title=title)
+    fig.colorbar(sc, ax=ax, label="sentences/s on this machine (log)")
+    ax.grid(True, which="major", alpha=0.3)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--from", dest="source", type=Path, required=True, help="sst2_kd.py --json output or run_all JSON")
+    p.add_argument("--out", type=Path, default=Path("docs/sst2_frontier.png"))
+    p.add_argument("--title", default=None)
+    args = p.parse_args(argv)
+    result = json.loads(args.source.read_text(encoding="utf-8"))
+    inner = result["benches"]["sst2_kd"]["result"] if "benches" in result else result
+    title = args.title or (f"SST-2: {inner['rows']:,} training sentences (--scale {inner['scale']:g}), "
+                           f"n_iter {inner['n_iter']}, seeds {len(inner['seeds'])}")
+    pts = points(result)
+    plot(pts, args.out, title=title)
+    for pt in sorted(pts, key=lambda q: -q["accuracy"]):
+        print(f"{pt['name']:<45} {pt['parameters']:>12,} {pt['accuracy']:6.2f} ± {pt['std']:4.2f} "
+              f"{pt['sentences_per_s']:>9.1f} sent/s{'  (teacher)' if pt['teacher'] else ''}")
+    print(f"wrote {args.out} ({math.ceil(args.out.stat().st_size / 1024)} KiB)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
