@@ -250,7 +250,7 @@ class TrainSeq2SeqStage(TaskStage):
     def run(self, ctx: StageContext) -> dict[str, Any]:
         cfg = self.config
         if cfg.seed:  # initialisation, batch order and dropout all follow ctx.seed
-            ctx = dataclasses.replace(ctx, seed=seeded(ctx.seed, "run-seed", cfg.seed) % 2**31)  # spm wants 32 bits
+            ctx = dataclasses.replace(ctx, seed=derive_seed(ctx.seed, "run-seed", cfg.seed) % 2**31)  # spm wants 32 bits
         has_teacher = ctx.optional_input("teacher") is not None
         if cfg.target in ("reference", "seqinter"):
             pairs = read_pairs(ctx, "data", cfg.source_column, cfg.target_column)
