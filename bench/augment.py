@@ -22,6 +22,7 @@ import argparse
 import math
 import os
 import shutil
+import statistics
 import tempfile
 import time
 from collections import Counter
@@ -157,6 +158,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--workers", default="1,2", help="comma-separated worker counts to compare (1 first)")
     ap.add_argument("--n-iter", type=int, default=20, help="augmentation samples per sentence (Tang: 20)")
     ap.add_argument("--profile", action="store_true", help="also time each step of pos_tag and augment in-process")
+    ap.add_argument("--rounds", type=int, default=1,
+                    help="raw tagging, bare augmentation and each worker count in turn, this many times "
+                         "(ABCABC..., medians reported): on a shared machine the arms then see the same load")
     return ap.parse_args(argv)
 
 
@@ -168,8 +172,6 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     table, n = load_rows(args.data, args.scale)
     texts = table.column("text").to_pylist()
-    raw_s, tags = raw_tagging(texts, model=args.model, batch_size=args.batch_size)
-    aug_s, kept = bare_augment(table.column("id").to_pylist(), texts, tags, n_iter=args.n_iter, seed=0)
 
     from pipeline.executor import init_ray
 
@@ -179,22 +181,36 @@ def main(argv: list[str] | None = None) -> int:
     ray_start = time.perf_counter()
     init_ray(address=None, num_cpus=None, temp_dir=tmp / "ray")
     ray_s = time.perf_counter() - ray_start
-    runs = {}
+    rounds = []
     try:
-        for w in workers:
-            runs[w] = kdpipe_run(tmp / f"w{w}", args.data, n, workers=w, shards=args.shards,
-                                 model=args.model, batch_size=args.batch_size, n_iter=args.n_iter)
+        for r in range(args.rounds):
+            raw_s, tags = raw_tagging(texts, model=args.model, batch_size=args.batch_size)
+            aug_s, kept = bare_augment(table.column("id").to_pylist(), texts, tags, n_iter=args.n_iter, seed=0)
+            runs = {w: kdpipe_run(tmp / f"r{r}w{w}", args.data, n, workers=w, shards=args.shards,
+                                  model=args.model, batch_size=args.batch_size, n_iter=args.n_iter)
+                    for w in workers}
+            rounds.append({"raw_tagging_seconds": raw_s, "bare_augment_seconds": aug_s, "bare_samples": kept,
+                           "runs": {str(w): run for w, run in runs.items()}})
+            write_json(args.json, {"bench": "augment", "partial": True, "rounds": rounds})
     finally:
         import ray
 
         ray.shutdown()
         shutil.rmtree(tmp, ignore_errors=True)
+    median = sorted(rounds, key=lambda rd: rd["runs"][str(workers[0])]["seconds"])[(len(rounds) - 1) // 2]
+    raw_s, aug_s, kept = median["raw_tagging_seconds"], median["bare_augment_seconds"], median["bare_samples"]
+    runs = {int(w): run for w, run in median["runs"].items()}
     result = {"bench": "augment", "sentences": n, "scale": args.scale, "data": str(args.data), "cpus": os.cpu_count(),
               "seeds": {"manifest": 0, "augment": 0}, "settings": {"model": args.model, "batch_size": args.batch_size,
                                                                     "shards": args.shards, "n_iter": args.n_iter},
               "raw_tagging_seconds": raw_s, "bare_augment_seconds": aug_s, "bare_samples": kept,
               "ray_init_seconds": ray_s, "runs": {str(w): r for w, r in runs.items()}}
     result["ratios"] = ratios(result)
+    per_round = [ratios({**rd, "runs": rd["runs"]}) for rd in rounds]
+    result["rounds"] = {"count": len(rounds), "ratios": {k: [rr[k] for rr in per_round] for k in result["ratios"]},
+                        "median_ratios": {k: statistics.median(rr[k] for rr in per_round) for k in result["ratios"]},
+                        "raw_tagging_seconds": [rd["raw_tagging_seconds"] for rd in rounds],
+                        "chain_seconds": {w: [rd["runs"][w]["seconds"] for rd in rounds] for w in rounds[0]["runs"]}}
     result["profile"] = profile
     result["bench_seconds"] = time.perf_counter() - t0
     print(report(result))
@@ -242,8 +258,11 @@ def report(r: dict) -> str:
             parts.append(f"{name} {st['seconds']:.1f}s{detail}")
         lines.append(f"kdpipe end to end, {w} worker(s):       {n / run['seconds']:8.1f} sentences/s "
                      f"({run['seconds']:.1f}s: {'; '.join(parts)})")
-    for k, v in r["ratios"].items():
-        lines.append(f"  {k:32s} {v:6.2f}")
+    lines.append(f"(the round with the median 1-worker chain time; ratios below: median over "
+                 f"{r['rounds']['count']} round(s), each round's arms side by side, and the spread)")
+    for k, v in r["rounds"]["median_ratios"].items():
+        spread = r["rounds"]["ratios"][k]
+        lines.append(f"  {k:32s} {v:6.2f}   ({min(spread):.2f}-{max(spread):.2f})")
     lines.append("  goals: chain_1w_over_raw_pipe >= 0.8, chain_2w_over_1w >= 1.7")
     aug = next(iter(r["runs"].values()))["augment"]
     lines.append(f"transfer set: {aug['rows']} rows from {aug['input_rows']} ({aug['growth']}x), "

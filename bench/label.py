@@ -266,6 +266,77 @@ def run_profile(args, sentences: list[str], model: Path, tmp: Path, tsv: Path) -
     }
 
 
+def run_interleaved(args, sentences: list[str], model: Path, tmp: Path, tsv: Path) -> dict:
+    """--rounds R: the fair loop, the label stage, and the stage handing each actor one shard at
+    a time (executor SHARDS_PER_ACTOR = 1, the hand-off before prefetching), in turn R times
+    (ABCABC...), on one Ray session started first and timed apart: on a shared machine the arms
+    then see the same load. Each stage run reads into a fresh workdir."""
+    import statistics
+
+    import pipeline.executor as executor
+    from pipeline.executor import init_ray
+
+    n = len(sentences)
+    start = time.perf_counter()
+    init_ray(address=None, num_cpus=None, temp_dir=Path(tempfile.mkdtemp(prefix="kdlr", dir="/tmp")))
+    ray_init = time.perf_counter() - start
+    default_depth = executor.SHARDS_PER_ACTOR
+    arms = {"fair": [], "stage": [], "stage_one_shard_at_a_time": []}
+    timings: dict[str, list] = {"stage": [], "stage_one_shard_at_a_time": []}
+    gflops, tokens = [], 0
+    for r in range(args.rounds):
+        fair, tokens = bench_fair(sentences, model, args)
+        arms["fair"].append(fair)
+        gflops.append(matmul_gflops(int(args.num_cpus)))
+        for arm, depth in (("stage", default_depth), ("stage_one_shard_at_a_time", 1)):
+            executor.SHARDS_PER_ACTOR = depth
+            try:
+                seconds, _, summary = bench_stage(tmp / f"r{r}_{arm}", tsv, model, args)
+            finally:
+                executor.SHARDS_PER_ACTOR = default_depth
+            arms[arm].append(seconds)
+            timings[arm].append(summary["timing"])
+        write_json(args.json, {"bench": "label_rounds", "partial": True, "arms": arms, "timings": timings})
+    med = {k: statistics.median(v) for k, v in arms.items()}
+    ceiling = statistics.median(gflops) * 1e9 / flops_per_token(model, tokens / n)
+
+    def per_arm(arm: str) -> dict:
+        ts = timings[arm]
+        compute = statistics.median(t["compute_seconds"] for t in ts)
+        setup = statistics.median(t["slowest_setup_seconds"] for t in ts)
+        write = statistics.median(t["write_seconds"] for t in ts)
+        ratios = [f / s for f, s in zip(arms["fair"], arms[arm])]
+        return {"seconds": med[arm], "runs": arms[arm], "stage_over_fair_runs": ratios,
+                "stage_over_fair": statistics.median(ratios), "model_time_over_fair": statistics.median(
+                    f / t["compute_seconds"] for f, t in zip(arms["fair"], ts)),
+                "tokens_over_ceiling": tokens / med[arm] / ceiling,
+                "breakdown": {"actor setup": setup, "model time (process)": compute, "shard write": write,
+                              "rest: actor process start, hand-off": med[arm] - compute - setup - write}}
+
+    return {"rounds": args.rounds, "ray_init_seconds": ray_init, "fair_seconds": med["fair"],
+            "fair_runs": arms["fair"], "useful_tokens": tokens, "matmul_gflops_runs": gflops,
+            "token_ceiling_per_s": ceiling, "fair_tokens_over_ceiling": tokens / med["fair"] / ceiling,
+            "arms": {arm: per_arm(arm) for arm in timings}}
+
+
+def rounds_report(r: dict) -> str:
+    p, n = r["rounds"], r["sentences"]
+    lines = [f"label, {p['rounds']} interleaved rounds: {n} sentences; {r['cpus']} CPUs; load average "
+             f"{r['loadavg'][0]} -> {r['loadavg'][1]}; ray.init {p['ray_init_seconds']:.1f}s (not in any arm)",
+             f"  fair bare loop: median {p['fair_seconds']:.1f}s = {n / p['fair_seconds']:.1f} sentences/s (runs "
+             + ", ".join(f"{x:.1f}" for x in p["fair_runs"]) + ")",
+             f"  FLOP ceiling: median {sorted(p['matmul_gflops_runs'])[len(p['matmul_gflops_runs']) // 2]:.1f} "
+             f"GFLOP/s = {p['token_ceiling_per_s']:.0f} tokens/s; fair loop useful tokens/s / ceiling "
+             f"{p['fair_tokens_over_ceiling']:.2f}"]
+    for arm, a in p["arms"].items():
+        lines += [f"  {arm}: median {a['seconds']:.1f}s (runs " + ", ".join(f"{x:.1f}" for x in a["runs"]) + ")",
+                  f"    stage wall / fair = {a['stage_over_fair']:.2f} (per round: "
+                  + ", ".join(f"{x:.2f}" for x in a["stage_over_fair_runs"]) + f"); model time / fair = "
+                  f"{a['model_time_over_fair']:.2f}; useful tokens/s / ceiling = {a['tokens_over_ceiling']:.2f}",
+                  "    " + "; ".join(f"{k} {v:.1f}s" for k, v in a["breakdown"].items())]
+    return "\n".join(lines)
+
+
 def profile_report(r: dict) -> str:
     p, ratio, t = r["profile"], r["profile"]["ratios"], r["profile"]["stage_timing"]
     n = r["sentences"]
@@ -311,6 +382,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--profile", action="store_true",
                    help="instead: fair loop, step-by-step breakdown of the stage, real run, fair loop again")
     p.add_argument("--profile-rows", type=int, default=2000, help="sentences of the in-process breakdown")
+    p.add_argument("--rounds", type=int, default=0,
+                   help="instead: fair loop and label stage (with and without prefetch) in turn, this many times")
     return p.parse_args(argv)
 
 
@@ -328,6 +401,18 @@ def main(argv: list[str] | None = None) -> int:
         model = as_classifier(args.model, tmp / "teacher")
         tsv = tmp / "data.tsv"
         tsv.write_text("sentence\n" + "\n".join(s.replace("\t", " ") for s in sentences) + "\n", encoding="utf-8")
+        if args.rounds:
+            load = round(os.getloadavg()[0], 1)
+            result = {"bench": "label_rounds", "sentences": n, "scale": args.scale, "data": str(args.data),
+                      "model": str(args.model), "cpus": os.cpu_count(), "seeds": {"new_head": 0},
+                      "settings": {k: getattr(args, k) for k in ("token_budget", "label_batch_size", "rows_per_shard",
+                                                                 "concurrency", "num_cpus", "rounds")},
+                      "rounds": run_interleaved(args, sentences, model, tmp, tsv)}
+            result["loadavg"] = [load, round(os.getloadavg()[0], 1)]
+            result["bench_seconds"] = time.perf_counter() - t0
+            print(rounds_report(result))
+            write_json(args.json, result)
+            return 0
         if args.profile:
             load = round(os.getloadavg()[0], 1)
             result = {"bench": "label_profile", "sentences": n, "scale": args.scale, "data": str(args.data),

@@ -1,16 +1,17 @@
 """Seq2seq model code shared by the `seq2seq_teacher` and `train_seq2seq` stages, so teacher and
 students train the same way: a joint sentencepiece model and its T5 tokenizer, model dims and a
-BART/T5 builder, batching, the teacher-forced passes (token loss, Word-KD, source reliance), and a
-resumable training loop with its checkpoint and the final HF checkpoint directory."""
+BART/T5 builder, batching, the teacher-forced passes (token loss, source reliance), `fit` (the
+optimiser and schedule over the one training loop of kd/training.py) and the final HF checkpoint
+directory."""
 from __future__ import annotations
 
-import json
 import random
 from pathlib import Path
 from typing import Any, Callable, Literal
 
 from pydantic import Field
 
+from kd.training import derive_seed
 from pipeline.stage import Problem, StageConfig, StageContext
 
 SPM_NAME = "spiece"
@@ -127,16 +128,9 @@ def encode(tokenizer, texts: list[str], max_tokens: int) -> list[list[int]]:
     return [seq if len(seq) <= max_tokens else seq[: max_tokens - 1] + [eos] for seq in ids]
 
 
-def seeded(*parts: Any) -> int:
-    """A 63-bit seed from any parts (global seed, step, ...), stable across processes."""
-    import hashlib
-
-    return int.from_bytes(hashlib.sha256(repr(parts).encode()).digest()[:8], "big") >> 1
-
-
 def make_batches(lengths: list[int], batch_size: int, *, seed: int, epoch: int) -> list[list[int]]:
     """Shuffled, length-bucketed batches (less padding); a pure function of (seed, epoch)."""
-    rng = random.Random(seeded(seed, "batches", epoch))
+    rng = random.Random(derive_seed(seed, "batches", epoch))
     order = list(range(len(lengths)))
     rng.shuffle(order)
     pool = batch_size * 50
@@ -182,19 +176,13 @@ def fit(model, examples: list[dict[str, Any]], schedule: TrainSchedule, *, scrat
         checkpoint_every: int, loss_fn: LossFn = token_loss,
         on_step: Callable[[int], None] | None = None, dtype=None) -> dict[str, Any]:
     """Train `model` on examples ({"src": ids, "tgt": ids, ...}) with AdamW, linear warmup and
-    inverse-sqrt decay. Every `checkpoint_every` updates the weights (safetensors), optimizer
-    state and step go to `scratch`; a rerun continues from there and ends with the same weights
-    as an uninterrupted run (batch order and dropout are seeded per epoch and per step).
+    inverse-sqrt decay, through the one training loop (kd.training: checkpoints in `scratch`
+    every `checkpoint_every` updates and every epoch; a rerun resumes to the same weights).
     The model trains where it is (CPU or CUDA); `dtype` below float32 runs the forward passes
     under autocast (float32 weights), with loss scaling for float16."""
     import torch
-    from safetensors.torch import load_model, save_model
 
-    from pipeline.devices import autocast
-
-    device = next(model.parameters()).device
-    dtype = dtype or torch.float32
-    scaler = torch.amp.GradScaler("cuda", enabled=device.type == "cuda" and dtype == torch.float16)
+    from kd import training
 
     if not examples:
         raise ValueError("no training examples")
@@ -207,48 +195,17 @@ def fit(model, examples: list[dict[str, Any]], schedule: TrainSchedule, *, scrat
     warmup = max(1, schedule.warmup_steps)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: min((s + 1) / warmup, (warmup / (s + 1)) ** 0.5))
-    scratch.mkdir(parents=True, exist_ok=True)
-    state_file = scratch / "train_state.json"
-    step, curve = 0, []
-    if state_file.is_file():
-        state = json.loads(state_file.read_text())
-        load_model(model, str(scratch / state["dir"] / "model.safetensors"), device=str(device))
-        opt = torch.load(scratch / state["dir"] / "optimizer.pt", weights_only=True)
-        optimizer.load_state_dict(opt["optimizer"])
-        scheduler.load_state_dict(opt["scheduler"])
-        step, curve = state["step"], state["curve"]
-    model.train()
-    # Mean loss over fixed windows (never tied to checkpoint_every, a throughput knob).
-    curve_every = max(1, min(50, total // 10))
-    running, n_running = 0.0, 0
-    epoch_batches: tuple[int, list[list[int]]] = (-1, [])
-    while step < total:
-        epoch, offset = divmod(step, per_epoch)
-        if epoch_batches[0] != epoch:
-            epoch_batches = (epoch, make_batches(lengths, schedule.batch_size, seed=seed, epoch=epoch))
-        batch_ids = epoch_batches[1][offset]
-        torch.manual_seed(seeded(seed, "dropout", step))
-        with autocast(device, dtype):
-            loss = loss_fn(model, [examples[i] for i in batch_ids], schedule)
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        scaler.unscale_(optimizer)
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        scaler.step(optimizer)
-        scaler.update()
-        scheduler.step()
-        step += 1
-        running, n_running = running + loss.item(), n_running + 1
-        if step % curve_every == 0 or step == total:
-            curve.append([step, round(running / n_running, 4)])
-            running, n_running = 0.0, 0
-        if step % checkpoint_every == 0 and step < total:
-            _checkpoint(scratch, model, optimizer, scheduler, step, curve, save_model)
-        if on_step is not None:
-            on_step(step)
-    model.eval()
+
+    def batches(epoch: int, skip: int):
+        for ids in make_batches(lengths, schedule.batch_size, seed=seed, epoch=epoch)[skip:]:
+            yield [examples[i] for i in ids]
+
+    result = training.fit(model, optimizer=optimizer, scheduler=scheduler, batches=batches,
+                          loss_fn=lambda batch, step: loss_fn(model, batch, schedule), steps_per_epoch=per_epoch,
+                          total_steps=total, scratch=scratch, seed=seed, dtype=dtype, clip_grad_norm=1.0,
+                          checkpoint_every=checkpoint_every, count=len, on_step=on_step, desc="seq2seq")
     return {"steps": total, "epochs": round(total / per_epoch, 3), "examples": len(examples),
-            "final_loss": curve[-1][1] if curve else None, "loss_curve": curve}
+            "final_loss": result.final_loss, "loss_curve": result.curve}
 
 
 def source_reliance(model, examples: list[dict[str, Any]], *, limit: int = 256, batch_size: int = 64) -> float:
@@ -278,27 +235,6 @@ def source_reliance(model, examples: list[dict[str, Any]], *, limit: int = 256, 
         gap = mean_ce(rolled) - mean_ce(sample)
     model.train(was_training)
     return gap
-
-
-def _checkpoint(scratch: Path, model, optimizer, scheduler, step: int, curve: list, save_model) -> None:
-    import shutil
-
-    import torch
-
-    from pipeline.artifact import atomic_write_text
-
-    # A fresh directory per checkpoint, then the state file naming it is replaced atomically:
-    # a crash at any point leaves the previous checkpoint intact and referenced.
-    target = scratch / f"step-{step:09d}"
-    target.mkdir(parents=True, exist_ok=True)
-    save_model(model, str(target / "model.safetensors"))
-    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()},
-               target / "optimizer.pt")
-    atomic_write_text(scratch / "train_state.json",
-                      json.dumps({"step": step, "curve": curve, "dir": target.name}))
-    for old in scratch.glob("step-*"):
-        if old.name != target.name:
-            shutil.rmtree(old, ignore_errors=True)
 
 
 def save_checkpoint(model, tok, spm_dir: Path, out: Path) -> int:

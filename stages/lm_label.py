@@ -136,6 +136,16 @@ class LmLabelStage(MapStage):
         cfg = self.config
         return {"teacher": teacher_fingerprint(cfg.teacher, cfg.revision)} if cfg.teacher else {}
 
+    def external_models(self) -> dict[str, Path]:
+        """The teacher, when given by path, `pkg:` folder or pinned hub id."""
+        cfg = self.config
+        if cfg.teacher is None:
+            return {}
+        local = resolve_teacher(cfg.teacher, cfg.revision)
+        if local is None:
+            raise FileNotFoundError(f"teacher {cfg.teacher!r} not found locally or in the HF cache")
+        return {"teacher": local}
+
     # --- worker ---------------------------------------------------------------------------
     def setup(self, ctx: StageContext) -> None:
         from kd.lm.codecs import CodecSpec
@@ -146,14 +156,14 @@ class LmLabelStage(MapStage):
         cfg = self.config
         # As planned (num_gpus > 0 -> CUDA), or DeviceUnavailable naming this node.
         self.device, dtype = worker_device(self.numerics(), stage=ctx.stage_name)
-        if cfg.teacher is not None:
-            local = resolve_teacher(cfg.teacher, cfg.revision)
+        if cfg.teacher is not None:  # the copy stored in the workdir (external_models)
+            local = ctx.model_dir("teacher") or resolve_teacher(cfg.teacher, cfg.revision)
             if local is None:
                 raise FileNotFoundError(f"teacher {cfg.teacher!r} not found locally or in the HF cache")
         else:
             local = ctx.input("teacher").files_dir / "model"
         self.model, self.tok = load_causal_lm(local, device=self.device, dtype=dtype,
-                                              revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
+                                              trust_remote_code=cfg.trust_remote_code)
         self.spec = CodecSpec(mode=cfg.mode, vocab_size=len(self.tok), k=cfg.k, value_dtype=cfg.value_dtype,
                               store_logprobs=cfg.store_logprobs)
         self.vocab_digest = vocab_digest(self.tok)

@@ -63,11 +63,12 @@ class LmTeacherStage(TaskStage):
         import torch
         from transformers import GPT2LMHeadModel
 
-        from kd.lm.data import seeded, token_batch
+        from kd.lm.data import token_batch
         from kd.lm.settings import total_steps
         from kd.lm.text import document_ids, load_tokenizer, windows
         from kd.lm.tokenizer import gpt2_config, train_spm_tokenizer
         from kd.lm.training import fit, perplexity, student_loss
+        from kd.training import derive_seed
 
         cfg = self.config
         torch.set_num_threads(max(1, int(ctx.num_cpus)))
@@ -86,12 +87,12 @@ class LmTeacherStage(TaskStage):
 
         def batch_at(epoch: int, offset: int):
             order = list(range(len(rows)))
-            random.Random(seeded(ctx.seed, "teacher-batches", epoch)).shuffle(order)
+            random.Random(derive_seed(ctx.seed, "teacher-batches", epoch)).shuffle(order)
             chunk = [rows[i] for i in order[offset * bs:(offset + 1) * bs]]
             return token_batch([r[0] for r in chunk], np.array([r[1] for r in chunk]))
 
         d = cfg.model
-        torch.manual_seed(seeded(ctx.seed, "init"))
+        torch.manual_seed(derive_seed(ctx.seed, "init"))
         model = GPT2LMHeadModel(gpt2_config(len(tok), d_model=d.d_model, layers=d.layers, heads=d.heads,
                                             max_positions=d.max_positions, dropout=d.dropout, pad_to=cfg.pad_vocab_to))
         stats = fit(model, batch_at=batch_at, steps_per_epoch=per_epoch, total_steps=total_steps(cfg.train, per_epoch),

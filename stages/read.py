@@ -85,8 +85,27 @@ def stable_id(source: str, row: int, text: str) -> str:
     return hashlib.sha256(f"{source}\0{row}\0{text}".encode()).hexdigest()[:16]
 
 
-def _decode(path: Path, loc: str) -> str:
-    data = path.read_bytes()
+# Validation at plan time reads a corpus whole only up to this size; a larger one is checked on its
+# first VALIDATE_ROWS rows (columns, labels, ids), the rest when the stage reads it, so `plan`
+# never loads a large corpus on the driver.
+VALIDATE_BYTES = 64 << 20
+VALIDATE_ROWS = 10_000
+
+
+def _head_bytes(path: Path, lines: int) -> bytes:
+    """The first `lines` lines of a file (with their line ends)."""
+    out = []
+    with path.open("rb") as f:
+        for _ in range(lines):
+            line = f.readline()
+            if not line:
+                break
+            out.append(line)
+    return b"".join(out)
+
+
+def _decode(path: Path, loc: str, *, head: int | None = None) -> str:
+    data = path.read_bytes() if head is None else _head_bytes(path, head)
     try:
         return data.decode("utf-8-sig")
     except UnicodeDecodeError as e:
@@ -95,19 +114,24 @@ def _decode(path: Path, loc: str) -> str:
                         "re-encode it, e.g. `iconv -f latin1 -t utf-8`") from None
 
 
-def _read_records(cfg: ReadConfig) -> tuple[list[dict[str, Any]], str]:
-    """All rows as dicts, plus the source name used for stable ids."""
+def _read_records(cfg: ReadConfig, *, head: int | None = None) -> tuple[list[dict[str, Any]], str]:
+    """All rows as dicts (or about the first `head` rows), plus the source name used for stable ids."""
     fmt = cfg.resolved_format()
     if fmt == "hf":
-        return _read_hf(cfg.hf), cfg.hf.name.rstrip("/").split("/")[-1]
+        rows = _read_hf(cfg.hf)
+        return (rows if head is None else rows[:head]), cfg.hf.name.rstrip("/").split("/")[-1]
     if fmt == "parallel":
         columns: dict[str, list[str]] = {}
         for col, file in cfg.files.items():
             path = Path(file)
             if not path.is_file():
                 raise ReadError(f"config.files.{col}", f"file not found: {file}")
-            columns[col] = _decode(path, f"config.files.{col}").splitlines()
+            columns[col] = _decode(path, f"config.files.{col}", head=head).splitlines()
         lengths = {col: len(lines) for col, lines in columns.items()}
+        if head is not None:  # line alignment of the whole files is checked when the stage reads them
+            n = min(lengths.values())
+            columns = {col: lines[:n] for col, lines in columns.items()}
+            lengths = {col: n for col in columns}
         if len(set(lengths.values())) > 1:
             raise ReadError("config.files", f"files are not line-aligned: line counts {lengths}")
         n = next(iter(lengths.values()))
@@ -120,8 +144,12 @@ def _read_records(cfg: ReadConfig) -> tuple[list[dict[str, Any]], str]:
     if fmt == "parquet":
         import pyarrow.parquet as pq
 
+        if head is not None:
+            first = next(pq.ParquetFile(path).iter_batches(batch_size=head), None)
+            return ([] if first is None else first.to_pylist()), path.name
         return pq.read_table(path).to_pylist(), path.name
-    text = _decode(path, "config.path")
+    # csv/tsv: one more line for the header (a quoted field spanning lines only shortens the head)
+    text = _decode(path, "config.path", head=None if head is None else head + 1)
     if fmt == "text":
         rows = [{"text": line} for line in text.splitlines()]
     elif fmt == "jsonl":
@@ -213,10 +241,15 @@ class ReadStage(SourceStage):
                                 f"`huggingface_hub.HfApi().dataset_info({hf.name!r}).sha`)")]
             return []
         try:
-            self.build_table()
+            self.build_table(head=None if self._source_bytes() <= VALIDATE_BYTES else VALIDATE_ROWS)
         except ReadError as e:
             return [Problem(e.loc, e.message)]
         return []
+
+    def _source_bytes(self) -> int:
+        cfg = self.config
+        paths = list(cfg.files.values()) if cfg.resolved_format() == "parallel" else [cfg.path or cfg.hf.name]
+        return sum(Path(p).stat().st_size for p in paths if Path(p).is_file())
 
     def metadata(self) -> dict[str, str]:
         md = {"source_format": self.config.resolved_format()}
@@ -227,11 +260,12 @@ class ReadStage(SourceStage):
     def read(self, ctx: StageContext):
         return self.build_table()
 
-    def build_table(self):
+    def build_table(self, *, head: int | None = None):
+        """The whole corpus as one table; with `head`, about its first `head` rows (for checks)."""
         import pyarrow as pa
 
         cfg = self.config
-        records, source = _read_records(cfg)
+        records, source = _read_records(cfg, head=head)
         if not records:
             raise ReadError("config.path", "the corpus is empty: no rows to read")
         available = set(records[0])

@@ -16,7 +16,8 @@ from typing import Any
 from pydantic import Field
 
 from kd.seq2seq import (SPM_NAME, ModelDims, TrainSchedule, build_model, check_columns, decoder_inputs, encode, fit,
-                        load_spm_tokenizer, read_pairs, save_checkpoint, seeded, source_reliance, train_sentencepiece)
+                        load_spm_tokenizer, read_pairs, save_checkpoint, source_reliance, train_sentencepiece)
+from kd.training import derive_seed
 from pipeline.devices import NumericsConfig, worker_device
 from pipeline.stage import InputRole, Problem, StageContext, TaskStage, throughput
 
@@ -64,7 +65,7 @@ class Seq2SeqTeacherStage(TaskStage):
         tok = load_spm_tokenizer(spm_dir)
         # As planned (num_gpus > 0 -> CUDA), or DeviceUnavailable naming this node.
         device, dtype = worker_device(self.numerics(), stage=ctx.stage_name)
-        model = build_model(tok, cfg.model, seed=seeded(ctx.seed, "init"),
+        model = build_model(tok, cfg.model, seed=derive_seed(ctx.seed, "init"),
                             max_new_tokens=cfg.train.max_target_tokens, num_beams=cfg.num_beams).to(device)
         src = encode(tok, [p["src"] for p in pairs], cfg.train.max_source_tokens)
         tgt = encode(tok, [p["tgt"] for p in pairs], cfg.train.max_target_tokens)

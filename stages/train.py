@@ -15,23 +15,20 @@ Gold labels on augmented rows (`aug_index >= 0`) are ignored when a teacher is p
 Tang et al. 2019: an augmented sentence may no longer carry its parent's label, and the teacher's
 logits are its only trustworthy target. Without a teacher (the baseline) the parent label is used.
 
-Resume: after every epoch the weights, optimizer state and a small state.json go to
+Training runs on the one training loop (kd/training.py): after every epoch a checkpoint goes to
 ctx.scratch_dir; an interrupted run continues from the last finished epoch and ends with the
-same weights as an uninterrupted one (dropout and shuffling are seeded per epoch).
+same weights as an uninterrupted one (shuffling is seeded per epoch, dropout per update).
 """
 from __future__ import annotations
 
-import hashlib
 import json
-import os
-import time
 from pathlib import Path
 from typing import Any, Callable, Literal
 
 from pydantic import Field
 
 from pipeline.artifact import write_json
-from pipeline.devices import NumericsConfig, autocast, move, worker_device
+from pipeline.devices import NumericsConfig, move, worker_device
 from pipeline.hashing import hash_obj, hash_tree
 from pipeline.stage import InputRole, Problem, StageConfig, StageContext, TaskStage, throughput_fields
 from kd.train_data import ShardStream, label_sources, read_eval_table, resolve_label_names
@@ -91,10 +88,6 @@ class TrainConfig(NumericsConfig):
     max_length: int = Field(64, gt=0)
     patience: int | None = Field(None, gt=0, description="stop after this many epochs without dev gain")
     seed: int = 0
-
-
-def derive_seed(*parts: Any) -> int:
-    return int.from_bytes(hashlib.blake2b(":".join(map(str, parts)).encode(), digest_size=8).digest(), "little") >> 1
 
 
 class TrainStage(TaskStage):
@@ -178,93 +171,81 @@ class TrainStage(TaskStage):
 
     # --- training --------------------------------------------------------------------------
     def run(self, ctx: StageContext, *, on_epoch_end: Callable[[int], None] | None = None) -> dict[str, Any]:
+        import itertools
+
+        from kd import training
+
+        cfg = self.config
+        seed = training.derive_seed(ctx.seed, cfg.seed)
+        job = self._prepare(ctx, seed)
+        stream, module, device = job["stream"], job["module"], job["device"]
+        per_epoch = stream.batches_per_epoch()
+        total_steps = cfg.epochs * per_epoch
+
+        def batches(epoch: int, skip: int):
+            return itertools.islice(stream.batches(epoch=epoch, seed=seed, module=module), skip, None)
+
+        def loss_fn(item, step: int):
+            batch, gold, teacher = (move(x, device) for x in item)
+            return _loss(cfg, module(**batch), gold, teacher, job["temperature"], step / max(1, total_steps - 1))
+
+        dev_table = job["dev_table"]
+        result = training.fit(
+            module, optimizer=_optimizer(cfg, module), loss_fn=loss_fn, batches=batches, steps_per_epoch=per_epoch,
+            total_steps=total_steps, scratch=ctx.scratch_dir, seed=seed, device=device, dtype=job["dtype"],
+            evaluate=(lambda epoch: _dev_metrics(job["student"], dev_table)) if dev_table is not None else None,
+            select=(lambda record: record["dev_accuracy"]) if dev_table is not None else None,
+            patience=cfg.patience, identity=job["identity"], count=lambda item: len(item[1]),
+            on_epoch_end=on_epoch_end, desc=ctx.stage_name)
+        return self._write_outputs(ctx, job, result)
+
+    def _prepare(self, ctx: StageContext, seed: int) -> dict[str, Any]:
+        """Everything training needs: label sources and names, tokenizer, the student on its
+        device, the data stream, the dev table and the checkpoint identity."""
         import torch
 
         from kd.students.common import ClassifierStudent
+        from kd.training import derive_seed
 
         cfg = self.config
-        seed = derive_seed(ctx.seed, cfg.seed)
-        data = ctx.input("data")
-        labels = ctx.inputs.get("labels") or []
-        dev = ctx.optional_input("dev")
+        data, labels, dev = ctx.input("data"), ctx.inputs.get("labels") or [], ctx.optional_input("dev")
         sources = label_sources(labels)
+        if any(s.task != cfg.task for s in sources):
+            raise ValueError(f"config.task is {cfg.task!r} but the label artifacts hold "
+                             f"{sorted({s.task for s in sources})} labels; set task to match the label stage")
         label_names = resolve_label_names(data, sources, cfg.label_column, cfg.task)
-        num_labels = len(label_names)
-        temperature = cfg.temperature or next((s.temperature for s in sources if s.temperature), 1.0)
-        if cfg.ensemble.mode == "weighted" and len(cfg.ensemble.weights or []) != sum(len(s.columns) for s in sources):
+        n_columns = sum(len(s.columns) for s in sources)
+        if cfg.ensemble.mode == "weighted" and len(cfg.ensemble.weights or []) != n_columns:
             raise ValueError(f"config.ensemble.weights: {len(cfg.ensemble.weights or [])} weights for "
-                             f"{sum(len(s.columns) for s in sources)} teacher logit columns")
-
-        tokenizer = self._build_tokenizer(ctx, data)
-        meta = {"type": cfg.student.type, "task": cfg.task, "num_labels": num_labels,
+                             f"{n_columns} teacher logit columns")
+        meta = {"type": cfg.student.type, "task": cfg.task, "num_labels": len(label_names),
                 "label_names": label_names, "pair": cfg.student_pair_column is not None,
                 "max_length": cfg.max_length, "student_column": cfg.student_column,
                 "student_pair_column": cfg.student_pair_column,
                 "hyperparameters": cfg.student.model_dump(mode="json", exclude_none=True)}
+        tokenizer = self._build_tokenizer(ctx, data)
         # As planned (num_gpus > 0 -> CUDA), or DeviceUnavailable naming this node.
         device, dtype = worker_device(self.numerics(), stage=ctx.stage_name)
         torch.manual_seed(derive_seed(seed, "init"))
         module = _student_module(cfg.student.type, cfg.task).create(meta=meta, tokenizer=tokenizer).to(device)
-        if any(s.task != cfg.task for s in sources):
-            raise ValueError(f"config.task is {cfg.task!r} but the label artifacts hold "
-                             f"{sorted({s.task for s in sources})} labels; set task to match the label stage")
-        optimizer = _optimizer(cfg, module)
-        # float16 needs loss scaling; bfloat16 and float32 do not (the scaler is then a pass-through).
-        scaler = torch.amp.GradScaler("cuda", enabled=device.type == "cuda" and dtype == torch.float16)
-        stream = ShardStream(data=data, sources=sources, label_names=label_names, cfg=cfg,
-                             use_gold_on_augmented=cfg.gold_on_augmented or not sources)
-        total_steps = cfg.epochs * stream.batches_per_epoch()
-        state = _Resume(ctx.scratch_dir, hash_obj([cfg.model_dump(mode="json", exclude=throughput_fields(TrainConfig)), seed,
-                                                   [a.key for a in labels], data.key]))
-        start_epoch, step, history, best = state.restore(module, optimizer)
-        resumed_from = start_epoch if start_epoch else None
-        dev_table = read_eval_table(dev, cfg, label_names) if dev is not None else None
         student = (ClassifierStudent if cfg.task == "classification" else _tagger_student())(module=module, meta=meta)
-        # epochs since the best one, so patience carries across a resume
-        stale = len(history) - best["epoch"] if best and dev_table is not None else 0
-        for epoch in range(start_epoch, cfg.epochs):
-            torch.manual_seed(derive_seed(seed, "epoch", epoch))
-            module.train()
-            sums: dict[str, float] = {}
-            seen, t0 = 0, time.perf_counter()
-            for batch, gold, teacher in stream.batches(epoch=epoch, seed=seed, module=module):
-                progress = step / max(1, total_steps - 1)
-                batch, gold, teacher = move(batch, device), move(gold, device), move(teacher, device)
-                with autocast(device, dtype):
-                    loss, parts = _loss(cfg, module(**batch), gold, teacher, temperature, progress)
-                optimizer.zero_grad(set_to_none=True)
-                scaler.scale(loss).backward()
-                scaler.step(optimizer)
-                scaler.update()
-                step += 1
-                seen += len(gold)
-                for k, v in {"loss": float(loss.detach()), **parts}.items():
-                    sums[k] = sums.get(k, 0.0) + v * len(gold)
-            seconds = time.perf_counter() - t0
-            record = {"epoch": epoch + 1, "step": step, "examples": seen, "seconds": round(seconds, 3),
-                      "examples_per_s": round(seen / max(seconds, 1e-9), 2),
-                      **{k: v / max(seen, 1) for k, v in sums.items()}}
-            if dev_table is not None:
-                record.update(_dev_metrics(student, dev_table))
-            history.append(record)
-            improved = dev_table is None or best is None or record["dev_accuracy"] > best["dev_accuracy"]
-            if improved:
-                best, stale = record, 0
-            else:
-                stale += 1
-            state.save(module, optimizer, epoch=epoch + 1, step=step, history=history, best=best,
-                       improved=improved)
-            if on_epoch_end is not None:
-                on_epoch_end(epoch + 1)
-            if cfg.patience and stale >= cfg.patience:
-                break
-        if dev_table is not None:
-            state.load_best(module)
-        student_dir = student.save(ctx.out_dir / "student")
-        consumed = [{"key": s.key, "stage": s.stage_name, "columns": s.columns} for s in sources]
-        metrics = {"student": cfg.student.type, "parameters": student.num_parameters(), "history": history,
-                   "best_epoch": best["epoch"] if best else None, "labels": consumed,
-                   "temperature": temperature, "resumed_from_epoch": resumed_from,
+        semantic = cfg.model_dump(mode="json", exclude=throughput_fields(TrainConfig))
+        return {"sources": sources, "module": module, "student": student, "device": device, "dtype": dtype,
+                "temperature": cfg.temperature or next((s.temperature for s in sources if s.temperature), 1.0),
+                "stream": ShardStream(data=data, sources=sources, label_names=label_names, cfg=cfg,
+                                      use_gold_on_augmented=cfg.gold_on_augmented or not sources),
+                "dev_table": read_eval_table(dev, cfg, label_names) if dev is not None else None,
+                "identity": hash_obj([semantic, seed, [a.key for a in labels], data.key])}
+
+    def _write_outputs(self, ctx: StageContext, job: dict[str, Any], result) -> dict[str, Any]:
+        cfg, history = self.config, result.history
+        best = history[result.best_epoch - 1] if result.best_epoch else None
+        student_dir = job["student"].save(ctx.out_dir / "student")
+        consumed = [{"key": s.key, "stage": s.stage_name, "columns": s.columns} for s in job["sources"]]
+        resumed = result.resumed_from["epoch"] if result.resumed_from else None
+        metrics = {"student": cfg.student.type, "parameters": job["student"].num_parameters(), "history": history,
+                   "best_epoch": result.best_epoch, "labels": consumed,
+                   "temperature": job["temperature"], "resumed_from_epoch": resumed or None,
                    "dev_accuracy": best.get("dev_accuracy") if best else None,
                    "dev_macro_f1": best.get("dev_macro_f1") if best else None,
                    "train_examples_per_s": history[-1]["examples_per_s"] if history else None}
@@ -272,8 +253,8 @@ class TrainStage(TaskStage):
         _plot_curves(history, ctx.out_dir / "curves.png", title=f"{ctx.stage_name} ({cfg.student.type})")
         return {k: metrics[k] for k in ("student", "parameters", "best_epoch", "labels", "dev_accuracy",
                                         "resumed_from_epoch", "train_examples_per_s")} | {
-            "epochs_run": len(history), "student_dir": str(student_dir), "device": device.type,
-            "dtype": str(dtype).removeprefix("torch.")}
+            "epochs_run": len(history), "student_dir": str(student_dir), "device": job["device"].type,
+            "dtype": str(job["dtype"]).removeprefix("torch.")}
 
     def _build_tokenizer(self, ctx: StageContext, data):
         from kd.students.common import HFTokenizer, SpmTokenizer, WordVocab
@@ -347,56 +328,6 @@ def _dev_metrics(student, table: dict[str, Any]) -> dict[str, float]:
                 "dev_token_f1": token_f1(pred, table["gold"])}
     pred = student.predict(table["texts"], table["pairs"], return_names=False)
     return {"dev_accuracy": accuracy(pred, table["gold"]), "dev_macro_f1": macro_f1(pred, table["gold"])}
-
-
-class _Resume:
-    """Per-epoch checkpoints in scratch: epoch-N.safetensors + optim-N.pt, then state.json last,
-    so a crash while saving leaves the previous epoch's state intact."""
-
-    def __init__(self, scratch: Path, config_hash: str):
-        self.dir = Path(scratch)
-        self.dir.mkdir(parents=True, exist_ok=True)
-        self.config_hash = config_hash
-        self.state_file = self.dir / "state.json"
-
-    def restore(self, module, optimizer) -> tuple[int, int, list, dict | None]:
-        import torch
-        from safetensors.torch import load_model
-
-        if not self.state_file.is_file():
-            return 0, 0, [], None
-        state = json.loads(self.state_file.read_text())
-        if state.get("config_hash") != self.config_hash:
-            return 0, 0, [], None  # scratch of a different configuration: start afresh
-        epoch = state["epoch"]
-        load_model(module, str(self.dir / f"epoch-{epoch}.safetensors"))
-        optimizer.load_state_dict(torch.load(self.dir / f"optim-{epoch}.pt", weights_only=True))
-        return epoch, state["step"], state["history"], state["best"]
-
-    def save(self, module, optimizer, *, epoch: int, step: int, history: list, best: dict | None,
-             improved: bool) -> None:
-        import shutil
-
-        import torch
-        from safetensors.torch import save_model
-
-        weights = self.dir / f"epoch-{epoch}.safetensors"
-        save_model(module, str(weights))
-        torch.save(optimizer.state_dict(), self.dir / f"optim-{epoch}.pt")
-        if improved:
-            shutil.copyfile(weights, self.dir / ".best.tmp")
-            os.replace(self.dir / ".best.tmp", self.dir / "best.safetensors")
-        write_json(self.state_file, {"config_hash": self.config_hash, "epoch": epoch, "step": step,
-                                     "history": history, "best": best})
-        for old in list(self.dir.glob("epoch-*.safetensors")) + list(self.dir.glob("optim-*.pt")):
-            if old.stem.split("-")[-1] != str(epoch):
-                old.unlink(missing_ok=True)
-
-    def load_best(self, module) -> None:
-        from safetensors.torch import load_model
-
-        if (self.dir / "best.safetensors").is_file():
-            load_model(module, str(self.dir / "best.safetensors"))
 
 
 def _plot_curves(history: list[dict[str, Any]], path: Path, *, title: str) -> None:

@@ -31,9 +31,10 @@ from typing import Any, Literal
 from pydantic import Field
 
 from kd.seq2seq import (SPM_NAME, ModelDims, TrainSchedule, build_model, check_columns, encode, fit,
-                        load_spm_tokenizer, read_pairs, save_checkpoint, seeded, source_reliance, token_loss,
+                        load_spm_tokenizer, read_pairs, save_checkpoint, source_reliance, token_loss,
                         train_sentencepiece)
 from pipeline.stage import InputRole, Problem, StageContext, TaskStage, throughput
+from kd.training import derive_seed
 from pipeline.devices import NumericsConfig, worker_device
 
 Target = Literal["reference", "seqkd", "seqinter", "wordkd", "seqkd_wordkd"]
@@ -93,6 +94,15 @@ def join_labels(pairs: list[dict[str, Any]], labels, columns: list[str]) -> list
         raise ValueError(f"{len(missing)} of {len(pairs)} rows have no label (e.g. id {missing[0]!r}); "
                          "label the same artifact that feeds `data`")
     return [{**p, "label": by_id[p["id"]]} for p in pairs]
+
+
+def target_texts(pairs: list[dict[str, Any]]) -> list[str]:
+    """The target-language side a student's own sentencepiece must cover: references, and the
+    teacher's hypotheses when labels are joined (Seq-KD pairs carry no reference; a vocabulary
+    trained on the sources alone turns target-only characters into <unk>)."""
+    texts = [p["tgt"] for p in pairs if p["tgt"]]
+    texts += [h for p in pairs if "label" in p for h in p["label"].get("hyp_text") or []]
+    return texts
 
 
 def build_examples(pairs: list[dict[str, Any]], tok, cfg: TrainSeq2SeqConfig, *,
@@ -226,7 +236,7 @@ class TrainSeq2SeqStage(TaskStage):
                 spm_dir.mkdir(parents=True, exist_ok=True)
                 shutil.copy(source, spm_dir / f"{SPM_NAME}.model")
             else:
-                texts = [p["src"] for p in pairs] + [p["tgt"] for p in pairs]
+                texts = [p["src"] for p in pairs] + target_texts(pairs)
                 train_sentencepiece(texts, spm_dir, self.config.vocab_size, seed=ctx.seed)
         tok = load_spm_tokenizer(spm_dir)
         if teacher is not None:
@@ -240,7 +250,7 @@ class TrainSeq2SeqStage(TaskStage):
     def run(self, ctx: StageContext) -> dict[str, Any]:
         cfg = self.config
         if cfg.seed:  # initialisation, batch order and dropout all follow ctx.seed
-            ctx = dataclasses.replace(ctx, seed=seeded(ctx.seed, "run-seed", cfg.seed) % 2**31)  # spm wants 32 bits
+            ctx = dataclasses.replace(ctx, seed=derive_seed(ctx.seed, "run-seed", cfg.seed) % 2**31)  # spm wants 32 bits
         has_teacher = ctx.optional_input("teacher") is not None
         if cfg.target in ("reference", "seqinter"):
             pairs = read_pairs(ctx, "data", cfg.source_column, cfg.target_column)
@@ -256,7 +266,7 @@ class TrainSeq2SeqStage(TaskStage):
         examples, target_stats = build_examples(pairs, tok, cfg, teacher_vocab=has_teacher)
         # As planned (num_gpus > 0 -> CUDA), or DeviceUnavailable naming this node.
         device, dtype = worker_device(self.numerics(), stage=ctx.stage_name)
-        model = build_model(tok, cfg.model, seed=seeded(ctx.seed, "student-init"),
+        model = build_model(tok, cfg.model, seed=derive_seed(ctx.seed, "student-init"),
                             max_new_tokens=cfg.train.max_target_tokens, num_beams=cfg.num_beams).to(device)
         loss_fn = functools.partial(word_kd_loss, alpha=cfg.kd_alpha) if cfg.target in WORD_LEVEL else token_loss
         stats = fit(model, examples, cfg.train, scratch=ctx.scratch_dir / "train", seed=ctx.seed,

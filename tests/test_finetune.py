@@ -82,22 +82,13 @@ def test_crash_then_resume_equals_an_uninterrupted_run(tmp_path, encoder):
     finetune(encoder, epochs=3, patience=5).run(whole)
 
     crashed = make_context(tmp_path / "b", inputs={"data": [train], "dev": [dev]})
-    stage = finetune(encoder, epochs=3, patience=5)
-    import stages.finetune as ft
 
-    original = ft._Trainer._save_state
-
-    def save_then_crash(self, state, optimizer):
-        original(self, state, optimizer)
-        if state["epoch"] == 2:
+    def crash_after_2(epoch: int) -> None:  # called once epoch 2's checkpoint is written
+        if epoch == 2:
             raise KeyboardInterrupt("simulated crash after epoch 2's checkpoint")
 
-    ft._Trainer._save_state = save_then_crash
-    try:
-        with pytest.raises(KeyboardInterrupt):
-            stage.run(crashed)
-    finally:
-        ft._Trainer._save_state = original
+    with pytest.raises(KeyboardInterrupt):
+        finetune(encoder, epochs=3, patience=5).run(crashed, on_epoch_end=crash_after_2)
     assert not (crashed.out_dir / "model").exists()
     summary = finetune(encoder, epochs=3, patience=5).run(crashed)
     assert summary["resumed_from_epoch"] == 2 and summary["epochs_run"] == 3

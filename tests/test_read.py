@@ -97,3 +97,20 @@ def test_duplicate_ids_are_an_error(tmp_path):
     (tmp_path / "d.jsonl").write_text('{"id": 1, "text": "a"}\n{"id": 1, "text": "b"}\n')
     problems = ReadStage(config=ReadStage.Config(path=str(tmp_path / "d.jsonl"), id_column="id")).validate(input_columns={})
     assert problems and problems[0].loc == "config.id_column" and "unique" in problems[0].message
+
+
+def test_plan_checks_only_the_head_of_a_large_corpus(tmp_path, monkeypatch):
+    """`plan` must not load a large corpus on the driver: past VALIDATE_BYTES it checks the first
+    VALIDATE_ROWS rows (columns, labels), and the read stage itself reports what lies further on."""
+    import stages.read as read_mod
+
+    monkeypatch.setattr(read_mod, "VALIDATE_BYTES", 100)
+    monkeypatch.setattr(read_mod, "VALIDATE_ROWS", 5)
+    path = tmp_path / "big.tsv"
+    path.write_text("sentence\tlabel\n" + "".join(f"row {i}\t{'' if i == 40 else i % 2}\n" for i in range(50)))
+    stage = ReadStage(config=ReadStage.Config(path=str(path), text_column="sentence", label_column="label"))
+    assert stage.validate(input_columns={}) == []
+    with pytest.raises(read_mod.ReadError, match="row 40 has no label"):
+        stage.build_table()
+    wrong = ReadStage(config=ReadStage.Config(path=str(path), text_column="text", label_column="label"))
+    assert [p.loc for p in wrong.validate(input_columns={})] == ["config.text_column"]

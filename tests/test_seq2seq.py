@@ -213,7 +213,7 @@ def test_fit_resumes_from_scratch_checkpoint_to_identical_weights(tmp_path, arch
     interrupted = build_model(tok, dims, seed=1, max_new_tokens=8, num_beams=1)
     with pytest.raises(Crash):
         fit(interrupted, examples, schedule, scratch=tmp_path / "b", seed=3, checkpoint_every=2, on_step=crash_at_5)
-    assert json.loads((tmp_path / "b" / "train_state.json").read_text())["step"] == 4
+    assert json.loads((tmp_path / "b" / "state.json").read_text())["step"] == 4
     resumed = build_model(tok, dims, seed=99, max_new_tokens=8, num_beams=1)  # weights come from the checkpoint
     stats = fit(resumed, examples, schedule, scratch=tmp_path / "b", seed=3, checkpoint_every=2)
     assert stats["steps"] == 7

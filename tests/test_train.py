@@ -162,7 +162,7 @@ def test_resume_after_interruption_matches_uninterrupted_run(tmp_path, data_art)
     with pytest.raises(Interrupted):
         TrainStage(config=cfg).run(ctx, on_epoch_end=stop_after_first)
     state = json.loads((ctx.scratch_dir / "state.json").read_text())
-    assert state["epoch"] == 1 and (ctx.scratch_dir / "epoch-1.safetensors").is_file()
+    assert state["epoch"] == 1 and (ctx.scratch_dir / state["dir"] / "model.safetensors").is_file()
     resumed = TrainStage(config=cfg).run(ctx)
     assert resumed["resumed_from_epoch"] == 1 and resumed["epochs_run"] == 3
 

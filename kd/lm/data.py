@@ -11,17 +11,12 @@ from typing import Any
 
 import numpy as np
 
-
-def seeded(*parts: Any) -> int:
-    """A 63-bit seed from any parts, stable across processes."""
-    import hashlib
-
-    return int.from_bytes(hashlib.sha256(repr(parts).encode()).digest()[:8], "big") >> 1
+from kd.training import derive_seed
 
 
 def epoch_plan(shard_rows: list[int], batch_size: int, *, seed: int, epoch: int) -> list[tuple[int, list[int]]]:
     """[(shard index, row indices)] for one epoch."""
-    rng = random.Random(seeded(seed, "lm-batches", epoch))
+    rng = random.Random(derive_seed(seed, "lm-batches", epoch))
     shards = [i for i, n in enumerate(shard_rows) if n]
     rng.shuffle(shards)
     plan = []

@@ -1,83 +1,41 @@
 """The causal LM training loop (teacher and students alike), the student's loss, perplexity.
 
 `fit` asks `batch_at(epoch, offset)` for each step's batch, so it never holds a corpus: the
-students stream from shards (kd.lm.data), the teacher from its in-memory windows. Every
-`checkpoint_every` updates, weights, optimizer state and step go to `scratch` (the layout the
-seq2seq trainers use: train_state.json naming a step-* directory, replaced atomically); a rerun
-continues from there and ends with the same weights as an uninterrupted run, since batches and
-dropout are seeded by (seed, epoch) and (seed, step).
+students stream from shards (kd.lm.data), the teacher from its in-memory windows. The loop,
+checkpoints and resume are kd/training.py's, as for every trainer; batches are a pure function of
+(seed, epoch, offset), so a rerun ends with the same weights as an uninterrupted run.
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any, Callable
-
-from kd.lm.data import seeded
 
 
 def fit(model, *, batch_at: Callable[[int, int], dict[str, Any]], steps_per_epoch: int, total_steps: int,
         loss_fn: Callable[[Any, dict[str, Any]], Any], lr: float, warmup_steps: int, scratch: Path,
         seed: int, checkpoint_every: int) -> dict[str, Any]:
+    """AdamW with linear warmup, then linear decay to 10% at the last step, on the one training
+    loop (kd.training)."""
     import torch
-    from safetensors.torch import load_model
+
+    from kd import training
 
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.98), weight_decay=0.01)
     warmup = max(1, warmup_steps)
-    # Linear warmup, then linear decay to 10% at the last step.
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(
         (s + 1) / warmup, max(0.1, 1 - 0.9 * (s - warmup) / max(1, total_steps - warmup))))
-    scratch.mkdir(parents=True, exist_ok=True)
-    state_file = scratch / "train_state.json"
-    step, curve, resumed_from = 0, [], None
-    if state_file.is_file():
-        state = json.loads(state_file.read_text())
-        load_model(model, str(scratch / state["dir"] / "model.safetensors"))
-        opt = torch.load(scratch / state["dir"] / "optimizer.pt", weights_only=True)
-        optimizer.load_state_dict(opt["optimizer"])
-        scheduler.load_state_dict(opt["scheduler"])
-        step, curve, resumed_from = state["step"], state["curve"], state["step"]
-    model.train()
-    curve_every = max(1, min(50, total_steps // 10))
-    running, n_running = 0.0, 0
-    while step < total_steps:
-        epoch, offset = divmod(step, steps_per_epoch)
-        batch = batch_at(epoch, offset)
-        torch.manual_seed(seeded(seed, "dropout", step))
-        loss = loss_fn(model, batch)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        scheduler.step()
-        step += 1
-        running, n_running = running + loss.item(), n_running + 1
-        if step % curve_every == 0 or step == total_steps:
-            curve.append([step, round(running / n_running, 4)])
-            running, n_running = 0.0, 0
-        if step % checkpoint_every == 0 and step < total_steps:
-            _checkpoint(scratch, model, optimizer, scheduler, step, curve)
-    model.eval()
+
+    def batches(epoch: int, skip: int):
+        for offset in range(skip, steps_per_epoch):
+            yield batch_at(epoch, offset)
+
+    result = training.fit(model, optimizer=optimizer, scheduler=scheduler, batches=batches,
+                          loss_fn=lambda batch, step: loss_fn(model, batch), steps_per_epoch=steps_per_epoch,
+                          total_steps=total_steps, scratch=scratch, seed=seed, clip_grad_norm=1.0,
+                          checkpoint_every=checkpoint_every, desc="lm")
+    resumed = result.resumed_from["step"] if result.resumed_from else None
     return {"steps": total_steps, "epochs": round(total_steps / max(steps_per_epoch, 1), 3),
-            "final_loss": curve[-1][1] if curve else None, "loss_curve": curve, "resumed_from_step": resumed_from}
-
-
-def _checkpoint(scratch: Path, model, optimizer, scheduler, step: int, curve: list) -> None:
-    import shutil
-
-    import torch
-    from safetensors.torch import save_model
-
-    from pipeline.artifact import atomic_write_text
-
-    target = scratch / f"step-{step:09d}"
-    target.mkdir(parents=True, exist_ok=True)
-    save_model(model, str(target / "model.safetensors"))
-    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, target / "optimizer.pt")
-    atomic_write_text(scratch / "train_state.json", json.dumps({"step": step, "curve": curve, "dir": target.name}))
-    for old in scratch.glob("step-*"):
-        if old.name != target.name:
-            shutil.rmtree(old, ignore_errors=True)
+            "final_loss": result.final_loss, "loss_curve": result.curve, "resumed_from_step": resumed}
 
 
 def target_logits(model, batch: dict[str, Any], vocab_size: int):

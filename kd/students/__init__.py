@@ -21,6 +21,7 @@ STUDENTS: dict[str, str] = {
     "cnn": "kd.students.cnn",
     "transformer": "kd.students.transformer",
     "seq2seq": "kd.students.seq2seq",
+    "chain": "kd.students.chain",  # two seq2seq models decoded in turn (pivot translation)
     "hf": "kd.students.hf",  # an HF checkpoint directory (teachers), see hf.py
 }
 
