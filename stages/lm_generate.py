@@ -156,7 +156,7 @@ class LmGenerateStage(MapStage):
         """num_samples completions of one prompt (ids after the prompt, up to and with eos)."""
         import torch
 
-        from kd.lm.data import seeded
+        from kd.training import derive_seed
 
         cfg = self.config
         eos, pad = self.tok.eos_token_id, self.tok.pad_token_id
@@ -168,7 +168,7 @@ class LmGenerateStage(MapStage):
         else:
             options.update(do_sample=False, num_beams=cfg.num_beams, early_stopping=True)
         ids = torch.tensor([prompt], device=self.device)
-        generator_seed = seeded(seed, "lm_generate", doc_id)
+        generator_seed = derive_seed(seed, "lm_generate", doc_id)
         with torch.inference_mode(), torch.random.fork_rng(devices=[]):
             torch.manual_seed(generator_seed)
             out = self.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), **options)

@@ -147,6 +147,63 @@ def test_bad_config_and_teacher_are_rejected_before_running(tmp_path, teacher):
     assert facts.get("lm_vocab_size") < 256 and facts.get("lm_vocab")
 
 
+def test_padded_embedding_rows_never_change_the_stored_distributions(tmp_path, teacher):
+    """Rows past the tokenizer's length, set huge at random, change nothing that is stored."""
+    import shutil
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    loud = tmp_path / "loud"
+    shutil.copytree(teacher, loud)
+    model = AutoModelForCausalLM.from_pretrained(str(loud))
+    vocab = LmLabelStage(config=LmLabelStage.Config(teacher=str(teacher))).output_facts(
+        input_facts={}).get("lm_vocab_size")
+    rows = model.get_output_embeddings().weight
+    assert rows.shape[0] > vocab
+    with torch.no_grad():
+        torch.manual_seed(0)
+        rows[vocab:] = torch.randn_like(rows[vocab:]) * 100  # would take most of the mass if not sliced off
+    model.save_pretrained(str(loud))
+    for mode in ("topk", "sampled"):
+        _, quiet_out = _label(tmp_path / f"q{mode}", teacher, mode=mode, k=8)
+        _, loud_out = _label(tmp_path / f"l{mode}", loud, mode=mode, k=8)
+        for col in quiet_out.column_names:
+            if col in ("topk_logprobs", "log_normalizer", "kl_rebuilt"):  # float: same within float32 rounding
+                a = np.concatenate([np.ravel(np.array(x, dtype=np.float64)) for x in quiet_out.column(col).to_pylist()])
+                b = np.concatenate([np.ravel(np.array(x, dtype=np.float64)) for x in loud_out.column(col).to_pylist()])
+                np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-3)
+            else:
+                assert quiet_out.column(col).equals(loud_out.column(col)), col
+
+
+def test_a_tokenizer_longer_than_the_models_vocabulary_exits_2_at_plan(tmp_path):
+    from transformers import AutoTokenizer
+
+    short = tiny_causal_lm(tmp_path / "short", pad_rows=1)
+    tok = AutoTokenizer.from_pretrained(str(short))
+    tok.add_tokens(["zebraword", "quokkaword", "yakword"])
+    tok.save_pretrained(str(short))
+    problems = LmLabelStage(config=LmLabelStage.Config(teacher=str(short))).validate(
+        input_columns={"data": [["id", "text"]]})
+    assert [p.loc for p in problems] == ["config.teacher"] and "cannot be scored" in problems[0].message
+    corpus = tmp_path / "docs.txt"
+    corpus.write_text("a man is riding a horse\n")
+    manifest = tmp_path / "m.yaml"
+    manifest.write_text(f"""
+name: lmrows
+workdir: {tmp_path / "wd"}
+stages:
+  - {{name: read, type: read, config: {{path: {corpus}, format: text}}}}
+  - {{name: lm, type: lm_label, inputs: {{data: read}}, config: {{teacher: {short}}}}}
+""")
+    env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    proc = subprocess.run([sys.executable, "-m", "pipeline.cli", "plan", str(manifest)], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert "stages[1].config.teacher" in proc.stdout + proc.stderr and "cannot be scored" in proc.stdout + proc.stderr
+
+
 # --- crash: kill -9 mid-label, resume, shards identical to a clean run --------------------------
 
 def _manifest(path: Path, workdir: Path, corpus: Path, teacher: Path) -> Path:

@@ -61,7 +61,26 @@ def check_teacher_source(cfg, input_columns, *, stage: str) -> list:
             if config.get("is_encoder_decoder"):
                 problems.append(Problem("config.teacher", f"{local} is an encoder-decoder model; {stage} needs a "
                                         "causal LM (GPT-2, Llama, ...); use `label` with task: seq2seq"))
+            elif isinstance(config.get("vocab_size"), int):
+                problems += _vocab_rows_problem(local, config["vocab_size"])
     return problems
+
+
+def _vocab_rows_problem(local: Path, rows: int) -> list:
+    """A tokenizer with more ids than the model has output rows: those ids cannot be scored.
+    (More rows than ids, a padded vocabulary, is fine: the extra rows are sliced off.)"""
+    from kd.lm.text import load_tokenizer
+    from pipeline.stage import Problem
+
+    try:
+        size = len(load_tokenizer(local))
+    except Exception as e:  # noqa: BLE001 - any load failure is a config problem here
+        return [Problem("config.teacher", f"cannot load the tokenizer saved with {local}: {e}")]
+    if size <= rows:
+        return []
+    return [Problem("config.teacher", f"{local}: the tokenizer has {size} tokens but the model only {rows} output rows "
+                    f"(config.json vocab_size); ids {rows}..{size - 1} cannot be scored: use the tokenizer saved with "
+                    "the model, or resize the model's embeddings to the tokenizer")]
 
 
 def teacher_vocab_facts(cfg) -> dict[str, Any]:
