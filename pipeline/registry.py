@@ -24,9 +24,12 @@ STAGES: dict[str, str] = {
     "train_seq2seq": "stages.train_seq2seq:TrainSeq2SeqStage",
     "agreement": "stages.agreement:AgreementStage",
     "lm_label": "stages.lm_label:LmLabelStage",
+    "lm_generate": "stages.lm_generate:LmGenerateStage",
     "train_lm": "stages.train_lm:TrainLmStage",
     "lm_teacher": "stages.lm_teacher:LmTeacherStage",
     "chain_seq2seq": "stages.chain_seq2seq:ChainSeq2SeqStage",
+    "pair_detection": "stages.pair_detection:PairDetectionStage",
+    "train_multitask": "stages.train_multitask:TrainMultitaskStage",
 }
 
 

@@ -25,7 +25,8 @@ from pydantic import Field, model_validator
 
 from pipeline.devices import NumericsConfig, worker_device
 from pipeline.stage import Facts, InputRole, MapStage, Problem, StageContext, throughput
-from kd.teachers import check_teacher, length_batches, quiet_transformers, resolve_teacher, teacher_fingerprint
+from kd.lm.teacher import teacher_vocab_facts
+from kd.teachers import length_batches, quiet_transformers, resolve_teacher, teacher_fingerprint
 
 DIST_COLUMNS = {"topk": ["topk_ids", "topk_logprobs", "log_normalizer"], "sampled": ["sample_ids", "sample_counts"]}
 
@@ -62,14 +63,6 @@ class LmLabelConfig(NumericsConfig):
         return self.stride or max(1, self.max_length // 2)
 
 
-def teacher_vocab(local: Path) -> tuple[str, int]:
-    """(vocab digest, tokenizer length) of the tokenizer saved in a checkpoint directory."""
-    from kd.lm.text import load_tokenizer, vocab_digest
-
-    tok = load_tokenizer(local)
-    return vocab_digest(tok), len(tok)
-
-
 class LmLabelStage(MapStage):
     """Teacher-forced causal LM next-token distributions (topk or sampled) into Parquet."""
 
@@ -83,28 +76,9 @@ class LmLabelStage(MapStage):
 
     # --- planning -------------------------------------------------------------------------
     def validate(self, *, input_columns) -> list[Problem]:
-        cfg = self.config
-        from_input = bool(input_columns.get("teacher"))
-        if (cfg.teacher is not None) == from_input:
-            what = "two teacher sources" if from_input else "no teacher"
-            return [Problem("config.teacher", f"{what}: give exactly one of `teacher: <dir or hub id>` "
-                                              "or `inputs: {teacher: <stage>}`")]
-        problems: list[Problem] = []
-        for cols in input_columns.get("data", []):
-            if cols is not None and cfg.text_column not in cols:
-                problems.append(Problem("config.text_column", f"column {cfg.text_column!r} is not in the data "
-                                        f"(it has {', '.join(cols)}); set text_column to one of them"))
-        if cfg.teacher is not None:
-            problems += check_teacher(cfg.teacher, revision=cfg.revision, task="lm",  # type: ignore[arg-type]
-                                      trust_remote_code=cfg.trust_remote_code, allow_new_head=True,
-                                      loc="config.teacher")
-            local = resolve_teacher(cfg.teacher, cfg.revision)
-            if not problems and local is not None:
-                config = json.loads((local / "config.json").read_text())
-                if config.get("is_encoder_decoder"):
-                    problems.append(Problem("config.teacher", f"{local} is an encoder-decoder model; lm_label "
-                                            "needs a causal LM (GPT-2, Llama, ...); use `label` with task: seq2seq"))
-        return problems
+        from kd.lm.teacher import check_teacher_source
+
+        return check_teacher_source(self.config, input_columns, stage="lm_label")
 
     def output_columns(self, *, input_columns) -> list[str] | None:
         cols = ["id", "doc_id", "input_ids", "target_start", "kl_rebuilt"] + DIST_COLUMNS[self.config.mode]
@@ -116,15 +90,10 @@ class LmLabelStage(MapStage):
         cfg = self.config
         facts = Facts({"lm_mode": cfg.mode, "lm_logprobs": cfg.mode == "topk" or cfg.store_logprobs},
                       {"lm_mode": "config.mode", "lm_logprobs": "config.store_logprobs"})
-        local = resolve_teacher(cfg.teacher, cfg.revision) if cfg.teacher else None
-        if local is None or not (local / "config.json").is_file():
-            return facts
-        try:
-            digest, size = teacher_vocab(local)
-        except Exception:  # noqa: BLE001 - an unloadable tokenizer is reported when the stage runs
-            return facts
-        facts.values.update(lm_vocab=digest, lm_vocab_size=size, lm_tokenizer=str(local))
-        facts.origins.update(lm_vocab="config.teacher")
+        vocab = teacher_vocab_facts(cfg)
+        facts.values.update(vocab)
+        if vocab:
+            facts.origins.update(lm_vocab="config.teacher")
         return facts
 
     def uses_seed(self) -> bool:
@@ -149,19 +118,14 @@ class LmLabelStage(MapStage):
     # --- worker ---------------------------------------------------------------------------
     def setup(self, ctx: StageContext) -> None:
         from kd.lm.codecs import CodecSpec
-        from kd.lm.teacher import load_causal_lm
+        from kd.lm.teacher import load_causal_lm, teacher_dir
         from kd.lm.text import vocab_digest
 
         quiet_transformers()
         cfg = self.config
         # As planned (num_gpus > 0 -> CUDA), or DeviceUnavailable naming this node.
         self.device, dtype = worker_device(self.numerics(), stage=ctx.stage_name)
-        if cfg.teacher is not None:  # the copy stored in the workdir (external_models)
-            local = ctx.model_dir("teacher") or resolve_teacher(cfg.teacher, cfg.revision)
-            if local is None:
-                raise FileNotFoundError(f"teacher {cfg.teacher!r} not found locally or in the HF cache")
-        else:
-            local = ctx.input("teacher").files_dir / "model"
+        local = teacher_dir(cfg, ctx)
         self.model, self.tok = load_causal_lm(local, device=self.device, dtype=dtype,
                                               trust_remote_code=cfg.trust_remote_code)
         self.spec = CodecSpec(mode=cfg.mode, vocab_size=len(self.tok), k=cfg.k, value_dtype=cfg.value_dtype,

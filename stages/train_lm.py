@@ -3,7 +3,8 @@
 Loss: (1 - kd.alpha) x cross-entropy on the text + kd.alpha x KD from the stored targets:
 `topk` (forward, reverse or mixed KL over the k kept ids + one tail bucket) or `sampled`
 (the unbiased Sparse Logit Sampling estimate of the forward KL), at temperature kd.temperature
-applied here, at train time. Batches stream from the shards, one shard in memory at a time.
+applied here, at train time. From `lm_generate` text (Seq-KD), cross-entropy only (kd.alpha 0)
+on the completions. Batches stream from the shards, one shard in memory at a time.
 The student uses the teacher's tokenizer (from `tokenizer:` or `inputs: {tokenizer: <stage>}`),
 checked against the vocabulary digest the labels were made with.
 
@@ -53,7 +54,7 @@ class TrainLmStage(TaskStage):
     Config = TrainLmConfig
     seeded = True  # initial weights, batch order, dropout
     inputs = {
-        "data": InputRole(doc="lm_label shards (topk or sampled targets)"),
+        "data": InputRole(doc="lm_label shards (topk or sampled targets) or lm_generate text"),
         "tokenizer": InputRole(required=False, kind="files", doc="a stage with files/model/ (the teacher)"),
         "heldout": InputRole(required=False, doc="held-out documents for perplexity"),
     }
@@ -81,7 +82,7 @@ class TrainLmStage(TaskStage):
         for cols in input_columns.get("data", []):
             if cols is not None and "input_ids" not in cols:
                 problems.append(Problem("inputs.data", "the data input is not an lm_label artifact (no input_ids "
-                                        "column); feed train_lm from an lm_label stage"))
+                                        "column); feed train_lm from an lm_label or lm_generate stage"))
         for cols in input_columns.get("heldout", []):
             if cols is not None and cfg.heldout_text_column not in cols:
                 problems.append(Problem("config.heldout_text_column", f"column {cfg.heldout_text_column!r} is not "
@@ -95,6 +96,10 @@ class TrainLmStage(TaskStage):
         data = (input_facts.get("data") or [Facts()])[0]
         problems: list[Problem] = []
         mode = data.get("lm_mode")
+        if mode == "text" and cfg.kd.alpha > 0:
+            problems.append(Problem("config.kd.alpha", "the data holds teacher-generated text (lm_generate), no "
+                                    "token distributions: set kd.alpha: 0 (cross-entropy on the teacher's text is "
+                                    "sequence-level KD), or feed train_lm from an lm_label stage"))
         if mode == "sampled" and cfg.kd.divergence != "forward" and cfg.kd.alpha > 0:
             problems.append(Problem("config.kd.divergence", f"{cfg.kd.divergence} KL needs the teacher's "
                                     "probabilities of the student's likely ids, which sampled targets do not hold; "
@@ -136,6 +141,8 @@ class TrainLmStage(TaskStage):
                              "the teacher's tokenizer: point `tokenizer` at the teacher's checkpoint")
         codec = json.loads(md["kdpipe.codec"])
         mode, k = codec["mode"], codec["k"]
+        if mode == "text" and cfg.kd.alpha > 0:
+            raise ValueError("the data is lm_generate text without token distributions: set kd.alpha: 0")
         shard_rows = [s["rows"] for s in sorted(data.manifest["shards"], key=lambda s: s["index"])]
         per_epoch = steps_per_epoch(shard_rows, cfg.train.batch_size)
         total = total_steps(cfg.train, per_epoch)

@@ -82,6 +82,44 @@ def test_topk_rows_windows_and_narrow_dtypes(tmp_path, teacher):
     assert md["mode"] == "topk" and int(md["vocab_size"]) == vocab and int(md["model_vocab_size"]) > vocab
 
 
+@pytest.mark.parametrize("max_length,stride", [(2, 1), (8, 1), (8, 4), (8, 7), (9, 5), (32, 16), (32, 31)])
+def test_windows_predict_every_token_once_with_the_most_context(max_length, stride):
+    from kd.lm.text import windows
+
+    for n in range(1, 80):
+        wins = windows(n, max_length, stride)
+        predictor: dict[int, object] = {}
+        for w in wins:
+            assert 0 <= w.start < w.end <= n and w.end - w.start <= max_length
+            for pos in range(w.start + w.target_start, w.end - 1):  # positions whose next token is a target
+                assert pos + 1 not in predictor, (n, pos + 1)
+                predictor[pos + 1] = w
+        assert sorted(predictor) == list(range(1, n))  # token 0 (the start) has no prediction
+        starts = [w.start for w in wins]
+        assert starts == sorted(set(starts)) and all(b - a <= stride for a, b in zip(starts, starts[1:]))
+        for t, w in predictor.items():  # context of token t: the tokens before it in its window
+            assert t - w.start == max(t - v.start for v in wins if v.start < t < v.end)  # the most there is
+            assert t - w.start >= min(t, max_length - stride)  # at least max_length - stride past the first
+
+
+def test_every_window_of_a_long_document_holds_the_teachers_distribution_in_its_own_context(tmp_path, teacher):
+    from kd.lm.text import document_ids
+
+    stage, out = _label(tmp_path, teacher, mode="topk", k=4)
+    long_ids = document_ids(stage.tok, LONG)
+    rows = [r for r in out.to_pylist() if r["doc_id"] == "d1"]
+    predicted = []
+    for r in rows:
+        start = int(r["id"].split("#")[1]) * 16  # stride 16
+        start = min(start, len(long_ids) - 32)
+        assert r["input_ids"] == long_ids[start:start + len(r["input_ids"])]
+        logp = _teacher_logprobs(teacher, r["input_ids"])[r["target_start"]:]
+        np.testing.assert_allclose(np.array(r["topk_logprobs"], dtype=np.float64),
+                                   np.take_along_axis(logp, np.array(r["topk_ids"], dtype=np.int64), -1), atol=5e-3)
+        predicted += [start + p + 1 for p in range(r["target_start"], len(r["input_ids"]) - 1)]
+    assert predicted == list(range(1, len(long_ids)))
+
+
 def test_sampled_rows_are_seeded_and_counts_sum_to_k(tmp_path, teacher):
     stage, out = _label(tmp_path, teacher, mode="sampled", k=12, store_logprobs=True)
     again = stage.process(_docs(), make_context(tmp_path / "b", seed=3), shard_index=0)
@@ -107,6 +145,63 @@ def test_bad_config_and_teacher_are_rejected_before_running(tmp_path, teacher):
     assert "text_column" in stage.validate(input_columns={"data": [["id", "text"]]})[0].loc
     facts = LmLabelStage(config=LmLabelStage.Config(teacher=str(teacher))).output_facts(input_facts={})
     assert facts.get("lm_vocab_size") < 256 and facts.get("lm_vocab")
+
+
+def test_padded_embedding_rows_never_change_the_stored_distributions(tmp_path, teacher):
+    """Rows past the tokenizer's length, set huge at random, change nothing that is stored."""
+    import shutil
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    loud = tmp_path / "loud"
+    shutil.copytree(teacher, loud)
+    model = AutoModelForCausalLM.from_pretrained(str(loud))
+    vocab = LmLabelStage(config=LmLabelStage.Config(teacher=str(teacher))).output_facts(
+        input_facts={}).get("lm_vocab_size")
+    rows = model.get_output_embeddings().weight
+    assert rows.shape[0] > vocab
+    with torch.no_grad():
+        torch.manual_seed(0)
+        rows[vocab:] = torch.randn_like(rows[vocab:]) * 100  # would take most of the mass if not sliced off
+    model.save_pretrained(str(loud))
+    for mode in ("topk", "sampled"):
+        _, quiet_out = _label(tmp_path / f"q{mode}", teacher, mode=mode, k=8)
+        _, loud_out = _label(tmp_path / f"l{mode}", loud, mode=mode, k=8)
+        for col in quiet_out.column_names:
+            if col in ("topk_logprobs", "log_normalizer", "kl_rebuilt"):  # float: same within float32 rounding
+                a = np.concatenate([np.ravel(np.array(x, dtype=np.float64)) for x in quiet_out.column(col).to_pylist()])
+                b = np.concatenate([np.ravel(np.array(x, dtype=np.float64)) for x in loud_out.column(col).to_pylist()])
+                np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-3)
+            else:
+                assert quiet_out.column(col).equals(loud_out.column(col)), col
+
+
+def test_a_tokenizer_longer_than_the_models_vocabulary_exits_2_at_plan(tmp_path):
+    from transformers import AutoTokenizer
+
+    short = tiny_causal_lm(tmp_path / "short", pad_rows=1)
+    tok = AutoTokenizer.from_pretrained(str(short))
+    tok.add_tokens(["zebraword", "quokkaword", "yakword"])
+    tok.save_pretrained(str(short))
+    problems = LmLabelStage(config=LmLabelStage.Config(teacher=str(short))).validate(
+        input_columns={"data": [["id", "text"]]})
+    assert [p.loc for p in problems] == ["config.teacher"] and "cannot be scored" in problems[0].message
+    corpus = tmp_path / "docs.txt"
+    corpus.write_text("a man is riding a horse\n")
+    manifest = tmp_path / "m.yaml"
+    manifest.write_text(f"""
+name: lmrows
+workdir: {tmp_path / "wd"}
+stages:
+  - {{name: read, type: read, config: {{path: {corpus}, format: text}}}}
+  - {{name: lm, type: lm_label, inputs: {{data: read}}, config: {{teacher: {short}}}}}
+""")
+    env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    proc = subprocess.run([sys.executable, "-m", "pipeline.cli", "plan", str(manifest)], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert "stages[1].config.teacher" in proc.stdout + proc.stderr and "cannot be scored" in proc.stdout + proc.stderr
 
 
 # --- crash: kill -9 mid-label, resume, shards identical to a clean run --------------------------

@@ -36,8 +36,9 @@ class ShardBatches:
 
     def __init__(self, shard_paths: list, *, mode: str, k: int, temperature: float = 1.0):
         self.paths, self.mode, self.k, self.temperature = shard_paths, mode, k, temperature
-        self.columns = ["input_ids", "target_start"] + (
-            ["topk_ids", "topk_logprobs"] if mode == "topk" else ["sample_ids", "sample_counts"])
+        # mode "text" (lm_generate's completions): tokens only, learnt with cross-entropy.
+        self.columns = ["input_ids", "target_start"] + {
+            "topk": ["topk_ids", "topk_logprobs"], "sampled": ["sample_ids", "sample_counts"], "text": []}[mode]
         if mode == "sampled" and temperature != 1.0:
             self.columns.append("sample_logprobs")
         self._loaded: tuple[int, Any] = (-1, None)
@@ -57,7 +58,7 @@ class ShardBatches:
                           t["target_start"].to_numpy())
         if self.mode == "topk":
             out.update(topk_targets(t["topk_ids"], t["topk_logprobs"], self.k))
-        else:
+        elif self.mode == "sampled":
             logprobs = t["sample_logprobs"] if "sample_logprobs" in self.columns else None
             out.update(sampled_targets(t["sample_ids"], t["sample_counts"], logprobs, self.temperature))
         return out
