@@ -184,7 +184,9 @@ def main(argv: list[str] | None = None) -> None:
     teacher_beams = GenerationConfig.from_pretrained(str(teacher_dir)).num_beams or 1
     if teacher_beams != args.beams:
         raise SystemExit(f"the teacher checkpoint says num_beams {teacher_beams}, the run asked for {args.beams}")
-    label_md = json.loads((paths["labels"] / "manifest.json").read_text()).get("summary", {})
+    label_md = json.loads((paths["labels"] / "manifest.json").read_text()).get("summary", {}).get("label", {})
+    if int(label_md.get("num_beams", args.beams)) != args.beams:
+        raise SystemExit(f"the labels were decoded with num_beams {label_md['num_beams']}, the run asked for {args.beams}")
     teacher = load(teacher_dir)
     models: list[dict[str, Any]] = []
     hyps, teacher_speed = decode(teacher, src, num_beams=teacher_beams)
@@ -225,7 +227,7 @@ def main(argv: list[str] | None = None) -> None:
           f"{greedy['student_reference']:.2f} (means over {args.seeds} seed(s)): {'met' if goal_met else 'NOT met'}")
     result = {"teacher_pairs": teacher_pairs, "train_pairs": train_pairs, "val_rows": val_rows, "test_rows": test_rows,
               "tiny": args.tiny, "cpus": args.cpus, "beams": args.beams, "teacher_checkpoint_num_beams": teacher_beams,
-              "label_num_beams": label_md.get("num_beams"), "lr_grid": args.lrs, "seeds": list(range(args.seeds)),
+              "label_num_beams": int(label_md["num_beams"]) if "num_beams" in label_md else None, "lr_grid": args.lrs, "seeds": list(range(args.seeds)),
               "validation_bleu": {s: {f"{lr:g}": b for lr, b in v.items()} for s, v in val_bleu.items()},
               "chosen_lr": chosen, "overrides": overrides, "stage_seconds": stage_seconds,
               "source_reliance": reliance, "models": models, "goal_met": goal_met,

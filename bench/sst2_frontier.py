@@ -38,22 +38,27 @@ def plot(pts: list[dict[str, Any]], path: Path, *, title: str) -> None:
     import matplotlib.pyplot as plt
     from matplotlib.colors import LogNorm
 
-    fig, ax = plt.subplots(figsize=(8, 5))
+    fig, ax = plt.subplots(figsize=(10, 5.5))
     speeds = [p["sentences_per_s"] for p in pts]
     norm = LogNorm(vmin=min(speeds), vmax=max(speeds) * (1.01 if min(speeds) == max(speeds) else 1))
     for p in pts:
         ax.errorbar(p["parameters"], p["accuracy"], yerr=p["std"], fmt="none", ecolor="grey", capsize=3, zorder=1)
     sc = ax.scatter([p["parameters"] for p in pts], [p["accuracy"] for p in pts], c=speeds, cmap="viridis", norm=norm,
                     s=[260 if p["teacher"] else 70 for p in pts], marker="o", edgecolors="black", zorder=2)
-    for p in pts:
+    # neighbours in accuracy get their labels on alternate sides, so close points stay readable
+    for rank, p in enumerate(sorted(pts, key=lambda q: q["accuracy"])):
         if p["teacher"]:
             ax.scatter([p["parameters"]], [p["accuracy"]], marker="*", s=420, facecolors="none",
                        edgecolors="red", linewidths=1.5, zorder=3)
-        ax.annotate(f"{p['name']}\n{p['sentences_per_s']:,.0f} sent/s", (p["parameters"], p["accuracy"]),
-                    textcoords="offset points", xytext=(6, 4), fontsize=7)
+        right = rank % 2 == 0 or p["teacher"]
+        ax.annotate(f"{p['name']} ({p['sentences_per_s']:,.0f} sent/s)", (p["parameters"], p["accuracy"]),
+                    textcoords="offset points", xytext=(8 if right else -8, -3), fontsize=7,
+                    ha="left" if right else "right")
     ax.set_xscale("log")
     lo, hi = min(p["parameters"] for p in pts), max(p["parameters"] for p in pts)
-    ax.set_xlim(lo / 2, hi * 4)
+    ax.set_xlim(lo / 8, hi * 8)
+    accs = [p["accuracy"] for p in pts]
+    ax.set_ylim(min(accs) - 2, max(accs) + 2)
     ax.set(xlabel="parameters (log scale)", ylabel="SST-2 dev accuracy (%)", title=title)
     fig.colorbar(sc, ax=ax, label="sentences/s on this machine (log)")
     ax.grid(True, which="major", alpha=0.3)
