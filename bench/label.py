@@ -306,7 +306,7 @@ def run_interleaved(args, sentences: list[str], model: Path, tmp: Path, tsv: Pat
         setup = statistics.median(t["slowest_setup_seconds"] for t in ts)
         write = statistics.median(t["write_seconds"] for t in ts)
         ratios = [f / s for f, s in zip(arms["fair"], arms[arm])]
-        return {"seconds": med[arm], "runs": arms[arm], "stage_over_fair_runs": ratios,
+        return {"seconds": med[arm], "runs": arms[arm], "stage_over_fair_runs": ratios, "timing_runs": ts,
                 "stage_over_fair": statistics.median(ratios), "model_time_over_fair": statistics.median(
                     f / t["compute_seconds"] for f, t in zip(arms["fair"], ts)),
                 "tokens_over_ceiling": tokens / med[arm] / ceiling,
@@ -320,13 +320,16 @@ def run_interleaved(args, sentences: list[str], model: Path, tmp: Path, tsv: Pat
 
 
 def rounds_report(r: dict) -> str:
+    import statistics
+
     p, n = r["rounds"], r["sentences"]
     lines = [f"label, {p['rounds']} interleaved rounds: {n} sentences; {r['cpus']} CPUs; load average "
              f"{r['loadavg'][0]} -> {r['loadavg'][1]}; ray.init {p['ray_init_seconds']:.1f}s (not in any arm)",
              f"  fair bare loop: median {p['fair_seconds']:.1f}s = {n / p['fair_seconds']:.1f} sentences/s (runs "
              + ", ".join(f"{x:.1f}" for x in p["fair_runs"]) + ")",
-             f"  FLOP ceiling: median {sorted(p['matmul_gflops_runs'])[len(p['matmul_gflops_runs']) // 2]:.1f} "
-             f"GFLOP/s = {p['token_ceiling_per_s']:.0f} tokens/s; fair loop useful tokens/s / ceiling "
+             f"  FLOP ceiling: median {statistics.median(p['matmul_gflops_runs']):.1f} GFLOP/s (runs "
+             + ", ".join(f"{x:.1f}" for x in p["matmul_gflops_runs"]) + f") = {p['token_ceiling_per_s']:.0f} "
+             f"tokens/s; fair loop useful tokens/s / ceiling "
              f"{p['fair_tokens_over_ceiling']:.2f}"]
     for arm, a in p["arms"].items():
         lines += [f"  {arm}: median {a['seconds']:.1f}s (runs " + ", ".join(f"{x:.1f}" for x in a["runs"]) + ")",

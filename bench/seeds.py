@@ -23,9 +23,19 @@ from _env import write_json  # first: _env sets the offline environment
 
 
 def evaluate_metrics(summary: list[dict]) -> dict[str, dict[str, float]]:
-    """model name -> metrics, from every evaluate stage of a finished run."""
+    """model name -> metrics, from every evaluate stage of a finished run, and from every
+    train_multitask stage (its per-task dev accuracy as STAGE[TASK], discriminator accuracy)."""
     out: dict[str, dict[str, float]] = {}
     for stage in summary:
+        if stage["type"] == "train_multitask":
+            metrics = json.loads((Path(stage["path"]) / "files" / "metrics.json").read_text())
+            for task, entry in metrics["tasks"].items():
+                if entry.get("dev_accuracy") is not None:
+                    out[f"{stage['name']}[{task}]"] = {"accuracy": entry["dev_accuracy"]}
+            for key in ("discriminator_accuracy_first", "discriminator_accuracy_last"):
+                if key in metrics:
+                    out.setdefault(f"{stage['name']}[discriminator]", {})[key.rsplit("_", 1)[1]] = metrics[key]
+            continue
         if stage["type"] != "evaluate":
             continue
         metrics = json.loads((Path(stage["path"]) / "files" / "metrics.json").read_text())
@@ -47,6 +57,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("manifest", type=Path)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--seed-var", default=None, metavar="NAME",
+                        help="vary this manifest variable instead of the manifest seed (e.g. student_seed: "
+                             "students of several seeds over teachers trained once)")
     parser.add_argument("--var", action="append", default=[], metavar="NAME=VALUE")
     parser.add_argument("--workdir", type=Path, default=None, help="artifact store (default: a temp dir)")
     parser.add_argument("--json", type=Path, default=None)
@@ -56,8 +69,12 @@ def main() -> None:
     per_seed: dict[int, dict[str, dict[str, float]]] = {}
     start = time.perf_counter()
     for seed in args.seeds:
-        manifest = load_manifest(args.manifest, overrides=overrides)
-        manifest.seed, manifest.workdir = seed, str(workdir)
+        if args.seed_var:
+            manifest = load_manifest(args.manifest, overrides={**overrides, args.seed_var: str(seed)})
+        else:
+            manifest = load_manifest(args.manifest, overrides=overrides)
+            manifest.seed = seed
+        manifest.workdir = str(workdir)
         summary = run_graph(build_graph(manifest), progress=False, log=lambda *a: None)
         per_seed[seed] = evaluate_metrics(summary)
         print(f"seed {seed}: {json.dumps(per_seed[seed])}", flush=True)
@@ -67,7 +84,7 @@ def main() -> None:
         metrics = sorted({k for r in per_seed.values() for k in r.get(model, {})})
         table[model] = {k: mean_sd([r[model][k] for r in per_seed.values() if k in r.get(model, {})])
                         for k in metrics}
-    result = {"manifest": str(args.manifest), "vars": overrides, "seeds": args.seeds,
+    result = {"manifest": str(args.manifest), "vars": overrides, "seeds": args.seeds, "seed_var": args.seed_var,
               "seconds": round(time.perf_counter() - start, 1), "per_seed": per_seed, "mean_sd": table}
     for model, metrics in table.items():
         shown = ", ".join(f"{k} {v['mean']} ± {v['sd']}" for k, v in metrics.items())

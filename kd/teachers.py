@@ -120,6 +120,32 @@ def label_names(config: dict[str, Any]) -> list[str]:
     return [str(id2label.get(str(i), id2label.get(i, f"LABEL_{i}"))) for i in range(len(id2label))]
 
 
+def gold_indices(values: list[Any], names: list[str], *, data_names: list[str] | None = None,
+                 unknown: int | None = None) -> list[int]:
+    """Gold values as indices into `names` (the class order of a model or of training): the one
+    mapping of kdpipe. None or a negative integer (no gold, e.g. a GLUE test split) -> -1; an
+    integer names `data_names[i]` when the data has label_names (so it lands on that name's
+    index even when `names` is another order), else it is a position in `names`; any other value
+    is matched by name (as a string). A value that matches nothing is an error, or `unknown`."""
+    index = {str(n): i for i, n in enumerate(names)}
+    data_names = [str(n) for n in data_names] if data_names else None
+    out = []
+    for v in values:
+        if v is None or (isinstance(v, int) and not isinstance(v, bool) and v < 0):
+            out.append(-1)
+            continue
+        if isinstance(v, int) and not isinstance(v, bool):
+            if data_names is None and v < len(names):
+                out.append(v)
+                continue
+            v = data_names[v] if data_names is not None and v < len(data_names) else v
+        i = index.get(str(v))
+        if i is None and unknown is None:
+            raise ValueError(f"gold label {v!r} is not one of the label names {list(names)}")
+        out.append(unknown if i is None else i)
+    return out
+
+
 PLACEHOLDER_RE = re.compile(r"^LABEL_\d+$")
 
 

@@ -8,6 +8,8 @@ import hashlib
 import json
 from typing import TYPE_CHECKING, Any, Iterator
 
+from kd.teachers import gold_indices
+
 if TYPE_CHECKING:
     from pipeline.artifact import Artifact
 
@@ -107,22 +109,6 @@ def teacher_orders(sources: list[LabelSource], label_names: list[str]) -> list[l
         except ValueError as e:
             raise ValueError(f"label artifact {s.key}: {e}; relabel with a `label` stage whose data carries "
                              "these label_names (it stores logits in the data's order)") from None
-    return out
-
-
-def gold_indices(values: list[Any], label_names: list[str]) -> list[int]:
-    """Gold labels as class indices; None (no gold) becomes -1."""
-    index = {n: i for i, n in enumerate(label_names)}
-    out = []
-    for v in values:
-        if v is None:
-            out.append(-1)
-        elif isinstance(v, int) and not isinstance(v, bool):
-            out.append(v)
-        elif str(v) in index:
-            out.append(index[str(v)])
-        else:
-            raise ValueError(f"gold label {v!r} is not one of the label names {label_names}")
     return out
 
 
@@ -313,4 +299,5 @@ def read_eval_table(art: "Artifact", cfg, label_names: list[str]) -> dict[str, A
                 "gold": [[str(t) for t in tags] for tags in table[cfg.label_column].to_pylist()]}
     return {"texts": [t or "" for t in table[cfg.student_column].to_pylist()],
             "pairs": [t or "" for t in table[cfg.student_pair_column].to_pylist()] if cfg.student_pair_column else None,
-            "gold": gold_indices(table[cfg.label_column].to_pylist(), label_names)}
+            # The dev artifact's integers name its own label_names, whatever their order.
+            "gold": gold_indices(table[cfg.label_column].to_pylist(), label_names, data_names=_md(art, "label_names"))}

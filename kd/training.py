@@ -55,6 +55,7 @@ Example (a classifier with early stopping on dev accuracy)::
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import shutil
@@ -110,32 +111,22 @@ def fit(model, *, optimizer, loss_fn: Callable[[Any, int], Any], batches: Callab
         loop = _Loop(**saved["loop"])
         resumed_from = {"step": loop.step, "epoch": len(loop.history)}
     bar = _progress(total_steps, loop.step, desc)
+    step_fn = functools.partial(_update, model, optimizer, scheduler, scaler, loss_fn, seed=seed, device=device,
+                                dtype=dtype, clip_grad_norm=clip_grad_norm)
+    save = functools.partial(store.save, loop, model, optimizer=optimizer, scheduler=scheduler, scaler=scaler)
     try:
         while loop.step < total_steps and not loop.stopped_early:
             epoch, skip = divmod(loop.step, steps_per_epoch)
             end = min(total_steps, (epoch + 1) * steps_per_epoch)
             model.train()
-            epoch_batches = iter(batches(epoch, skip))
-            try:
-                for batch in epoch_batches:
-                    loss, parts = _update(model, optimizer, scheduler, scaler, loss_fn, batch, loop.step,
-                                          seed=seed, device=device, dtype=dtype, clip_grad_norm=clip_grad_norm)
-                    loop.add(loss, parts, count(batch) if count else 1)
-                    bar.update(1)
-                    if loop.step == end:
-                        break
-                    if checkpoint_every and loop.step % checkpoint_every == 0:
-                        store.save(loop, model, optimizer=optimizer, scheduler=scheduler, scaler=scaler)
-                    if on_step is not None:
-                        on_step(loop.step)
-            finally:
-                getattr(epoch_batches, "close", lambda: None)()  # stops a prefetching producer now
+            _run_epoch(loop, batches(epoch, skip), step_fn, end=end, count=count, bar=bar, save=save,
+                       checkpoint_every=checkpoint_every, on_step=on_step)
             if loop.step != end:
                 raise RuntimeError(f"epoch {epoch + 1} ran out of batches after update {loop.step}; "
                                    f"{steps_per_epoch} per epoch were promised")
             record = loop.end_epoch(epoch + 1, evaluate(epoch + 1) if evaluate else {}, select, patience)
             bar.set_postfix(loss=f"{record['loss']:.4f}", refresh=False)
-            store.save(loop, model, optimizer=optimizer, scheduler=scheduler, scaler=scaler)
+            save()
             if on_step is not None:
                 on_step(loop.step)
             if on_epoch_end is not None:
@@ -149,8 +140,27 @@ def fit(model, *, optimizer, loss_fn: Callable[[Any, int], Any], batches: Callab
                      stopped_early=loop.stopped_early, resumed_from=resumed_from)
 
 
+def _run_epoch(loop: "_Loop", batches: Iterable[Any], step_fn, *, end: int, count, bar, save,
+               checkpoint_every: int | None, on_step) -> None:
+    """Updates until the epoch's batches run out or the update count reaches `end`."""
+    epoch_batches = iter(batches)
+    try:
+        for batch in epoch_batches:
+            loss, parts = step_fn(batch, loop.step)
+            loop.add(loss, parts, count(batch) if count else 1)
+            bar.update(1)
+            if loop.step == end:
+                return
+            if checkpoint_every and loop.step % checkpoint_every == 0:
+                save()
+            if on_step is not None:
+                on_step(loop.step)
+    finally:
+        getattr(epoch_batches, "close", lambda: None)()  # stops a prefetching producer now
+
+
 def _update(model, optimizer, scheduler, scaler, loss_fn, batch, step: int, *, seed: int, device, dtype,
-            clip_grad_norm: float | None):
+            clip_grad_norm: float | None) -> tuple[float, dict[str, float]]:
     import torch
 
     from pipeline.devices import autocast
@@ -222,7 +232,8 @@ class _Loop:
         score = select(record) if select is not None else None
         if select is None or self.best_epoch is None or score > self.best_score:
             self.best_epoch, self.best_score, self.stale = epoch, score, 0
-            self.best_dir = _step_dir(self.step)
+            # Kept on disk only when the model is to end with it (not simply the last epoch).
+            self.best_dir = _step_dir(self.step) if select is not None else None
         else:
             self.stale += 1
         self.stopped_early = bool(patience and self.stale >= patience)

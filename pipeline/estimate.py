@@ -153,7 +153,7 @@ def _cuda_count() -> int:
 
 def _probe_stage(node, manifest, probes: dict[str, _Probe], tmp: Path, *, probe_rows: int, cpus: float,
                  gpus: float, actor_start: float) -> tuple[StageEstimate, _Probe]:
-
+    """Run the stage on a sample, in this process, with the threads its actors would get."""
     stage = type(node.stage)(config=node.stage.config)  # fresh: setup() loads models; keep them off the graph
     inputs = {role: [probes[n].art for n in names] for role, names in node.inputs.items()}
     threads = max(1, int(stage.resources().get("num_cpus", 1)))
@@ -161,69 +161,85 @@ def _probe_stage(node, manifest, probes: dict[str, _Probe], tmp: Path, *, probe_
                        seed=manifest.seed if stage.uses_seed() else None, num_cpus=threads, workdir=tmp)
     ctx.out_dir.mkdir(parents=True)
     ctx.scratch_dir.mkdir(parents=True)
-    gpu_share = stage.resources().get("num_gpus", 0.0)
     before = _set_threads(threads)
     try:
         if stage.kind == "source":
-            start = time.perf_counter()
-            table = stage.read(ctx)
-            seconds = time.perf_counter() - start
-            md = {f"kdpipe.{k}": v for k, v in stage.metadata().items()}
-            sample = _sample(table, probe_rows)
-            art = make_artifact(tmp / "sample", sample, metadata=md)
-            per_row = art.shard_path(0).stat().st_size / max(sample.num_rows, 1)
-            shards = max(1, math.ceil(table.num_rows / max(stage.rows_per_shard(), 1)))
-            est = StageEstimate(node.name, node.type, "probed", table.num_rows, int(per_row * table.num_rows),
-                                round(seconds, 2), 1)
-            return est, _Probe(art, table.num_rows, shards)
+            return _probe_source(node, stage, ctx, tmp, probe_rows=probe_rows)
         data = probes[node.inputs["data"][0]] if "data" in node.inputs else None
         if stage.kind == "map":
             assert data is not None
-            sample_in = _sample(data.art.read_shard(0), probe_rows)
-            start = time.perf_counter()
-            stage.setup(ctx)
-            setup_s = time.perf_counter() - start
-            start = time.perf_counter()
-            result = stage.process(sample_in, ctx, shard_index=0)
-            per_row_s = (time.perf_counter() - start) / max(sample_in.num_rows, 1)
-            md = {f"kdpipe.{k}": v for k, v in stage.metadata().items()}
-            art = make_artifact(tmp / "sample", result, metadata=md)
-            growth = result.num_rows / max(sample_in.num_rows, 1)
-            rows = int(round(data.rows * growth))
-            out_bytes = int(art.shard_path(0).stat().st_size / max(result.num_rows, 1) * rows)
-            workers = _workers(stage, data.shards, cpus, gpus)
-            # Shards go to workers whole: the busiest worker takes ceil(shards / workers) of them.
-            busiest = math.ceil(data.shards / workers) / data.shards
-            seconds = actor_start + setup_s + data.rows * busiest * per_row_s
-            note = (f"{per_row_s * 1000:.2f} ms/row on {threads} thread(s), worker start {actor_start:.1f} s, "
-                    f"setup {setup_s:.1f} s, probe {sample_in.num_rows} rows")
-            return (StageEstimate(node.name, node.type, "probed", rows, out_bytes, round(seconds, 1), workers,
-                                  gpu_share, note), _Probe(art, rows, data.shards))
-        # task: run on sampled inputs, scale by the main input's rows
-        sampled = {}
-        for role, names in node.inputs.items():
-            arts = []
-            for i, n in enumerate(names):
-                p = probes[n]
-                if p.art.num_shards():
-                    part = _sample(p.art.read_shard(0), probe_rows)
-                    md = p.art.file_metadata()
-                    arts.append(make_artifact(tmp / f"in-{role}-{i}", part, metadata=md))
-                else:
-                    arts.append(p.art)
-            sampled[role] = arts
-        ctx.inputs = sampled
-        start = time.perf_counter()
-        stage.run(ctx)
-        seconds = time.perf_counter() - start
-        scale = (data.rows / max(sampled["data"][0].manifest.get("rows", 1), 1)) if data and data.art.num_shards() else 1.0
-        make_artifact(tmp, None)  # manifest.json over files/ so downstream probes can read it
-        files_bytes = sum(p.stat().st_size for p in ctx.out_dir.rglob("*") if p.is_file())
-        est = StageEstimate(node.name, node.type, "probed", None, files_bytes, round(seconds * scale, 1), 1, gpu_share,
-                            f"ran on a {probe_rows}-row sample in {seconds:.1f} s, scaled x{scale:.1f} by rows")
-        return est, _Probe(Artifact(tmp), 0, 1)
+            return _probe_map(node, stage, ctx, data, tmp, probe_rows=probe_rows, cpus=cpus, gpus=gpus,
+                              actor_start=actor_start, threads=threads)
+        return _probe_task(node, stage, ctx, data, probes, tmp, probe_rows=probe_rows)
     finally:
         _set_threads(before)
+
+
+def _probe_source(node, stage, ctx: StageContext, tmp: Path, *, probe_rows: int) -> tuple[StageEstimate, _Probe]:
+    start = time.perf_counter()
+    table = stage.read(ctx)
+    seconds = time.perf_counter() - start
+    md = {f"kdpipe.{k}": v for k, v in stage.metadata().items()}
+    sample = _sample(table, probe_rows)
+    art = make_artifact(tmp / "sample", sample, metadata=md)
+    per_row = art.shard_path(0).stat().st_size / max(sample.num_rows, 1)
+    shards = max(1, math.ceil(table.num_rows / max(stage.rows_per_shard(), 1)))
+    est = StageEstimate(node.name, node.type, "probed", table.num_rows, int(per_row * table.num_rows),
+                        round(seconds, 2), 1)
+    return est, _Probe(art, table.num_rows, shards)
+
+
+def _probe_map(node, stage, ctx: StageContext, data: _Probe, tmp: Path, *, probe_rows: int, cpus: float,
+               gpus: float, actor_start: float, threads: int) -> tuple[StageEstimate, _Probe]:
+    sample_in = _sample(data.art.read_shard(0), probe_rows)
+    start = time.perf_counter()
+    stage.setup(ctx)
+    setup_s = time.perf_counter() - start
+    start = time.perf_counter()
+    result = stage.process(sample_in, ctx, shard_index=0)
+    per_row_s = (time.perf_counter() - start) / max(sample_in.num_rows, 1)
+    md = {f"kdpipe.{k}": v for k, v in stage.metadata().items()}
+    art = make_artifact(tmp / "sample", result, metadata=md)
+    growth = result.num_rows / max(sample_in.num_rows, 1)
+    rows = int(round(data.rows * growth))
+    out_bytes = int(art.shard_path(0).stat().st_size / max(result.num_rows, 1) * rows)
+    workers = _workers(stage, data.shards, cpus, gpus)
+    # Shards go to workers whole: the busiest worker takes ceil(shards / workers) of them.
+    busiest = math.ceil(data.shards / workers) / data.shards
+    seconds = actor_start + setup_s + data.rows * busiest * per_row_s
+    note = (f"{per_row_s * 1000:.2f} ms/row on {threads} thread(s), worker start {actor_start:.1f} s, "
+            f"setup {setup_s:.1f} s, probe {sample_in.num_rows} rows")
+    gpu_share = stage.resources().get("num_gpus", 0.0)
+    return (StageEstimate(node.name, node.type, "probed", rows, out_bytes, round(seconds, 1), workers,
+                          gpu_share, note), _Probe(art, rows, data.shards))
+
+
+def _probe_task(node, stage, ctx: StageContext, data: _Probe | None, probes: dict[str, _Probe], tmp: Path, *,
+                probe_rows: int) -> tuple[StageEstimate, _Probe]:
+    """Run on sampled inputs, scale by the main input's rows."""
+    sampled = {}
+    for role, names in node.inputs.items():
+        arts = []
+        for i, n in enumerate(names):
+            p = probes[n]
+            if p.art.num_shards():
+                part = _sample(p.art.read_shard(0), probe_rows)
+                md = p.art.file_metadata()
+                arts.append(make_artifact(tmp / f"in-{role}-{i}", part, metadata=md))
+            else:
+                arts.append(p.art)
+        sampled[role] = arts
+    ctx.inputs = sampled
+    start = time.perf_counter()
+    stage.run(ctx)
+    seconds = time.perf_counter() - start
+    scale = (data.rows / max(sampled["data"][0].manifest.get("rows", 1), 1)) if data and data.art.num_shards() else 1.0
+    make_artifact(tmp, None)  # manifest.json over files/ so downstream probes can read it
+    files_bytes = sum(p.stat().st_size for p in ctx.out_dir.rglob("*") if p.is_file())
+    gpu_share = stage.resources().get("num_gpus", 0.0)
+    est = StageEstimate(node.name, node.type, "probed", None, files_bytes, round(seconds * scale, 1), 1, gpu_share,
+                        f"ran on a {probe_rows}-row sample in {seconds:.1f} s, scaled x{scale:.1f} by rows")
+    return est, _Probe(Artifact(tmp), 0, 1)
 
 
 def format_estimates(estimates: list[StageEstimate], *, gpu_hour_cost: float | None) -> str:

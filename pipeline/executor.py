@@ -169,6 +169,23 @@ def _run_source_impl(stage: Stage, ctx: StageContext, provenance: dict[str, str]
     return stats
 
 
+def _read_rows_impl(stage: Stage, ctx: StageContext, provenance: dict[str, str], cwd: str, art_dir: str,
+                    shards: list[int], per: int, total_rows: int) -> list[dict[str, Any]]:
+    """One part of a source read by several tasks: the rows of `shards` (consecutive indices)."""
+    import ray
+
+    _enter_worker(cwd, ctx.num_cpus)
+    first = shards[0]
+    table = stage.read_rows(ctx, start=first * per, stop=min(total_rows, (shards[-1] + 1) * per))
+    metadata = {**provenance, **{f"kdpipe.{k}": v for k, v in stage.metadata().items()}}
+    stats = []
+    for index in shards:
+        s = write_shard(art_dir, index, table.slice((index - first) * per, per), metadata)
+        s["node_id"] = ray.get_runtime_context().get_node_id()
+        stats.append(s)
+    return stats
+
+
 def _run_task_impl(stage: Stage, ctx: StageContext, cwd: str) -> dict[str, Any]:
     """Run a task stage; returns its summary and the checksums of the files it wrote.
 
@@ -199,6 +216,16 @@ def _run_task_impl(stage: Stage, ctx: StageContext, cwd: str) -> dict[str, Any]:
         return {"summary": summary, "files": file_checksums(ctx.out_dir)}
     finally:
         shutil.rmtree(local, ignore_errors=True)
+
+
+def _consecutive(indices: list[int]) -> list[list[int]]:
+    runs: list[list[int]] = []
+    for i in indices:
+        if runs and runs[-1][-1] == i - 1:
+            runs[-1].append(i)
+        else:
+            runs.append([i])
+    return runs
 
 
 def _user_error(e: Exception) -> KdpipeError | None:
@@ -478,8 +505,12 @@ class Executor:
         files: dict[str, Any] = {}
         if stage.kind == "source":
             done = plan.completed
-            stats = self._run_placed(plan, _run_source_impl, res, stage, ctx, provenance, self.cwd,
-                                     ctx.artifact_loc, list(done))
+            if stage.read_tasks() > 1:
+                stats, tasks = self._run_source_parts(stage, ctx, provenance, res, done)
+            else:
+                tasks = 1
+                stats = self._run_placed(plan, _run_source_impl, res, stage, ctx, provenance, self.cwd,
+                                         ctx.artifact_loc, list(done))
             shards, extra = self._merge(done, stats), {}
             ran = len(stats)
         elif stage.kind == "map":
@@ -493,7 +524,32 @@ class Executor:
         seconds = time.perf_counter() - start
         self._write_manifest(plan, shards, extra, files, seconds, upstream_dirs, timing=_timing(shards))
         return {"shards_run": ran, "shards_total": len(shards) if shards else (1 if stage.kind == "task" else 0),
-                "rows": sum(s["rows"] for s in shards), "seconds": round(seconds, 3), "shards": shards}
+                "rows": sum(s["rows"] for s in shards), "seconds": round(seconds, 3), "shards": shards,
+                **({"read_tasks": tasks} if stage.kind == "source" else {})}
+
+    def _run_source_parts(self, stage: Stage, ctx: StageContext, provenance: dict[str, str],
+                          res: dict[str, float], done: dict[int, Any]) -> tuple[list[dict[str, Any]], int]:
+        """A source read by read_tasks() tasks, each writing a run of consecutive missing shards
+        (check_placement has made sure one task fits a node; the others queue behind it)."""
+        import ray
+
+        total = stage.num_rows()
+        per = max(1, stage.rows_per_shard())
+        pending = [i for i in range(max(1, -(-total // per))) if i not in done]
+        if not pending:
+            return [], 0
+        n = min(stage.read_tasks(), len(pending))
+        parts = [pending[len(pending) * k // n: len(pending) * (k + 1) // n] for k in range(n)]
+        # A part's shards may be non-consecutive after a resume: split it at the gaps.
+        runs = [run for part in parts for run in _consecutive(part)]
+        task = ray.remote(_read_rows_impl).options(max_retries=MAX_SHARD_ATTEMPTS, **res)
+        refs = [task.remote(stage, ctx, provenance, self.cwd, ctx.artifact_loc, run, per, total) for run in runs]
+        try:
+            return [s for stats in ray.get(refs) for s in stats], len(runs)
+        except ray.exceptions.RayTaskError as e:
+            if _user_error(e) is not None:
+                raise _user_error(e) from None
+            raise
 
     @staticmethod
     def _merge(done: dict[int, dict[str, Any]], new: list[dict[str, Any]]) -> list[dict[str, Any]]:

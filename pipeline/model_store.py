@@ -106,3 +106,28 @@ def model_dir(loc: str) -> Path:
                                    f"in {storage.join(loc, MANIFEST)}; delete {loc} and rerun to store it again")
     (target / _MIRRORED).write_text(manifest["digest"])
     return target / "files"
+
+
+def stored_models(workdir: str | os.PathLike) -> list[str]:
+    """Locations of every model stored in a workdir."""
+    root = storage.join(storage.normalize(workdir), "models")
+    return [storage.join(root, name) for name, kind in sorted(storage.list_dir(root).items()) if kind == "dir"]
+
+
+def verify_model(loc: str) -> tuple[list[str], int]:
+    """(problems, files checked) for one stored model: every file re-hashed against manifest.json."""
+    try:
+        recorded = storage.read_json(storage.join(loc, MANIFEST))["files"]
+    except (OSError, ValueError, KeyError):
+        return [f"BAD {loc}: no readable {MANIFEST} (an interrupted store; the next run stores it again)"], 0
+    actual = storage.list_files(storage.join(loc, "files"), hidden=True)
+    problems = []
+    for name in sorted(set(recorded) | set(actual)):
+        path = storage.join(loc, "files", name)
+        if name not in actual:
+            problems.append(f"BAD {path}: missing")
+        elif name not in recorded:
+            problems.append(f"BAD {path}: not listed in {MANIFEST}")
+        elif actual[name] != recorded[name]["bytes"] or storage.sha256(path) != recorded[name]["sha256"]:
+            problems.append(f"BAD {path}: differs from {MANIFEST} (altered); delete {loc} and rerun to store it again")
+    return problems, len(set(recorded) | set(actual))

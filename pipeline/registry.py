@@ -28,6 +28,8 @@ STAGES: dict[str, str] = {
     "train_lm": "stages.train_lm:TrainLmStage",
     "lm_teacher": "stages.lm_teacher:LmTeacherStage",
     "chain_seq2seq": "stages.chain_seq2seq:ChainSeq2SeqStage",
+    "pair_detection": "stages.pair_detection:PairDetectionStage",
+    "train_multitask": "stages.train_multitask:TrainMultitaskStage",
 }
 
 

@@ -39,7 +39,7 @@ def run_graph(graph: Graph, *, only: list[str] | None = None, start: str | None 
     writer claim on each artifact it computes, so a concurrent run needing the same artifact
     waits for it and then reuses it, while runs needing different artifacts proceed in parallel."""
     from pipeline.claims import Claims
-    from pipeline.executor import Executor, init_ray, update_alias
+    from pipeline.executor import update_alias
 
     manifest: Manifest = graph.manifest
     _check_address(address)
@@ -58,9 +58,7 @@ def run_graph(graph: Graph, *, only: list[str] | None = None, start: str | None 
         executor = None
         to_run = [p for p in plans if p.status != "cached"]
         if to_run:
-            init_ray(address=address or manifest.ray.address, num_cpus=manifest.ray.num_cpus,
-                     temp_dir=_ray_temp_dir())
-            executor = Executor(graph, progress=_progress_factory(progress))
+            executor = _start_executor(graph, address=address, progress=progress)
             executor.check_placement(to_run)  # before any stage writes: an unplaceable run leaves nothing
         for plan in plans:
             dirs[plan.name] = plan.art_dir
@@ -73,25 +71,11 @@ def run_graph(graph: Graph, *, only: list[str] | None = None, start: str | None 
                 entry = {"name": plan.name, "type": plan.node.type, "key": plan.key,
                          "path": str(plan.art_dir), "reason": plan.reason}
                 if plan.status == "cached":
-                    art_manifest = storage.read_json(storage.join(str(plan.art_dir), "manifest.json"))
-                    n = len(art_manifest.get("shards", [])) or (1 if plan.node.stage.kind == "task" else 0)
-                    entry.update(status="cached", shards_run=0, shards_total=n, rows=art_manifest.get("rows", 0),
-                                 seconds=0.0)
-                    log(f"[{plan.name}] cached ({plan.key})")
+                    entry.update(_cached_entry(plan, log))
                 else:
-                    if executor is None:
-                        ray_cfg = manifest.ray
-                        init_ray(address=address or ray_cfg.address, num_cpus=ray_cfg.num_cpus,
-                                 temp_dir=_ray_temp_dir())
-                        executor = Executor(graph, progress=_progress_factory(progress))
+                    executor = executor or _start_executor(graph, address=address, progress=progress)
                     started = time.time()
-                    log(f"[{plan.name}] {'resuming' if plan.status == 'resume' else 'running'}: {plan.reason}")
-                    result = executor.run_stage(plan, dirs)
-                    nodes = sorted({s.get("node_id") for s in result.pop("shards") if s.get("node_id")})
-                    entry.update(status="resumed" if plan.status == "resume" else "ran", nodes=nodes, **result)
-                    made = "files" if plan.node.stage.kind == "task" else f"{result['rows']} rows, " \
-                        f"{result['shards_run']}/{result['shards_total']} shards run"
-                    log(f"[{plan.name}] done: {made} in {result['seconds']:.1f}s")
+                    entry.update(_execute(executor, plan, dirs, log))
                 update_alias(workdir, manifest.name, plan.name, plan.art_dir)
             finally:
                 claims.release_writer(str(plan.art_dir))
@@ -103,6 +87,31 @@ def run_graph(graph: Graph, *, only: list[str] | None = None, start: str | None 
     if summary_json:
         write_json(Path(summary_json), {"run": manifest.name, "stages": summary})
     return summary
+
+
+def _start_executor(graph: Graph, *, address: str | None, progress: bool):
+    from pipeline.executor import Executor, init_ray
+
+    init_ray(address=address or graph.manifest.ray.address, num_cpus=graph.manifest.ray.num_cpus,
+             temp_dir=_ray_temp_dir())
+    return Executor(graph, progress=_progress_factory(progress))
+
+
+def _cached_entry(plan: StagePlan, log) -> dict[str, Any]:
+    art_manifest = storage.read_json(storage.join(str(plan.art_dir), "manifest.json"))
+    n = len(art_manifest.get("shards", [])) or (1 if plan.node.stage.kind == "task" else 0)
+    log(f"[{plan.name}] cached ({plan.key})")
+    return dict(status="cached", shards_run=0, shards_total=n, rows=art_manifest.get("rows", 0), seconds=0.0)
+
+
+def _execute(executor, plan: StagePlan, dirs: dict[str, Any], log) -> dict[str, Any]:
+    log(f"[{plan.name}] {'resuming' if plan.status == 'resume' else 'running'}: {plan.reason}")
+    result = executor.run_stage(plan, dirs)
+    nodes = sorted({s.get("node_id") for s in result.pop("shards") if s.get("node_id")})
+    made = "files" if plan.node.stage.kind == "task" else f"{result['rows']} rows, " \
+        f"{result['shards_run']}/{result['shards_total']} shards run"
+    log(f"[{plan.name}] done: {made} in {result['seconds']:.1f}s")
+    return dict(status="resumed" if plan.status == "resume" else "ran", nodes=nodes, **result)
 
 
 def _check_address(address: str | None) -> None:

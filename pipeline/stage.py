@@ -291,6 +291,20 @@ class SourceStage(Stage):
     def rows_per_shard(self) -> int:
         return int(getattr(self.config, "rows_per_shard", 10_000))
 
+    # A large source may be read by several tasks side by side. Each reads the rows of a run of
+    # whole shards and writes them: the same shards, ids and order as one task reading it all.
+    def read_tasks(self) -> int:
+        """How many tasks read the source (1: one task calls `read`)."""
+        return 1
+
+    def num_rows(self) -> int:
+        """Rows `read` would return, known without reading them (when read_tasks() > 1)."""
+        raise NotImplementedError
+
+    def read_rows(self, ctx: StageContext, *, start: int, stop: int) -> "pa.Table":
+        """Rows [start, stop) of what `read` returns, same ids (when read_tasks() > 1)."""
+        raise NotImplementedError
+
     def metadata(self) -> dict[str, str]:
         return {}
 

@@ -9,6 +9,8 @@ For each artifact:
 * files artifacts: every file under files/ matches its recorded size and sha256, none missing,
   none extra.
 
+Without a target it also re-hashes the teachers stored under `models/` (pipeline/model_store.py).
+
 Prints one line per bad shard or file (`BAD <path>: <reason>`) and exits 1 if any; exit 0 and a
 one-line tally otherwise. Reading is all it does: `kdpipe run --verify` re-hashes like this and
 recomputes what is bad (a plain `run` trusts the stored digests and checks sizes only, so that
@@ -25,6 +27,7 @@ from typing import Any
 from pipeline import storage
 from pipeline.artifact import MANIFEST, Artifact, file_checksums, list_aliases, read_alias
 from pipeline.errors import KdpipeError
+from pipeline.model_store import stored_models, verify_model
 
 
 class TargetNotFound(KdpipeError):
@@ -157,6 +160,13 @@ def cmd_verify(args: argparse.Namespace) -> int:
         bad += len(problems)
         for k, v in counts.items():
             totals[k] += v
+    if args.target is None:  # the whole workdir: also the teachers stored under models/
+        for loc in stored_models(args.workdir):
+            problems, n = verify_model(loc)
+            for line in problems:
+                print(line, file=sys.stderr)
+            bad += len(problems)
+            totals["files"] += n
     tally = (f"{totals['artifacts']} artifact(s), {totals['shards']} shard(s), {totals['files']} file(s), "
              f"{totals['rows']} row(s) checked")
     if args.json:

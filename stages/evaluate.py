@@ -184,19 +184,20 @@ def _gold_indices(gold: list[Any], model_names: list[str] | None, data) -> list[
     """Gold values as the model's class indices, matched by name: an integer gold label names
     the data's label_names[i], which may sit at another index of the model (a teacher whose
     id2label is in another order). Without names on either side, integers are positions."""
+    from kd.teachers import gold_indices
     from kd.train_data import _md
 
     data_names = [str(n) for n in _md(data, "label_names") or []] or None
     names = [str(n) for n in model_names] if model_names else None
-    if all(isinstance(g, int) for g in gold if g is not None) and (names is None or data_names is None):
-        return [-1 if g is None else g for g in gold]
+    if not (names or data_names):
+        if any(not isinstance(g, int) for g in gold if g is not None):
+            raise ValueError("gold labels are strings but the model has no label names to map them to")
+        names = [str(i) for i in range(max([g for g in gold if g is not None], default=0) + 1)]  # positions
     names = names or data_names
-    if not names:
-        raise ValueError("gold labels are strings but the model has no label names to map them to")
-    index = {n: i for i, n in enumerate(names)}
-    values = [data_names[g] if isinstance(g, int) and data_names and 0 <= g < len(data_names) else g for g in gold]
-    unknown = sorted({str(v) for v in values if v is not None and str(v) not in index})
+    known = set(names)
+    unknown = sorted({str(data_names[g] if isinstance(g, int) and data_names and 0 <= g < len(data_names) else g)
+                      for g in gold if g is not None} - known)
     if unknown and data_names and names != data_names:
         raise ValueError(f"the model's labels {names} do not name the data's label_names {data_names} "
                          f"(e.g. {unknown[0]!r}); evaluate models trained on these labels")
-    return [index.get(str(v), -2) if v is not None else -1 for v in values]
+    return gold_indices(gold, names, data_names=data_names, unknown=-2)  # -2: counted wrong

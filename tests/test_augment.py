@@ -287,7 +287,7 @@ def _manifest(tmp_path: Path, tsv: Path, *, workdir: str, rows_per_shard: int, c
 
 @pytest.mark.ray
 @pytest.mark.slow
-def test_engine_output_independent_of_workers_and_sharding(tmp_path, sentiment_tsv, ray_session):
+def test_engine_output_independent_of_workers_and_sharding(tmp_path, sentiment_tsv, ray_session, tagger):
     from pipeline.graph import build_graph
     from pipeline.manifest import parse_manifest
     from pipeline.runner import run_graph
@@ -309,6 +309,16 @@ def test_engine_output_independent_of_workers_and_sharding(tmp_path, sentiment_t
     assert results["c1"] == results["c2"]
     assert len(results["c1"]["augment"]) > 40 * 3
     assert len(results["c1"]["augment_global"]) < len(results["c1"]["augment"])
+    # Every value equals the stages' own code run in this process, without Ray, actors, prefetch
+    # or Parquet hand-off: speed work on the engine must keep these rows.
+    runs = tmp_path / "c2" / "runs" / "aug"
+    read, tagged = (Artifact((runs / s).resolve()).read_table() for s in ("read", "tag"))
+    assert tagged.sort_by("id").to_pylist() == tag(tagger, read).sort_by("id").to_pylist()
+    for stage, cfg in (("augment", {}), ("augment_global", {"dedup": "artifact"})):
+        local, _ = run_augment(tmp_path, tagged, Artifact((runs / "unigram").resolve()), seed=3,
+                               name=f"local_{stage}", n_iter=5, **cfg)
+        engine = Artifact((runs / stage).resolve()).read_table()
+        assert engine.sort_by("id").to_pylist() == local.sort_by("id").to_pylist()
 
 
 def test_sst2_manifest_validates_with_the_default_path(monkeypatch):

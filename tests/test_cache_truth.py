@@ -42,7 +42,7 @@ def encoder(tmp_path_factory):
 def test_words_without_a_teacher_logit_are_masked_in_every_teacher_term():
     import torch
 
-    from stages import losses
+    from kd import losses
 
     student = torch.tensor([[1.0, -1.0, 0.5], [0.2, 0.3, -0.4], [2.0, 0.0, 1.0]])
     teacher = torch.tensor([[0.5, -0.5, 0.0], [math.nan] * 3, [1.0, 1.0, -1.0]])

@@ -2,8 +2,10 @@
 loopback), with a hub teacher pinned by revision that only the driver has in its HF cache: the
 nodes run with an empty HF cache, as GPU workers that share no disk would.
 
-* The teacher is stored once in the bucket (`models/<digest>/`) and the label actors on both
-  nodes load it from there; before teachers were stored, every actor failed to find it.
+* The teacher is stored once in the bucket (`models/<digest>/`, shared by `label` and by
+  `finetune`, whose base model it also is) and the actors on both nodes load it from there;
+  before teachers were stored, every actor failed to find it. The fine-tuned teacher, which
+  exists only in the bucket, is loaded by label actors on both nodes.
 * The worker node killed (kill -9 of its raylet and workers) mid-label: the run completes on the
   head and its label output is identical to the uninterrupted run's.
 """
@@ -45,7 +47,7 @@ def s3_cluster(s3_server, tmp_path_factory):
         c.teardown()
 
 
-def _manifest(tmp: Path, workdir: str, name: str) -> Path:
+def _manifest(tmp: Path, workdir: str, name: str, *, finetune: bool = False) -> Path:
     corpus = tmp / "corpus.tsv"
     if not corpus.exists():
         words = ["a warm funny film", "the plot makes no sense", "two dogs play in the snow", "a dull mess"]
@@ -57,7 +59,12 @@ def _manifest(tmp: Path, workdir: str, name: str) -> Path:
                                                     "label_column": "label", "rows_per_shard": ROWS}},
         {"name": "label", "type": "label", "inputs": {"data": "read"},
          "config": {"teacher": REPO_ID, "revision": SHA, "concurrency": 2}},
-    ]}))
+    ] + ([  # the same hub model as a base to fine-tune, and the fine-tuned teacher labeling
+        {"name": "ft", "type": "finetune", "inputs": {"data": "read"},
+         "config": {"base_model": REPO_ID, "revision": SHA, "epochs": 1, "num_cpus": 1}},
+        {"name": "label_ft", "type": "label", "inputs": {"data": "read", "teacher": "ft"},
+         "config": {"concurrency": 2}},
+    ] if finetune else [])}))
     return path
 
 
@@ -77,7 +84,8 @@ def _label_markers(workdir: str) -> int:
 def reference(s3_cluster):
     cluster, tmp, env = s3_cluster
     workdir = "s3://kdpipe-test/cluster-ref"
-    summary = _finish(_start(_manifest(tmp, workdir, "ref"), tmp / "ref.json", cluster, env), tmp / "ref.json")
+    summary = _finish(_start(_manifest(tmp, workdir, "ref", finetune=True), tmp / "ref.json", cluster, env),
+                      tmp / "ref.json")
     return workdir, summary, read_alias(workdir, "s3c", "label").read_table().sort_by("id")
 
 
@@ -86,6 +94,7 @@ def test_hub_teacher_is_stored_once_and_every_node_loads_it_from_the_bucket(refe
     assert summary["label"]["status"] == "ran" and summary["label"]["shards_total"] == SHARDS
     assert len(set(summary["label"]["nodes"])) == 2, summary["label"]  # actors on both nodes
     assert table.num_rows == SHARDS * ROWS
+    # finetune's base model is the same hub snapshot: stored once for both stages.
     stored = storage.list_dir(storage.join(workdir, "models"))
     assert len(stored) == 1, stored
     digest = next(iter(stored))
@@ -93,6 +102,17 @@ def test_hub_teacher_is_stored_once_and_every_node_loads_it_from_the_bucket(refe
     assert {"config.json", "model.safetensors", "tokenizer.json"} <= set(manifest["files"])
     fingerprint = read_alias(workdir, "s3c", "label").manifest["key_parts"]["fingerprint"]
     assert list(fingerprint) == ["teacher tiny-teacher"]  # the snapshot's content stays in the key
+
+
+def test_fine_tuned_teacher_is_read_from_the_bucket_on_both_nodes(reference):
+    """The finetune artifact exists only in the bucket (its task's local folder is removed when it
+    is uploaded): label actors on both nodes load it through the storage layer."""
+    workdir, summary, _ = reference
+    assert summary["ft"]["status"] == "ran" and summary["label_ft"]["status"] == "ran"
+    assert len(set(summary["label_ft"]["nodes"])) == 2, summary["label_ft"]
+    assert storage.is_file(storage.join(summary["ft"]["path"], "files", "model", "model.safetensors"))
+    labels = read_alias(workdir, "s3c", "label_ft").read_table()
+    assert labels.num_rows == SHARDS * ROWS and "logits" in labels.column_names
 
 
 def test_worker_node_killed_mid_label_on_s3_run_completes_with_identical_output(s3_cluster, reference):

@@ -136,7 +136,8 @@ def test_reliability_key_table_is_generated_from_the_code():
 def test_key_table_names_seed_use_and_documented_fingerprints():
     rows = {row["stage type"].strip("`"): row for row in key_table_rows()}
     assert {t for t, r in rows.items() if r["manifest seed"] == "yes"} == {
-        "augment", "finetune", "seq2seq_teacher", "train", "train_seq2seq", "lm_teacher", "train_lm"}
+        "augment", "finetune", "seq2seq_teacher", "train", "train_seq2seq", "lm_teacher", "train_lm",
+        "train_multitask"}
     assert rows["label"]["manifest seed"].startswith("when config.allow_new_head")
     assert rows["lm_label"]["manifest seed"].startswith("when mode: sampled")
     assert rows["lm_generate"]["manifest seed"].startswith("when strategy: sample")

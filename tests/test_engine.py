@@ -240,3 +240,27 @@ def test_manifest_seed_stays_out_of_keys_of_stages_without_randomness(tmp_path, 
     base = manifest(tmp_path, sentiment_tsv)
     keys = [{p.name: p.key for p in make_plan(build_graph(parse_manifest({**base, "seed": seed})))} for seed in (0, 1)]
     assert keys[0] == keys[1]
+
+
+def test_parquet_read_by_several_tasks_writes_the_same_shards(tmp_path, ray_session):
+    """`read_tasks: 3` on a Parquet corpus: three tasks read the row groups of their shards (shards
+    of 7 rows straddle row groups of 9) and write exactly the shards one task writes."""
+
+    from pipeline.artifact import Artifact
+
+    source = tmp_path / "corpus.parquet"
+    pq.write_table(pa.table({"sentence": [f"sentence number {i}" for i in range(100)],
+                             "label": pa.array([i % 3 for i in range(100)], pa.int32())}), source, row_group_size=9)
+
+    def manifest(tasks: int) -> dict:
+        return {"name": "parts", "workdir": str(tmp_path / f"wd{tasks}"), "stages": [
+            {"name": "read", "type": "read", "config": {"path": str(source), "text_column": "sentence",
+                                                        "label_column": "label", "rows_per_shard": 7,
+                                                        "read_tasks": tasks}}]}
+
+    one, three = run(manifest(1))["read"], run(manifest(3))["read"]
+    assert (one["read_tasks"], three["read_tasks"]) == (1, 3)
+    assert one["key"] == three["key"] and one["shards_total"] == three["shards_total"] == 15
+    a, b = Artifact(one["path"]), Artifact(three["path"])
+    for i in range(15):
+        assert a.read_shard(i).equals(b.read_shard(i)), f"shard {i} differs"

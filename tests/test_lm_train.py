@@ -215,4 +215,4 @@ def test_lm_distill_manifest_validates_on_the_real_data():
     shared_data("sst2", "train.tsv")
     graph = build_graph(load_manifest(REPO / "manifests" / "lm-distill.yaml", overrides={"data": str(data)}))
     types = [n.type for n in graph.nodes.values()]
-    assert types.count("train_lm") == 5 and types.count("lm_generate") == 1
+    assert types.count("train_lm") == 5 and types.count("lm_generate") == 1  # students: ce, topk 8/64, sampled, Seq-KD

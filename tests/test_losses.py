@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from stages import losses
+from kd import losses
 
 
 def test_gold_cross_entropy_skips_rows_without_gold():

@@ -84,3 +84,31 @@ def test_a_hub_teacher_must_be_pinned(teacher, tmp_path, monkeypatch, revision, 
         config = tmp_path / "hf" / "models--kd-test--tiny" / "snapshots" / SHA / "config.json"
         config.write_text(config.read_text().replace('"negative"', '"neg"'))
         assert teacher_fingerprint("kd-test/tiny", SHA) != before
+
+
+def test_a_hub_base_model_for_finetune_must_be_pinned(teacher, tmp_path, monkeypatch):
+    from huggingface_hub import constants
+
+    from stages.finetune import FinetuneConfig, FinetuneStage
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(fake_hub_cache(tmp_path / "hf", "kd-test/base", teacher)))
+    for revision, locs in ((None, ["config.revision"]), ("main", ["config.revision"]), (SHA, [])):
+        stage = FinetuneStage(config=FinetuneConfig(base_model="kd-test/base", revision=revision))
+        assert [p.loc for p in stage.validate(input_columns={})] == locs, revision
+
+
+def test_verify_rehashes_stored_teachers(teacher, tmp_path, capsys):
+    import pyarrow as pa
+
+    from pipeline.cli import main
+    from pipeline.testing import make_artifact
+
+    wd = tmp_path / "wd"
+    make_artifact(wd / "artifacts" / "read" / "k1", pa.table({"id": ["a"], "text": ["x"]}))
+    loc = store_model(teacher, wd)
+    assert main(["verify", "--workdir", str(wd)]) == 0
+    config = Path(loc) / "files" / "config.json"
+    config.write_text(config.read_text() + " ")
+    capsys.readouterr()
+    assert main(["verify", "--workdir", str(wd)]) == 1
+    assert f"BAD {config}" in capsys.readouterr().err

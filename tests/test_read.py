@@ -114,3 +114,12 @@ def test_plan_checks_only_the_head_of_a_large_corpus(tmp_path, monkeypatch):
         stage.build_table()
     wrong = ReadStage(config=ReadStage.Config(path=str(path), text_column="text", label_column="label"))
     assert [p.loc for p in wrong.validate(input_columns={})] == ["config.text_column"]
+
+
+def test_read_tasks_on_a_source_that_cannot_be_split_is_refused(files):
+    stage = ReadStage(config=ReadStage.Config(path=str(files / "c.tsv"), text_column="sentence", read_tasks=2))
+    problems = stage.validate(input_columns={})
+    assert [p.loc for p in problems] == ["config.read_tasks"] and "only parquet" in problems[0].message
+    parquet = ReadStage(config=ReadStage.Config(path=str(files / "c.parquet"), text_column="sentence",
+                                                label_column="y", read_tasks=2))
+    assert "not an integer" in parquet.validate(input_columns={})[0].message  # string labels: typed by all rows

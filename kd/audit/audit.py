@@ -47,17 +47,10 @@ def _probs(table, columns: list[str]) -> dict[str, np.ndarray]:
 
 
 def _gold_indices(values: list[Any], names: list[str]) -> np.ndarray:
-    """Gold labels as class indices (-1 = missing); string labels through the label names."""
-    index = {n: i for i, n in enumerate(names)}
-    out = np.full(len(values), -1, dtype=np.int64)
-    for r, v in enumerate(values):
-        if v is None:
-            continue
-        if isinstance(v, str):
-            out[r] = index.get(v, -1) if not v.lstrip("-").isdigit() else int(v)
-        else:
-            out[r] = int(v)
-    return out
+    """Gold labels as class indices (-1 = missing or not one of `names`)."""
+    from kd.teachers import gold_indices
+
+    return np.array(gold_indices(values, names, unknown=-1), dtype=np.int64)
 
 
 def audit_label_artifact(label_dir: str | Path, *, data_dir: str | Path | None = None, top: int = 10,
