@@ -79,6 +79,11 @@ def test_lm_distill_manifest_runs_end_to_end_and_its_labels_inspect(tmp_path):
         assert f"mode {mode}, k {k}" in line and "bytes/token on disk" in line and "KL(full || rebuilt)" in line
         assert float(re.search(r"([\d.]+) bytes/token", line).group(1)) > 0
 
+    shown = subprocess.run([sys.executable, "-m", "pipeline.cli", "inspect", "lm-distill/generated", "--workdir",
+                            str(tmp_path / "data")], cwd=tmp_path, env=env, capture_output=True, text=True,
+                           timeout=300, check=True).stdout
+    assert '"completions": 40' in shown and "ended_with_eos" in shown
+
     # README's "Distil a causal LM" snippet, verbatim, from a folder whose data/ is this workdir.
     run = subprocess.run([sys.executable, "-c", _readme_pandas_snippet()], cwd=tmp_path, env=env,
                          capture_output=True, text=True, timeout=300)

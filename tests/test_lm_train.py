@@ -214,4 +214,5 @@ def test_lm_distill_manifest_validates_on_the_real_data():
     data = shared_data("multi30k", "train.en").parent.parent
     shared_data("sst2", "train.tsv")
     graph = build_graph(load_manifest(REPO / "manifests" / "lm-distill.yaml", overrides={"data": str(data)}))
-    assert [n.type for n in graph.nodes.values()].count("train_lm") == 5  # CE-only, topk 8, topk 64, sampled, Seq-KD
+    types = [n.type for n in graph.nodes.values()]
+    assert types.count("train_lm") == 5 and types.count("lm_generate") == 1  # students: ce, topk 8/64, sampled, Seq-KD
