@@ -202,11 +202,21 @@ REPO = __import__("pathlib").Path(__file__).resolve().parent.parent
 
 
 @pytest.mark.parametrize("manifest", ["multitask.yaml", "adversarial.yaml"])
-def test_manifests_plan(manifest):
+def test_manifests_plan(manifest, tmp_path, sentiment_tsv):
     from pipeline.graph import build_graph
     from pipeline.manifest import load_manifest
 
-    build_graph(load_manifest(REPO / "manifests" / manifest))  # every stage, input and column validated
+    # Tiny files laid out like shared/data (SST-2 TSVs, Multi30k line-aligned text).
+    multi30k = tmp_path / "multi30k"
+    multi30k.mkdir()
+    for split in ("train", "val"):
+        (multi30k / f"{split}.en").write_text("a dog runs .\na cat sleeps .\n", encoding="utf-8")
+        (multi30k / f"{split}.de").write_text("ein hund rennt .\neine katze schläft .\n", encoding="utf-8")
+    overrides = {"sst2_train": str(sentiment_tsv), "sst2_dev": str(sentiment_tsv)}
+    if manifest == "multitask.yaml":
+        overrides["multi30k"] = str(multi30k)
+    # every stage, input and column validated
+    build_graph(load_manifest(REPO / "manifests" / manifest, overrides=overrides))
 
 
 def test_a_task_naming_a_stage_missing_from_inputs_fails_the_plan():

@@ -24,7 +24,8 @@ from pipeline.plan import make_plan
 from pipeline.registry import get_stage_class, stage_types
 
 REPO = Path(__file__).resolve().parent.parent
-NUMERIC_STAGES = {"label", "finetune", "train", "seq2seq_teacher", "train_seq2seq", "lm_label"}
+NUMERIC_STAGES = {"label", "finetune", "train", "seq2seq_teacher", "train_seq2seq", "lm_label", "lm_generate",
+                  "train_multitask"}
 
 
 @pytest.fixture(scope="module")
@@ -111,7 +112,8 @@ def test_key_follows_the_resolved_device_and_dtype(tmp_path, sentiment_tsv, teac
     # the other model stages resolve the same way (and so key the same way)
     for type_key in sorted(NUMERIC_STAGES):
         cls = get_stage_class(type_key)
-        fields = {"teacher": str(teacher)} if type_key == "label" else {}
+        fields = {"label": {"teacher": str(teacher)},
+                  "train_multitask": {"tasks": [{"name": "sst2", "data": "train"}]}}.get(type_key, {})
         assert str(cls(config=cls.Config(num_gpus=1, **fields)).numerics()) == "cuda/bfloat16", type_key
         assert str(cls(config=cls.Config(**fields)).numerics()) == "cpu/float32", type_key
 

@@ -128,12 +128,13 @@ def test_chain_refuses_a_classifier(tmp_path):
         ChainSeq2SeqStage(config=ChainSeq2SeqStage.Config()).run(ctx)
 
 
-def test_zeroshot_manifest_plans_with_the_documented_inputs():
+def test_zeroshot_manifest_plans_with_the_documented_inputs(tmp_path):
     """The zero-shot student reads French and teacher labels only, never the German side."""
     from pipeline.graph import build_graph
     from pipeline.manifest import load_manifest
 
-    manifest = load_manifest(REPO / "manifests" / "zeroshot-fr-de.yaml")
+    data = write_toy_multi30k(tmp_path / "multi30k")  # files laid out like shared/data/multi30k
+    manifest = load_manifest(REPO / "manifests" / "zeroshot-fr-de.yaml", overrides={"multi30k": str(data)})
     stages = {s.name: s for s in manifest.stages}
     student = stages["student_zeroshot"]
     assert student.config["target"] == "seqkd" and student.config["source_column"] == "fr"
