@@ -20,8 +20,8 @@ from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
-from kd.lm.teacher import teacher_vocab_facts
-from kd.teachers import quiet_transformers, resolve_teacher, teacher_fingerprint
+from kd.lm.teacher import configured_teacher, teacher_vocab_facts
+from kd.teachers import quiet_transformers, teacher_fingerprint
 from pipeline.devices import NumericsConfig, worker_device
 from pipeline.stage import Facts, InputRole, MapStage, Problem, StageContext, throughput
 
@@ -98,13 +98,7 @@ class LmGenerateStage(MapStage):
     def external_models(self) -> dict[str, Path]:
         """The teacher, when given by path, `pkg:` folder or pinned hub id: stored once in the
         workdir, and workers load that copy."""
-        cfg = self.config
-        if cfg.teacher is None:
-            return {}
-        local = resolve_teacher(cfg.teacher, cfg.revision)
-        if local is None:
-            raise FileNotFoundError(f"teacher {cfg.teacher!r} not found locally or in the HF cache")
-        return {"teacher": local}
+        return configured_teacher(self.config)
 
     def setup(self, ctx: StageContext) -> None:
         from kd.lm.teacher import load_causal_lm, teacher_dir

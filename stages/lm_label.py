@@ -25,8 +25,8 @@ from pydantic import Field, model_validator
 
 from pipeline.devices import NumericsConfig, worker_device
 from pipeline.stage import Facts, InputRole, MapStage, Problem, StageContext, throughput
-from kd.lm.teacher import teacher_vocab_facts
-from kd.teachers import length_batches, quiet_transformers, resolve_teacher, teacher_fingerprint
+from kd.lm.teacher import configured_teacher, teacher_vocab_facts
+from kd.teachers import length_batches, quiet_transformers, teacher_fingerprint
 
 DIST_COLUMNS = {"topk": ["topk_ids", "topk_logprobs", "log_normalizer"], "sampled": ["sample_ids", "sample_counts"]}
 
@@ -107,13 +107,7 @@ class LmLabelStage(MapStage):
 
     def external_models(self) -> dict[str, Path]:
         """The teacher, when given by path, `pkg:` folder or pinned hub id."""
-        cfg = self.config
-        if cfg.teacher is None:
-            return {}
-        local = resolve_teacher(cfg.teacher, cfg.revision)
-        if local is None:
-            raise FileNotFoundError(f"teacher {cfg.teacher!r} not found locally or in the HF cache")
-        return {"teacher": local}
+        return configured_teacher(self.config)
 
     # --- worker ---------------------------------------------------------------------------
     def setup(self, ctx: StageContext) -> None:

@@ -99,6 +99,20 @@ def teacher_vocab_facts(cfg) -> dict[str, Any]:
     return {"lm_vocab": vocab_digest(tok), "lm_vocab_size": len(tok), "lm_tokenizer": str(local)}
 
 
+def configured_teacher(cfg) -> dict[str, Path]:
+    """`external_models()` of a stage whose teacher may be given by path, `pkg:` folder or pinned
+    hub id (`config.teacher`): that folder, to be stored once in the workdir; {} when the teacher
+    is an upstream artifact."""
+    from kd.teachers import resolve_teacher
+
+    if cfg.teacher is None:
+        return {}
+    local = resolve_teacher(cfg.teacher, cfg.revision)
+    if local is None:
+        raise FileNotFoundError(f"teacher {cfg.teacher!r} not found locally or in the HF cache")
+    return {"teacher": local}
+
+
 def teacher_dir(cfg, ctx) -> Path:
     """The checkpoint directory: the workdir's stored copy of `config.teacher` (external_models),
     else `config.teacher` resolved here, or the teacher input's files/model/."""
