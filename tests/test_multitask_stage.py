@@ -19,14 +19,7 @@ DE = ["ein hund rennt", "ein mann singt", "zwei kinder spielen", "eine frau lies
       "ein junge springt hoch", "leute gehen", "ein mädchen lächelt in die kamera"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def sentiment(n: int, prefix: str = "s") -> pa.Table:

@@ -15,16 +15,7 @@ VERBS = [("sees", "sieht"), ("likes", "mag"), ("paints", "malt"), ("finds", "fin
 OBJECTS = [("the house", "das haus"), ("the car", "das auto"), ("the tree", "den baum"), ("the ball", "den ball")]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """Tiny models gain nothing from threads, and on a shared machine OpenMP spin-waiting makes
-    two threads ~20x slower than one."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def toy_pairs() -> list[tuple[str, str]]:

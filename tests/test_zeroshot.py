@@ -20,14 +20,7 @@ OBJECTS = [("the house", "das haus", "la maison"), ("the car", "das auto", "la v
            ("the door", "die tür", "la porte"), ("the ball", "den ball", "le ballon")]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def toy_triples() -> list[tuple[str, str, str]]:
