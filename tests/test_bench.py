@@ -266,3 +266,15 @@ def test_merged_results_keep_each_benchs_own_commit_and_scale(tmp_path):
     md.write_text(text)
     assert run_all.main(["--from", *map(str, paths), "--render", "--benchmarks", str(md)]) == 1  # augment failed
     assert md.read_text() == new
+
+
+def test_train_bench_runs_its_bare_loop_on_the_stages_batches(tmp_path):
+    """bench/train.py end to end on 80 rows: it imported a
+    seeding helper the training core had moved, and run_all's train bench exited 1."""
+    import train
+
+    out = tmp_path / "train.json"
+    assert train.main(["--scale", "0.002", "--repeat", "1", "--vocab", "200", "--json", str(out)]) == 0
+    r = json.loads(out.read_text())
+    assert r["rows"] == 80 and r["examples"] == {"bare": 80, "stage": 80}  # 3 batches of 32
+    assert r["ratio_stage_over_bare"] > 0
