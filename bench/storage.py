@@ -97,13 +97,14 @@ def bench_label(tmp: Path, workdirs: dict[str, str], args) -> dict[str, float]:
             "s3_over_local_per_round": ratios, "s3_over_local": statistics.median(ratios)}
 
 
-def bench_plan(tmp: Path, workdirs: dict[str, str], args) -> None:
+def bench_plan(tmp: Path, workdirs: dict[str, str], args) -> dict:
     from pipeline.graph import build_graph
     from pipeline.manifest import parse_manifest
     from pipeline.plan import make_plan
 
     tsv = write_tsv(tmp / "plan.tsv", args.plan_rows)
     per = max(1, args.plan_rows // args.plan_shards)
+    figures: dict = {"rows": args.plan_rows, "rows_per_shard": per}
     for where, wd in workdirs.items():
         m = {"name": "planbench", "workdir": wd, "stages": [
             {"name": "read", "type": "read", "config": {"path": str(tsv), "text_column": "sentence",
@@ -111,6 +112,7 @@ def bench_plan(tmp: Path, workdirs: dict[str, str], args) -> None:
         start = time.perf_counter()
         summary = run(m)
         made = time.perf_counter() - start
+        figures[where] = {"shards": summary["read"]["shards_total"], "write_seconds": made}
         for verify in (False, True):
             # What `kdpipe plan` does: validate the manifest (build_graph), then key and check each stage.
             start = time.perf_counter()
@@ -119,10 +121,13 @@ def bench_plan(tmp: Path, workdirs: dict[str, str], args) -> None:
             (plan,) = make_plan(graph, verify=verify)
             end = time.perf_counter()
             assert plan.status == "cached", plan.reason
+            figures[where]["verify" if verify else "default"] = {"seconds": end - start,
+                                                                 "validation_seconds": validated - start}
             print(f"plan, {where} workdir, cached {summary['read']['rows']} rows in {summary['read']['shards_total']} "
                   f"shards, {'--verify (re-hash)' if verify else 'default (stored digests)'}: {end - start:.3f} s "
                   f"(validation {validated - start:.3f} s, keys + shard check {end - validated:.3f} s; "
                   f"writing it took {made:.1f} s)", flush=True)
+    return figures
 
 
 def bench_validate(tmp: Path, rows: int) -> None:
@@ -163,17 +168,18 @@ def main() -> None:
             tmp = Path(tmp_name)
             os.environ.setdefault("KDPIPE_RAY_TMPDIR", str(tmp / "ray"))
             workdirs = {"local": str(tmp / "wd"), "s3": f"s3://kdpipe-bench/{uuid.uuid4().hex[:8]}"}
+            result: dict = {"bench": "storage", "scale": args.scale, "rounds": args.rounds}
             if not args.no_label:
-                result = bench_label(tmp, workdirs, args)
-                print(f"label throughput, S3 / local: median {result['s3_over_local']:.2f} over {args.rounds} "
-                      f"round(s) (per round: {', '.join(f'{r:.2f}' for r in result['s3_over_local_per_round'])}); "
+                label = bench_label(tmp, workdirs, args)
+                print(f"label throughput, S3 / local: median {label['s3_over_local']:.2f} over {args.rounds} "
+                      f"round(s) (per round: {', '.join(f'{r:.2f}' for r in label['s3_over_local_per_round'])}); "
                       f"load average {os.getloadavg()[0]:.1f}", flush=True)
-                write_json(args.json, {"bench": "storage", "scale": args.scale, "rounds": args.rounds,
-                                       "label_rows_per_s": result["rows_per_s"], "label_seconds": result["seconds"],
-                                       "s3_over_local_per_round": result["s3_over_local_per_round"],
-                                       "s3_over_local": result["s3_over_local"]})
+                result.update(label_rows=label["rows"], label_rows_per_s=label["rows_per_s"],
+                              label_seconds=label["seconds"], s3_over_local_per_round=label["s3_over_local_per_round"],
+                              s3_over_local=label["s3_over_local"])
             if args.plan_rows:
-                bench_plan(tmp, workdirs, args)
+                result["plan"] = bench_plan(tmp, workdirs, args)
+            write_json(args.json, result)
             import ray
 
             ray.shutdown()
