@@ -171,8 +171,8 @@ def _run_source_impl(stage: Stage, ctx: StageContext, provenance: dict[str, str]
 
 def _read_rows_impl(stage: Stage, ctx: StageContext, provenance: dict[str, str], cwd: str, art_dir: str,
                     shards: list[int], per: int, total_rows: int, at: Any) -> list[dict[str, Any]]:
-    """One part of a source read by several tasks: the rows of `shards` (consecutive indices),
-    from `at`, the row index's entry for the first of them."""
+    """One part of a source read by several tasks: the rows of `shards` (consecutive indices);
+    `at`, the row index's entries for them."""
     import ray
 
     _enter_worker(cwd, ctx.num_cpus)
@@ -549,7 +549,7 @@ class Executor:
         runs = [run for part in parts for run in _consecutive(part)]
         task = ray.remote(_read_rows_impl).options(max_retries=MAX_SHARD_ATTEMPTS, **res)
         refs = [task.remote(stage, ctx, provenance, self.cwd, ctx.artifact_loc, run, per, total,
-                            index.starts[run[0]] if index.starts else None) for run in runs]
+                            index.starts[run[0]:run[-1] + 1] or None) for run in runs]
         try:
             return [s for stats in ray.get(refs) for s in stats], len(runs)
         except ray.exceptions.RayTaskError as e:

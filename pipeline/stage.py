@@ -285,8 +285,9 @@ class Stage:
 @dataclasses.dataclass(frozen=True)
 class RowIndex:
     """What the driver learns of a source before several tasks read it in parts: its row count,
-    `starts[k]` = where row k * rows_per_shard begins (a byte offset and line number for a text
-    file; empty where the stage finds rows itself, as Parquet does from row-group metadata), and
+    `starts[k]` = where shard k (row k * rows_per_shard on) begins (for a text file a byte offset,
+    line number and a digest of the shard's lines; empty where the stage finds rows itself, as
+    Parquet does from row-group metadata), and
     the fingerprint of the bytes it looked at (None if it read none), which the engine compares
     with the plan's so a source that changed since `plan` is not written under the old key."""
 
@@ -317,7 +318,7 @@ class SourceStage(Stage):
 
     def read_rows(self, ctx: StageContext, *, start: int, stop: int, at: Any = None) -> "pa.Table":
         """Rows [start, stop) of what `read` returns, same ids (when read_tasks() > 1); `at` is
-        the index's entry for the shard that starts at row `start` (None: find it)."""
+        the index's `starts` entries for the shards these rows fill (None: find the first)."""
         raise NotImplementedError
 
     def metadata(self) -> dict[str, str]:

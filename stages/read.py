@@ -17,7 +17,6 @@ import hashlib
 import io
 import itertools
 import json
-import os
 from pathlib import Path
 from typing import IO, Any, Iterable, Iterator, Literal, NamedTuple
 
@@ -239,13 +238,18 @@ def _read_records(cfg: ReadConfig, *, head: int | None = None) -> tuple[list[dic
 
 
 class _LineStart(NamedTuple):
-    """Where a shard's first row lies in a text file, and the file's size and mtime when the
-    driver indexed it (a read task refuses a file that changed since)."""
+    """Where a shard's first row lies in a text file, and the digest of what the shard's rows are
+    parsed from (a tsv's header line, then the raw lines of its rows), taken by the driver's scan:
+    a task checks the bytes it parsed against it, so a node's copy of the file may have another
+    mtime but not other content (None: not checked)."""
 
     offset: int
     line: int
-    size: int
-    mtime_ns: int
+    digest: str | None = None
+
+
+def _shard_digest(header: bytes) -> Any:
+    return hashlib.sha256(b"%d:" % len(header) + header)
 
 
 def _scan_lines(f: IO[bytes], path: Path, *, offset: int, line: int) -> Iterator[tuple[int, int, bytes, str]]:
@@ -287,11 +291,6 @@ def _is_integer(value: Any) -> bool:
     except (TypeError, ValueError):
         return False
     return True
-
-
-def _changed(path: Path, size: int, mtime_ns: int) -> bool:
-    st = os.stat(path)
-    return (st.st_size, st.st_mtime_ns) != (size, mtime_ns)
 
 
 def _coerce_labels(values: list[Any]) -> list[Any]:
@@ -407,51 +406,66 @@ class ReadStage(SourceStage):
 
             return RowIndex(rows=pq.ParquetFile(path).metadata.num_rows)
         before = path.stat()
-        digest, starts, rows = hashlib.sha256(), [], 0
+        digest, header, marks, shard_digests, rows = hashlib.sha256(), b"", [], [], 0
         with path.open("rb") as f:
             for offset, line, raw, text in _scan_lines(f, path, offset=0, line=1):
                 digest.update(raw)
-                if (fmt == "tsv" and line == 1) or not _is_row(fmt, text):
+                if fmt == "tsv" and line == 1:
+                    header = raw
+                    continue
+                if not _is_row(fmt, text):
                     continue
                 if rows % rows_per_shard == 0:
-                    starts.append(_LineStart(offset, line, before.st_size, before.st_mtime_ns))
+                    marks.append((offset, line))
+                    shard_digests.append(_shard_digest(header))
+                shard_digests[-1].update(raw)
                 rows += 1
-        if _changed(path, before.st_size, before.st_mtime_ns):
+        after = path.stat()
+        if (after.st_size, after.st_mtime_ns) != (before.st_size, before.st_mtime_ns):
             raise ReadError("config.path", f"{path} changed while it was indexed; run again once it is complete")
-        return RowIndex(rows=rows, starts=tuple(starts), fingerprint={f"source file {self.config.path}": digest.hexdigest()})
+        starts = tuple(_LineStart(o, n, h.hexdigest()) for (o, n), h in zip(marks, shard_digests))
+        return RowIndex(rows=rows, starts=starts, fingerprint={f"source file {self.config.path}": digest.hexdigest()})
 
     def read_rows(self, ctx: StageContext, *, start: int, stop: int, at: Any = None):
         """Rows [start, stop) of the corpus: Parquet from the row groups that hold them only; a
-        text file from the byte offset `at` gives (a tsv also reads its header line), parsing
-        nothing before it. Labels must come out as integers (see `_table_from_records`)."""
+        text file from the byte offset of `at[0]` (a tsv also reads its header line), parsing
+        nothing before it, each shard's bytes checked against its digest in `at`. Labels must
+        come out as integers (see `_table_from_records`)."""
         path = Path(self.config.path)
         fmt = self.config.resolved_format()
         if fmt == "parquet":
             return self._parquet_rows(path, start, stop)
-        at = at or self._locate(path, fmt, start)
-        if _changed(path, at.size, at.mtime_ns):
-            raise ReadError("config.path", f"{path} changed after the read stage indexed it; run again")
+        at = tuple(at) if at else (self._locate(path, fmt, start),)
+        per = self.rows_per_shard()
         lines: list[tuple[int, str]] = []
+        digests: list[Any] = []
         with path.open("rb") as f:
-            header = next(_scan_lines(f, path, offset=0, line=1), (0, 1, b"", ""))[3] if fmt == "tsv" else None
-            f.seek(at.offset)
-            for _, line, _, text in _row_lines(fmt, _scan_lines(f, path, offset=at.offset, line=at.line)):
+            header = next(_scan_lines(f, path, offset=0, line=1), (0, 1, b"", "")) if fmt == "tsv" else None
+            f.seek(at[0].offset)
+            for _, line, raw, text in _row_lines(fmt, _scan_lines(f, path, offset=at[0].offset, line=at[0].line)):
+                if len(lines) % per == 0:
+                    digests.append(_shard_digest(header[2] if header else b""))
+                digests[-1].update(raw)
                 lines.append((line, text))
                 if len(lines) == stop - start:
                     break
-        records = _records_from_lines(fmt, lines, path, header=header)
-        if len(records) != stop - start:
-            raise ReadError("config.path", f"{path}: expected {stop - start} rows from line {at.line}, found "
-                            f"{len(records)}; did the file change? run again")
+        if len(lines) != stop - start:
+            raise ReadError("config.path", f"{path}: expected {stop - start} rows from line {at[0].line}, found "
+                            f"{len(lines)}; the file changed after the read stage indexed it: run again")
+        for k, (entry, digest) in enumerate(zip(at, digests)):
+            if entry.digest is not None and entry.digest != digest.hexdigest():
+                raise ReadError("config.path", f"{path}: the rows from line {entry.line} (row {start + k * per}) "
+                                "differ from those the read stage indexed (the file changed, or this node's "
+                                "copy differs from the driver's); run again with the same file everywhere")
+        records = _records_from_lines(fmt, lines, path, header=header[3] if header else None)
         return self._table_from_records(records, path.name, row_offset=start, integer_labels=True)
 
     def _locate(self, path: Path, fmt: str, row: int) -> _LineStart:
         """Where row `row` starts, found by scanning from the top (for a caller without an index)."""
-        st = path.stat()
         with path.open("rb") as f:
             scanned = _row_lines(fmt, _scan_lines(f, path, offset=0, line=1))
-            offset, line, _, _ = next(itertools.islice(scanned, row, None), (st.st_size, 0, b"", ""))
-        return _LineStart(offset, line, st.st_size, st.st_mtime_ns)
+            offset, line, _, _ = next(itertools.islice(scanned, row, None), (path.stat().st_size, 0, b"", ""))
+        return _LineStart(offset, line)
 
     def _parquet_rows(self, path: Path, start: int, stop: int):
         import pyarrow.parquet as pq

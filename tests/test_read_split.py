@@ -96,42 +96,50 @@ def test_byte_ranges_give_the_shards_one_task_writes(tmp_path, ray_session, fmt)
         assert b[0].schema.field("label").type == pa.int64()
 
 
-def _touch_back(path: Path, st: os.stat_result) -> None:
-    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
-
-
 @pytest.mark.parametrize("fmt", ["text", "jsonl", "tsv"])
 def test_a_part_reads_only_its_own_bytes(tmp_path, fmt):
-    """read_rows of a middle range equals that slice of the whole read, and never parses a byte
-    before its offset: a byte broken there (same size and mtime) goes unnoticed, while the
-    whole read stumbles on it."""
+    """read_rows of a middle range equals that slice of the whole read and never parses a byte
+    before its offset (a byte broken there goes unnoticed, while the whole read stumbles on
+    it); it checks the bytes it parses against the driver's index, not the file's mtime."""
     path = corpus(tmp_path, fmt)
+    original = path.read_bytes()
     stage = ReadStage(config=ReadStage.Config(**config(path, fmt, read_tasks=3)))
     ctx = make_context(tmp_path)
     whole = stage.read(ctx)
     index = stage.index_rows(rows_per_shard=PER)
     assert index.rows == whole.num_rows and len(index.starts) == -(-index.rows // PER)
     assert index.fingerprint == stage.fingerprint()
-    middle = stage.read_rows(ctx, start=2 * PER, stop=4 * PER, at=index.starts[2])
+    middle = stage.read_rows(ctx, start=2 * PER, stop=4 * PER, at=index.starts[2:4])
     assert middle.equals(whole.slice(2 * PER, 2 * PER))
     assert stage.read_rows(ctx, start=2 * PER, stop=4 * PER).equals(middle)  # no index: it finds the offset
-    last = stage.read_rows(ctx, start=5 * PER, stop=index.rows, at=index.starts[5])
+    last = stage.read_rows(ctx, start=5 * PER, stop=index.rows, at=index.starts[5:])
     assert last.equals(whole.slice(5 * PER))
 
-    st = path.stat()
-    data = bytearray(path.read_bytes())
+    data = bytearray(original)
     data[index.starts[1].offset] = 0xFF  # first byte of row 4, before the middle range
     path.write_bytes(bytes(data))
-    _touch_back(path, st)
-    assert stage.read_rows(ctx, start=2 * PER, stop=4 * PER, at=index.starts[2]).equals(middle)
+    assert stage.read_rows(ctx, start=2 * PER, stop=4 * PER, at=index.starts[2:4]).equals(middle)
     with pytest.raises(ReadError, match=f"not UTF-8 \\(byte 0xff at line {index.starts[1].line}\\)"):
         stage.read(ctx)
     with pytest.raises(ReadError, match=f"not UTF-8 \\(byte 0xff at line {index.starts[1].line}\\)"):
         stage.index_rows(rows_per_shard=PER)  # the driver's scan names the same line
 
-    path.write_bytes(path.read_bytes() + b"\nrow appended")
-    with pytest.raises(ReadError, match="changed after the read stage indexed it"):
-        stage.read_rows(ctx, start=2 * PER, stop=4 * PER, at=index.starts[2])
+    path.write_bytes(original)
+    os.utime(path, ns=(10**18, 10**18))  # another node's copy: same bytes, another mtime
+    assert stage.read_rows(ctx, start=2 * PER, stop=4 * PER, at=index.starts[2:4]).equals(middle)
+    row = next(i for i, t in enumerate(whole.column("text").to_pylist()) if t.startswith("row 10 "))
+    shard = row // PER  # 2 or 3: in the middle range
+    path.write_bytes(original.replace(b"row 10 ", b"row 01 "))  # same size, other text
+    with pytest.raises(ReadError, match=f"rows from line {index.starts[shard].line} \\(row {shard * PER}\\) differ "
+                                        "from those the read stage indexed"):
+        stage.read_rows(ctx, start=2 * PER, stop=4 * PER, at=index.starts[2:4])
+    if fmt == "tsv":  # the header is part of what each shard is parsed from
+        path.write_bytes(original.replace(b"sentence\tlabel", b"sentence\tLabel"))
+        with pytest.raises(ReadError, match=f"rows from line {index.starts[2].line} \\(row 8\\) differ"):
+            stage.read_rows(ctx, start=2 * PER, stop=4 * PER, at=index.starts[2:4])
+    path.write_bytes(original[:index.starts[3].offset + 3])  # cut short
+    with pytest.raises(ReadError, match="expected 8 rows .* found 5; the file changed after the read stage indexed"):
+        stage.read_rows(ctx, start=2 * PER, stop=4 * PER, at=index.starts[2:4])
 
 
 def test_a_source_changed_between_plan_and_read_is_refused(tmp_path):
