@@ -17,7 +17,7 @@ from pydantic import Field, field_validator
 
 from pipeline.hashing import hash_obj
 from pipeline.model_store import folder_digest
-from pipeline.stage import Problem, StageConfig
+from pipeline.stage import Problem, StageConfig, located
 
 Task = Literal["classification", "token_classification", "seq2seq"]
 HEAD_SUFFIX = {"classification": "ForSequenceClassification",
@@ -33,7 +33,7 @@ MOVING_REVISIONS = ("main", "master")
 
 class TeacherSpec(StageConfig):
     name: str = Field(description="short name; column suffix in ensembles (logits_<name>)")
-    path: str = Field(description="checkpoint directory, pkg:<module>/<dir>, or hub id (in the HF cache)")
+    path: str = located(..., description="checkpoint directory, pkg:<module>/<dir>, or hub id (in the HF cache)")
     revision: str | None = Field(None, description="hub revision (branch, tag or commit)")
 
     @field_validator("name")

@@ -196,7 +196,7 @@ def cmd_schema(args: argparse.Namespace) -> int:
 def cmd_stages(args: argparse.Namespace) -> int:
     from pipeline.code_identity import CodeIdentity
     from pipeline.registry import get_stage_class, stage_types
-    from pipeline.stage import throughput_fields, unkeyed_fields
+    from pipeline.stage import located_fields, throughput_fields, unkeyed_fields
 
     for type_key in [args.type] if args.type else stage_types():
         try:
@@ -218,7 +218,8 @@ def cmd_stages(args: argparse.Namespace) -> int:
             for name, field in cls.Config.model_fields.items():
                 default = "required" if field.is_required() else repr(field.default)
                 note = " [throughput: not in cache key]" if name in fast else \
-                    " [resolved value in cache key]" if name in resolved else ""
+                    " [resolved value in cache key]" if name in resolved else \
+                    " [a local path enters the cache key by content]" if name in located_fields(cls.Config) else ""
                 desc = f"  {field.description}" if field.description else ""
                 print(f"  config.{name} = {default}{note}{desc}")
         print()

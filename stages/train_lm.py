@@ -19,7 +19,7 @@ from typing import Any, Literal
 from pydantic import Field, model_validator
 
 from kd.lm.settings import LmDims, LmSchedule
-from pipeline.stage import Facts, InputRole, ResourceConfig, Problem, StageConfig, StageContext, TaskStage, throughput
+from pipeline.stage import Facts, InputRole, ResourceConfig, Problem, StageConfig, StageContext, TaskStage, throughput, located
 
 
 class KdSettings(StageConfig):
@@ -30,7 +30,7 @@ class KdSettings(StageConfig):
 
 
 class TrainLmConfig(ResourceConfig):
-    tokenizer: str | None = Field(None, description="directory holding the teacher's tokenizer (e.g. its "
+    tokenizer: str | None = located(None, description="directory holding the teacher's tokenizer (e.g. its "
                                   "checkpoint); or give inputs: {tokenizer: <stage with files/model/>}")
     student: LmDims = Field(default_factory=LmDims)
     train: LmSchedule = Field(default_factory=LmSchedule)

@@ -353,3 +353,50 @@ def test_train_puts_label_artifacts_of_another_order_into_the_data_order(tmp_pat
     other = make_artifact(tmp_path / "other", rev.read_table(), metadata={**md, "kdpipe.label_names": '["a", "b"]'})
     with pytest.raises(ValueError, match="relabel"):
         ShardStream(data=data, sources=label_sources([other]), label_names=names, cfg=cfg, use_gold_on_augmented=True)
+
+
+# --- paths: a key holds the bytes a path names, not how the path is spelled ---------------------
+def _keys(tmp_path: Path, tsv: str, teacher: str) -> dict[str, str]:
+    from pipeline.graph import build_graph
+    from pipeline.manifest import parse_manifest
+    from pipeline.plan import make_plan
+
+    raw = {"name": "paths", "workdir": str(tmp_path / "store"), "stages": [
+        {"name": "read", "type": "read", "config": {"path": tsv, "text_column": "sentence",
+                                                    "label_column": "label", "label_names": ["negative", "positive"]}},
+        {"name": "label", "type": "label", "inputs": {"data": "read"}, "config": {"teachers": [
+            {"name": "t", "path": teacher}]}}]}
+    return {p.name: p.key for p in make_plan(build_graph(parse_manifest(raw)))}
+
+
+def test_the_same_files_under_another_path_reuse_the_same_artifacts(tmp_path, sentiment_tsv, monkeypatch):
+    """A manifest run from another directory, or on a node that mounts the data elsewhere, must
+    not relabel everything: the key held the path as written (relative vs absolute gave two keys)."""
+    import shutil
+
+    from factories import tiny_bert_classifier
+
+    teacher = tiny_bert_classifier(tmp_path / "models" / "teacher", label_names=["negative", "positive"])
+    monkeypatch.chdir(tmp_path)
+    base = _keys(tmp_path, str(sentiment_tsv), str(teacher))
+    assert _keys(tmp_path, "sample.tsv", "models/teacher") == base  # relative spelling
+    (tmp_path / "elsewhere").mkdir()
+    shutil.copy(sentiment_tsv, tmp_path / "elsewhere" / "data.tsv")
+    shutil.copytree(teacher, tmp_path / "elsewhere" / "teacher")
+    assert _keys(tmp_path, "elsewhere/data.tsv", "elsewhere/teacher") == base  # same bytes, other place
+    # ... while the bytes still decide: one changed row, or one changed weight file, is a new key
+    (tmp_path / "elsewhere" / "data.tsv").write_text(sentiment_tsv.read_text().replace("terrific", "fine"))
+    changed = _keys(tmp_path, "elsewhere/data.tsv", "elsewhere/teacher")
+    assert changed["read"] != base["read"] and changed["label"] != base["label"]
+    (tmp_path / "elsewhere" / "teacher" / "config.json").write_text(
+        (teacher / "config.json").read_text().replace('"hidden_act"', '"layer_norm_eps": 1e-6, "hidden_act"', 1))
+    assert _keys(tmp_path, "sample.tsv", "elsewhere/teacher")["label"] != base["label"]
+
+
+def test_a_value_that_is_not_a_local_path_stays_in_the_key():
+    from pipeline.stage import LOCATED, key_config
+    from stages.finetune import FinetuneConfig
+    from stages.read import ReadConfig
+
+    assert key_config(FinetuneConfig(base_model="org/some-model", revision="abc123"))["base_model"] == "org/some-model"
+    assert key_config(ReadConfig(path=__file__, format="text"))["path"] == LOCATED
