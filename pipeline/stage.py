@@ -337,9 +337,9 @@ class RowIndex:
     """What the driver learns of a source before several tasks read it in parts: its row count,
     `starts[k]` = where shard k (row k * rows_per_shard on) begins (for a text file a byte offset,
     line number and a digest of the shard's lines; empty where the stage finds rows itself, as
-    Parquet does from row-group metadata), and
-    the fingerprint of the bytes it looked at (None if it read none), which the engine compares
-    with the plan's so a source that changed since `plan` is not written under the old key."""
+    Parquet does from row-group metadata), and the fingerprint of the bytes it looked at (None if
+    it read none), which the engine compares with the plan's so a source that changed since
+    `plan` is not written under the old key."""
 
     rows: int
     starts: tuple[Any, ...] = ()
