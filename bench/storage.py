@@ -10,6 +10,7 @@
     .venv/bin/python bench/storage.py --scale 0.03 --plan-rows 1000000 --plan-shards 1000
     .venv/bin/python bench/storage.py --scale 0.075 --rounds 3 --plan-rows 0   # label only, interleaved
     .venv/bin/python bench/storage.py --validate-rows 1000000    # read's plan-time validation only
+    .venv/bin/python bench/storage.py --read-rows 1000000        # read of a TSV, read_tasks 1 vs 2
 
 --scale is a fraction of 67,349 sentences (the size of SST-2 train) for the label part.
 
@@ -145,6 +146,35 @@ def bench_validate(tmp: Path, rows: int) -> None:
           flush=True)
 
 
+def bench_read_tasks(tmp: Path, rows: int, rows_per_shard: int) -> None:
+    """The `read` stage on a TSV of `rows` rows with read_tasks 1 and 2, each in a fresh workdir of
+    one Ray session (started and warmed by a small run first): the stage's wall time, which with
+    2 tasks includes the driver's index scan, timed alone too."""
+    from stages.read import ReadStage
+
+    tsv = write_tsv(tmp / "read.tsv", rows)
+
+    def config(path: Path, tasks: int) -> dict:
+        return {"path": str(path), "text_column": "sentence", "label_column": "label",
+                "rows_per_shard": rows_per_shard, "read_tasks": tasks}
+
+    def manifest(path: Path, tasks: int, workdir: str) -> dict:
+        return {"name": "readbench", "workdir": str(tmp / workdir),
+                "stages": [{"name": "read", "type": "read", "config": config(path, tasks)}]}
+
+    run(manifest(write_tsv(tmp / "warm.tsv", 2 * rows_per_shard), 2, "warm"))  # two shards: both task workers warm
+    stage = ReadStage(config=ReadStage.Config(**config(tsv, 2)))
+    start = time.perf_counter()
+    index = stage.index_rows(rows_per_shard=rows_per_shard)
+    print(f"read_tasks 2, the driver's index scan alone: {index.rows} rows "
+          f"({tsv.stat().st_size / 1e6:.0f} MB) in {time.perf_counter() - start:.2f} s", flush=True)
+    for tasks in (1, 2):
+        start = time.perf_counter()
+        summary = run(manifest(tsv, tasks, f"wd{tasks}"))["read"]
+        print(f"read, read_tasks {tasks}: {summary['rows']} rows in {summary['shards_total']} shards, "
+              f"{time.perf_counter() - start:.2f} s", flush=True)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_bench_args(p, default_scale=0.03, full=f"{FULL_SENTENCES:,} sentences to label", full_rows=FULL_SENTENCES)
@@ -157,7 +187,14 @@ def main() -> None:
     p.add_argument("--plan-shards", type=int, default=1000)
     p.add_argument("--validate-rows", type=int, default=0,
                    help="only time the read stage's plan-time validation on a TSV of this many rows")
+    p.add_argument("--read-rows", type=int, default=0,
+                   help="only time the read stage with read_tasks 1 and 2 on a TSV of this many rows")
     args = p.parse_args()
+    if args.read_rows:
+        with tempfile.TemporaryDirectory(prefix="kdbr") as tmp_name:
+            os.environ.setdefault("KDPIPE_RAY_TMPDIR", str(Path(tmp_name) / "ray"))
+            bench_read_tasks(Path(tmp_name), args.read_rows, 10_000)  # read's default shard size
+        return
     if args.validate_rows:
         with tempfile.TemporaryDirectory(prefix="kdbv") as tmp_name:
             bench_validate(Path(tmp_name), args.validate_rows)

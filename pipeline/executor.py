@@ -170,13 +170,14 @@ def _run_source_impl(stage: Stage, ctx: StageContext, provenance: dict[str, str]
 
 
 def _read_rows_impl(stage: Stage, ctx: StageContext, provenance: dict[str, str], cwd: str, art_dir: str,
-                    shards: list[int], per: int, total_rows: int) -> list[dict[str, Any]]:
-    """One part of a source read by several tasks: the rows of `shards` (consecutive indices)."""
+                    shards: list[int], per: int, total_rows: int, at: Any) -> list[dict[str, Any]]:
+    """One part of a source read by several tasks: the rows of `shards` (consecutive indices);
+    `at`, the row index's entries for them."""
     import ray
 
     _enter_worker(cwd, ctx.num_cpus)
     first = shards[0]
-    table = stage.read_rows(ctx, start=first * per, stop=min(total_rows, (shards[-1] + 1) * per))
+    table = stage.read_rows(ctx, start=first * per, stop=min(total_rows, (shards[-1] + 1) * per), at=at)
     metadata = {**provenance, **{f"kdpipe.{k}": v for k, v in stage.metadata().items()}}
     stats = []
     for index in shards:
@@ -506,7 +507,7 @@ class Executor:
         if stage.kind == "source":
             done = plan.completed
             if stage.read_tasks() > 1:
-                stats, tasks = self._run_source_parts(stage, ctx, provenance, res, done)
+                stats, tasks = self._run_source_parts(plan, stage, ctx, provenance, res, done)
             else:
                 tasks = 1
                 stats = self._run_placed(plan, _run_source_impl, res, stage, ctx, provenance, self.cwd,
@@ -527,14 +528,18 @@ class Executor:
                 "rows": sum(s["rows"] for s in shards), "seconds": round(seconds, 3), "shards": shards,
                 **({"read_tasks": tasks} if stage.kind == "source" else {})}
 
-    def _run_source_parts(self, stage: Stage, ctx: StageContext, provenance: dict[str, str],
+    def _run_source_parts(self, plan: StagePlan, stage: Stage, ctx: StageContext, provenance: dict[str, str],
                           res: dict[str, float], done: dict[int, Any]) -> tuple[list[dict[str, Any]], int]:
         """A source read by read_tasks() tasks, each writing a run of consecutive missing shards
         (check_placement has made sure one task fits a node; the others queue behind it)."""
         import ray
 
-        total = stage.num_rows()
         per = max(1, stage.rows_per_shard())
+        index = stage.index_rows(rows_per_shard=per)
+        if index.fingerprint is not None and index.fingerprint != plan.key_parts.get("fingerprint"):
+            raise StageFailed(f"stage {plan.name!r}: its source changed since it was planned "
+                              f"({', '.join(sorted(index.fingerprint))}); run again to plan it anew")
+        total = index.rows
         pending = [i for i in range(max(1, -(-total // per))) if i not in done]
         if not pending:
             return [], 0
@@ -543,7 +548,8 @@ class Executor:
         # A part's shards may be non-consecutive after a resume: split it at the gaps.
         runs = [run for part in parts for run in _consecutive(part)]
         task = ray.remote(_read_rows_impl).options(max_retries=MAX_SHARD_ATTEMPTS, **res)
-        refs = [task.remote(stage, ctx, provenance, self.cwd, ctx.artifact_loc, run, per, total) for run in runs]
+        refs = [task.remote(stage, ctx, provenance, self.cwd, ctx.artifact_loc, run, per, total,
+                            index.starts[run[0]:run[-1] + 1] or None) for run in runs]
         try:
             return [s for stats in ray.get(refs) for s in stats], len(runs)
         except ray.exceptions.RayTaskError as e:

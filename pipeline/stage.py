@@ -332,6 +332,20 @@ class Stage:
         return None
 
 
+@dataclasses.dataclass(frozen=True)
+class RowIndex:
+    """What the driver learns of a source before several tasks read it in parts: its row count,
+    `starts[k]` = where shard k (row k * rows_per_shard on) begins (for a text file a byte offset,
+    line number and a digest of the shard's lines; empty where the stage finds rows itself, as
+    Parquet does from row-group metadata), and the fingerprint of the bytes it looked at (None if
+    it read none), which the engine compares with the plan's so a source that changed since
+    `plan` is not written under the old key."""
+
+    rows: int
+    starts: tuple[Any, ...] = ()
+    fingerprint: dict[str, str] | None = None
+
+
 class SourceStage(Stage):
     kind = "source"
 
@@ -347,12 +361,14 @@ class SourceStage(Stage):
         """How many tasks read the source (1: one task calls `read`)."""
         return 1
 
-    def num_rows(self) -> int:
-        """Rows `read` would return, known without reading them (when read_tasks() > 1)."""
+    def index_rows(self, *, rows_per_shard: int) -> "RowIndex":
+        """On the driver, before the tasks start (when read_tasks() > 1): the rows `read` would
+        return, and where each shard's first row lies, found without parsing the rows."""
         raise NotImplementedError
 
-    def read_rows(self, ctx: StageContext, *, start: int, stop: int) -> "pa.Table":
-        """Rows [start, stop) of what `read` returns, same ids (when read_tasks() > 1)."""
+    def read_rows(self, ctx: StageContext, *, start: int, stop: int, at: Any = None) -> "pa.Table":
+        """Rows [start, stop) of what `read` returns, same ids (when read_tasks() > 1); `at` is
+        the index's `starts` entries for the shards these rows fill (None: find the first)."""
         raise NotImplementedError
 
     def metadata(self) -> dict[str, str]:

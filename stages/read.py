@@ -5,34 +5,49 @@ Formats: jsonl, csv, tsv, parquet, text (one example per line), parallel (line-a
 files, one per column, e.g. Multi30k `train.en` + `train.de`), and hf (a `datasets` dataset by
 hub name/config/split/revision, or a local directory). Ids come from `id_column`, else a stable
 hash of (source file name, row number, text), so they survive re-sharding and reordering.
+Lines end at "\n" only (see `_lines`). With `read_tasks: N`, N tasks read a Parquet corpus by row
+groups, a text/jsonl/tsv file by byte ranges (the driver indexes where each shard's first row
+starts); either way the shards are those one task writes.
 """
 from __future__ import annotations
 
+import codecs
 import csv
 import hashlib
 import io
+import itertools
 import json
 from pathlib import Path
-from typing import Any, Literal
+from typing import IO, Any, Iterable, Iterator, Literal, NamedTuple
 
 from pydantic import Field, model_validator
 
+from pipeline.errors import KdpipeError
 from pipeline.hashing import hash_tree
-from pipeline.stage import Facts, Problem, ResourceConfig, SourceStage, StageConfig, StageContext, throughput, located
+from pipeline.stage import (Facts, Problem, ResourceConfig, RowIndex, SourceStage, StageConfig, StageContext,
+                            located, throughput)
 
 FORMATS = ("jsonl", "csv", "tsv", "parquet", "text", "parallel", "hf")
 # Branch names whose content changes over time; a revision must be a commit sha or a tag.
 MOVING_REVISIONS = ("main", "master")
+# Formats whose rows are lines of one file, so a part of the corpus is a byte range of it.
+TEXT_SPLIT_FORMATS = ("text", "jsonl", "tsv")
 _SUFFIX_FORMAT = {".jsonl": "jsonl", ".json": "jsonl", ".csv": "csv", ".tsv": "tsv",
                   ".parquet": "parquet", ".txt": "text"}
 
 
-class ReadError(ValueError):
-    """Bad input found while reading; `loc` is relative to the stage config."""
+class ReadError(KdpipeError, ValueError):
+    """Bad input found while reading; `loc` is relative to the stage config. A KdpipeError, so one
+    raised in a read task reaches the user as this message (exit 2), not as a traceback."""
+
+    exit_code = 2
 
     def __init__(self, loc: str, message: str):
         super().__init__(f"{loc}: {message}")
         self.loc, self.message = loc, message
+
+    def __reduce__(self):  # rebuilt from (loc, message) when Ray ships it back from a task
+        return type(self), (self.loc, self.message)
 
 
 class HFSource(StageConfig):
@@ -58,8 +73,9 @@ class ReadConfig(ResourceConfig):
     shuffle: bool = False
     shuffle_seed: int = 0
     rows_per_shard: int = Field(10_000, gt=0)
-    read_tasks: int = throughput(1, ge=1, description="parquet: tasks reading row groups side by side, each "
-                                 "writing whole shards (the same shards one task writes); see README")
+    read_tasks: int = throughput(1, ge=1, description="tasks reading the corpus side by side (parquet: by row "
+                                 "groups; text, jsonl, tsv: by byte ranges), each writing whole shards, the "
+                                 "same shards one task writes; not for csv, parallel, hf; see README")
 
     @model_validator(mode="after")
     def _source_given(self) -> "ReadConfig":
@@ -106,14 +122,70 @@ def _head_bytes(path: Path, lines: int) -> bytes:
     return b"".join(out)
 
 
+def _not_utf8(path: Path, loc: str, byte: int, line: int) -> ReadError:
+    return ReadError(loc, f"{path} is not UTF-8 (byte {byte:#04x} at line {line}); "
+                     "re-encode it, e.g. `iconv -f latin1 -t utf-8`")
+
+
 def _decode(path: Path, loc: str, *, head: int | None = None) -> str:
     data = path.read_bytes() if head is None else _head_bytes(path, head)
+    # The BOM is cut off here, not by the "utf-8-sig" codec, whose error offsets would not count it.
+    data = data[len(codecs.BOM_UTF8):] if data.startswith(codecs.BOM_UTF8) else data
     try:
-        return data.decode("utf-8-sig")
+        return data.decode("utf-8")
     except UnicodeDecodeError as e:
-        line = data[: e.start].count(b"\n") + 1
-        raise ReadError(loc, f"{path} is not UTF-8 (byte {data[e.start]:#04x} at line {line}); "
-                        "re-encode it, e.g. `iconv -f latin1 -t utf-8`") from None
+        raise _not_utf8(path, loc, data[e.start], data[: e.start].count(b"\n") + 1) from None
+
+
+# A line ends at "\n" only (one "\r" before it is dropped), never at U+2028, U+2029, U+0085, \x0b,
+# \x0c or \x1c-\x1e as str.splitlines() would: those occur inside JSON strings written with
+# ensure_ascii=False and inside sentences. Reading a whole file and reading a byte range of it
+# (binary file iteration also splits at b"\n" only) follow this one rule.
+def _lines(text: str) -> list[str]:
+    lines = text.split("\n")
+    if lines[-1] == "":
+        lines.pop()
+    return [line[:-1] if line.endswith("\r") else line for line in lines]
+
+
+def _is_row(fmt: str, line: str) -> bool:
+    """Whether a line (a tsv's past its header) holds a row: text keeps blank lines, jsonl skips
+    whitespace-only ones, tsv skips empty ones (csv.DictReader skips those and "\r"-only ones)."""
+    return fmt == "text" or bool(line.strip() if fmt == "jsonl" else line.strip("\r"))
+
+
+def _records_from_lines(fmt: str, lines: Iterable[tuple[int, str]], path: Path, *,
+                        header: str | None = None) -> list[dict[str, Any]]:
+    """Rows of a text, jsonl or tsv file from its (line number, line) pairs; a tsv's `header` is
+    its first line, `lines` the lines after it (or some of them)."""
+    if fmt == "text":
+        return [{"text": line} for _, line in lines]
+    if fmt == "jsonl":
+        rows = []
+        for i, line in lines:
+            if not _is_row(fmt, line):
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ReadError("config.path", f"{path}:{i}: invalid JSON ({e.msg})") from None
+            if not isinstance(obj, dict):
+                raise ReadError("config.path", f"{path}:{i}: each line must be a JSON object")
+            rows.append(obj)
+        return rows
+    # GLUE TSVs carry unbalanced quotes: tab files are read without quote handling, so a row is
+    # one line and a part of the file parses as its header plus its lines.
+    at = [1]
+
+    def numbered() -> Iterator[str]:
+        for at[0], line in lines:
+            yield line
+
+    reader = csv.DictReader(itertools.chain([header], numbered()), delimiter="\t", quoting=csv.QUOTE_NONE)
+    try:
+        return [dict(r) for r in reader]
+    except csv.Error as e:  # e.g. a lone "\r" inside a line
+        raise ReadError("config.path", f"{path}:{at[0]}: not a tab-separated line ({e})") from None
 
 
 def _read_records(cfg: ReadConfig, *, head: int | None = None) -> tuple[list[dict[str, Any]], str]:
@@ -128,7 +200,7 @@ def _read_records(cfg: ReadConfig, *, head: int | None = None) -> tuple[list[dic
             path = Path(file)
             if not path.is_file():
                 raise ReadError(f"config.files.{col}", f"file not found: {file}")
-            columns[col] = _decode(path, f"config.files.{col}", head=head).splitlines()
+            columns[col] = _lines(_decode(path, f"config.files.{col}", head=head))
         lengths = {col: len(lines) for col, lines in columns.items()}
         if head is not None:  # line alignment of the whole files is checked when the stage reads them
             n = min(lengths.values())
@@ -152,28 +224,52 @@ def _read_records(cfg: ReadConfig, *, head: int | None = None) -> tuple[list[dic
         return pq.read_table(path).to_pylist(), path.name
     # csv/tsv: one more line for the header (a quoted field spanning lines only shortens the head)
     text = _decode(path, "config.path", head=None if head is None else head + 1)
-    if fmt == "text":
-        rows = [{"text": line} for line in text.splitlines()]
-    elif fmt == "jsonl":
-        rows = []
-        for i, line in enumerate(text.splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ReadError("config.path", f"{path}:{i}: invalid JSON ({e.msg})") from None
-            if not isinstance(obj, dict):
-                raise ReadError("config.path", f"{path}:{i}: each line must be a JSON object")
-            rows.append(obj)
-    else:
-        # GLUE TSVs carry unbalanced quotes: tab files are read without quote handling.
-        quoting = csv.QUOTE_NONE if fmt == "tsv" else csv.QUOTE_MINIMAL
-        reader = csv.DictReader(io.StringIO(text), delimiter="\t" if fmt == "tsv" else ",", quoting=quoting)
+    if fmt == "csv":
+        reader = csv.DictReader(io.StringIO(text), delimiter=",", quoting=csv.QUOTE_MINIMAL)
         rows = [dict(r) for r in reader]
         if reader.fieldnames is None:
             raise ReadError("config.path", f"{path} is empty: expected a header line and rows")
-    return rows, path.name
+        return rows, path.name
+    lines = list(enumerate(_lines(text), 1))
+    if fmt != "tsv":
+        return _records_from_lines(fmt, lines, path), path.name
+    if not lines:
+        raise ReadError("config.path", f"{path} is empty: expected a header line and rows")
+    return _records_from_lines(fmt, lines[1:], path, header=lines[0][1]), path.name
+
+
+class _LineStart(NamedTuple):
+    """Where a shard's first row lies in a text file, and the digest of what the shard's rows are
+    parsed from (a tsv's header line, then the raw lines of its rows), taken by the driver's scan:
+    a task checks the bytes it parsed against it, so a node's copy of the file may have another
+    mtime but not other content (None: not checked)."""
+
+    offset: int
+    line: int
+    digest: str | None = None
+
+
+def _shard_digest(header: bytes) -> Any:
+    return hashlib.sha256(b"%d:" % len(header) + header)
+
+
+def _scan_lines(f: IO[bytes], path: Path, *, offset: int, line: int) -> Iterator[tuple[int, int, bytes, str]]:
+    """(byte offset, line number, raw bytes, text) of each line of `f` from `offset`, the start of
+    line number `line`; the text without its line end, a BOM dropped at the start of the file."""
+    for raw in f:
+        body = raw[len(codecs.BOM_UTF8):] if offset == 0 and raw.startswith(codecs.BOM_UTF8) else raw
+        try:
+            text = body.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise _not_utf8(path, "config.path", body[e.start], line) from None
+        text = text[:-1] if text.endswith("\n") else text
+        yield offset, line, raw, text[:-1] if text.endswith("\r") else text
+        offset, line = offset + len(raw), line + 1
+
+
+def _row_lines(fmt: str, scanned: Iterator[tuple[int, int, bytes, str]]) -> Iterator[tuple[int, int, bytes, str]]:
+    """The scanned lines that hold rows (not a tsv's header, not lines the format skips)."""
+    return (s for s in scanned if not (fmt == "tsv" and s[1] == 1) and _is_row(fmt, s[3]))
 
 
 def _read_hf(src: HFSource) -> list[dict[str, Any]]:
@@ -188,6 +284,14 @@ def _read_hf(src: HFSource) -> list[dict[str, Any]]:
         kwargs: dict[str, Any] = {"split": src.split, "revision": src.revision}
         ds = datasets.load_dataset(src.name, src.config, **kwargs)
     return ds.to_list()
+
+
+def _is_integer(value: Any) -> bool:
+    try:
+        int(value)
+    except (TypeError, ValueError):
+        return False
+    return True
 
 
 def _coerce_labels(values: list[Any]) -> list[Any]:
@@ -242,15 +346,15 @@ class ReadStage(SourceStage):
                                 "tag>` (the sha is on the dataset page under 'Files and versions', or "
                                 f"`huggingface_hub.HfApi().dataset_info({hf.name!r}).sha`)")]
             return []
-        try:
-            self.build_table(head=None if self._source_bytes() <= VALIDATE_BYTES else VALIDATE_ROWS)
-        except ReadError as e:
-            return [Problem(e.loc, e.message)]
         blocker = self._split_blocker() if self.config.read_tasks > 1 else None
-        if blocker:
-            return [Problem("config.read_tasks", f"read_tasks > 1 cannot give the same shards here: {blocker}; "
-                            "set read_tasks: 1 (one task reads the corpus)")]
-        return []
+        problems = [Problem("config.read_tasks", f"read_tasks > 1 cannot give the same shards here: {blocker}; "
+                            "set read_tasks: 1 (one task reads the corpus)")] if blocker else []
+        try:
+            self.build_table(head=None if self._source_bytes() <= VALIDATE_BYTES else VALIDATE_ROWS,
+                             integer_labels=self.config.read_tasks > 1 and blocker is None)
+        except ReadError as e:
+            problems.append(Problem(e.loc, e.message))
+        return problems
 
     def _source_bytes(self) -> int:
         cfg = self.config
@@ -266,19 +370,22 @@ class ReadStage(SourceStage):
     def read(self, ctx: StageContext):
         return self.build_table()
 
-    # --- a Parquet corpus read by several tasks (SourceStage.read_tasks) ---------------------
+    # --- a corpus read by several tasks (SourceStage.read_tasks) ------------------------------
     def _split_blocker(self) -> str | None:
         """Why this source cannot be read in parts giving the same shards, or None. Parts must not
         need the whole corpus: no shuffle/limit (they reorder or cut it globally), no id_column
-        (uniqueness is global), no pass-through columns and an integer label column (their types
-        are inferred from all rows)."""
+        (uniqueness is global), no pass-through columns and integer labels (their types are
+        inferred from all rows: a text file's labels are checked in each part as it is read)."""
         cfg = self.config
-        if cfg.resolved_format() != "parquet":
-            return f"format {cfg.resolved_format()!r} (only parquet is read in parts)"
+        fmt = cfg.resolved_format()
+        if fmt not in TEXT_SPLIT_FORMATS + ("parquet",):
+            why = {"csv": "quoted fields may span lines, so a byte offset is not a row boundary"}.get(
+                fmt, "it is not one file")
+            return f"format {fmt!r} ({why}; parquet, text, jsonl and tsv are read in parts)"
         for field in ("shuffle", "limit", "id_column", "columns"):
             if getattr(cfg, field):
                 return f"`{field}` is set"
-        if cfg.label_column and Path(cfg.path).is_file():
+        if fmt == "parquet" and cfg.label_column and Path(cfg.path).is_file():
             import pyarrow as pa
             import pyarrow.parquet as pq
 
@@ -290,16 +397,83 @@ class ReadStage(SourceStage):
     def read_tasks(self) -> int:
         return self.config.read_tasks if self.config.read_tasks > 1 and self._split_blocker() is None else 1
 
-    def num_rows(self) -> int:
+    def index_rows(self, *, rows_per_shard: int) -> RowIndex:
+        """Parquet: the row count from its metadata. A text file: one pass over its lines by the
+        parser's rules, recording where every rows_per_shard-th row starts and hashing the bytes."""
+        path = Path(self.config.path)
+        fmt = self.config.resolved_format()
+        if fmt == "parquet":
+            import pyarrow.parquet as pq
+
+            return RowIndex(rows=pq.ParquetFile(path).metadata.num_rows)
+        before = path.stat()
+        digest, header, marks, shard_digests, rows = hashlib.sha256(), b"", [], [], 0
+        with path.open("rb") as f:
+            for offset, line, raw, text in _scan_lines(f, path, offset=0, line=1):
+                digest.update(raw)
+                if fmt == "tsv" and line == 1:
+                    header = raw
+                    continue
+                if not _is_row(fmt, text):
+                    continue
+                if rows % rows_per_shard == 0:
+                    marks.append((offset, line))
+                    shard_digests.append(_shard_digest(header))
+                shard_digests[-1].update(raw)
+                rows += 1
+        after = path.stat()
+        if (after.st_size, after.st_mtime_ns) != (before.st_size, before.st_mtime_ns):
+            raise ReadError("config.path", f"{path} changed while it was indexed; run again once it is complete")
+        starts = tuple(_LineStart(o, n, h.hexdigest()) for (o, n), h in zip(marks, shard_digests))
+        return RowIndex(rows=rows, starts=starts, fingerprint={"source file": digest.hexdigest()})
+
+    def read_rows(self, ctx: StageContext, *, start: int, stop: int, at: Any = None):
+        """Rows [start, stop) of the corpus: Parquet from the row groups that hold them only; a
+        text file from the byte offset of `at[0]` (a tsv also reads its header line), parsing
+        nothing before it, each shard's bytes checked against its digest in `at`. Labels must
+        come out as integers (see `_table_from_records`)."""
+        path = Path(self.config.path)
+        fmt = self.config.resolved_format()
+        if fmt == "parquet":
+            return self._parquet_rows(path, start, stop)
+        at = tuple(at) if at else (self._locate(path, fmt, start),)
+        per = self.rows_per_shard()
+        lines: list[tuple[int, str]] = []
+        digests: list[Any] = []
+        with path.open("rb") as f:
+            header = next(_scan_lines(f, path, offset=0, line=1), (0, 1, b"", "")) if fmt == "tsv" else None
+            f.seek(at[0].offset)
+            for _, line, raw, text in _row_lines(fmt, _scan_lines(f, path, offset=at[0].offset, line=at[0].line)):
+                if len(lines) % per == 0:
+                    digests.append(_shard_digest(header[2] if header else b""))
+                digests[-1].update(raw)
+                lines.append((line, text))
+                if len(lines) == stop - start:
+                    break
+        if len(lines) != stop - start:
+            raise ReadError("config.path", f"{path}: expected {stop - start} rows from line {at[0].line}, found "
+                            f"{len(lines)}; the file changed after the read stage indexed it: run again")
+        for k, (entry, digest) in enumerate(zip(at, digests)):
+            if entry.digest is not None and entry.digest != digest.hexdigest():
+                raise ReadError("config.path", f"{path}: the rows from line {entry.line} (row {start + k * per}) "
+                                "differ from those the read stage indexed (the file changed, or this node's "
+                                "copy differs from the driver's); run again with the same file everywhere")
+        records = _records_from_lines(fmt, lines, path, header=header[3] if header else None)
+        if len(records) != len(lines):  # _is_row and the parser disagree on what a row is: a bug
+            raise RuntimeError(f"{path}: {len(lines)} row lines from line {at[0].line} parsed as {len(records)} rows")
+        return self._table_from_records(records, path.name, row_offset=start, integer_labels=True)
+
+    def _locate(self, path: Path, fmt: str, row: int) -> _LineStart:
+        """Where row `row` starts, found by scanning from the top (for a caller without an index)."""
+        with path.open("rb") as f:
+            scanned = _row_lines(fmt, _scan_lines(f, path, offset=0, line=1))
+            offset, line, _, _ = next(itertools.islice(scanned, row, None), (path.stat().st_size, 0, b"", ""))
+        return _LineStart(offset, line)
+
+    def _parquet_rows(self, path: Path, start: int, stop: int):
         import pyarrow.parquet as pq
 
-        return pq.ParquetFile(self.config.path).metadata.num_rows
-
-    def read_rows(self, ctx: StageContext, *, start: int, stop: int):
-        """Rows [start, stop) of the corpus, read from the row groups that hold them only."""
-        import pyarrow.parquet as pq
-
-        pf = pq.ParquetFile(self.config.path)
+        pf = pq.ParquetFile(path)
         groups, first, offset = [], None, 0
         for g in range(pf.metadata.num_row_groups):
             n = pf.metadata.row_group(g).num_rows
@@ -308,17 +482,20 @@ class ReadStage(SourceStage):
                 first = offset if first is None else first
             offset += n
         table = pf.read_row_groups(groups).slice(start - (first or 0), stop - start)
-        return self._table_from_records(table.to_pylist(), Path(self.config.path).name, row_offset=start)
+        return self._table_from_records(table.to_pylist(), path.name, row_offset=start)
 
-    def build_table(self, *, head: int | None = None):
+    def build_table(self, *, head: int | None = None, integer_labels: bool = False):
         """The whole corpus as one table; with `head`, about its first `head` rows (for checks)."""
         records, source = _read_records(self.config, head=head)
         if not records:
             raise ReadError("config.path", "the corpus is empty: no rows to read")
-        return self._table_from_records(records, source, row_offset=0)
+        return self._table_from_records(records, source, row_offset=0, integer_labels=integer_labels)
 
-    def _table_from_records(self, records: list[dict[str, Any]], source: str, *, row_offset: int):
-        """Rows (the corpus's from row `row_offset` on) as the stage's table; ids by global row."""
+    def _table_from_records(self, records: list[dict[str, Any]], source: str, *, row_offset: int,
+                            integer_labels: bool = False):
+        """Rows (the corpus's from row `row_offset` on) as the stage's table; ids by global row.
+        `integer_labels`: the rows are one part of the corpus, whose label type must not depend on
+        which rows the part holds, so labels must be integers or names in label_names."""
         import pyarrow as pa
 
         cfg = self.config
@@ -360,6 +537,10 @@ class ReadStage(SourceStage):
                     raise ReadError("config.label_names", f"labels {unseen[:5]} are not in label_names "
                                     f"{cfg.label_names}; add them there or fix the data")
                 labels = [index[v] for v in labels]
+            if integer_labels and isinstance(labels[0], str):
+                row = next(i for i, v in enumerate(labels) if not _is_integer(v))
+                raise ReadError("config.label_column", f"read_tasks > 1 needs integer labels or label_names (row "
+                                f"{row_offset + row} has label {labels[row]!r}); set label_names or read_tasks: 1")
             if cfg.label_names and isinstance(labels[0], int):
                 bad = sorted({v for v in labels if not 0 <= v < len(cfg.label_names)})
                 if bad:

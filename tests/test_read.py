@@ -59,6 +59,20 @@ def test_plain_text_and_parallel_files(tmp_path):
                                           text_column="en")).build_table()
 
 
+def test_lines_end_at_newline_only(tmp_path):
+    """U+2028, U+2029, U+0085, form feed and \\x1c-\\x1e inside a line are text, not line ends (as
+    str.splitlines() made them): a JSON string holding one is one row, a sentence is one row."""
+    odd = "one\u2028two\u2029three\x85four\x0cfive\x1csix"
+    (tmp_path / "u.jsonl").write_text(json.dumps({"text": odd}, ensure_ascii=False) + "\n"
+                                      + json.dumps({"text": "next"}) + "\r\n", encoding="utf-8")
+    assert read(tmp_path, path=str(tmp_path / "u.jsonl")).column("text").to_pylist() == [odd, "next"]
+    (tmp_path / "u.txt").write_text(f"{odd}\nnext\r\n", encoding="utf-8", newline="")
+    assert read(tmp_path, path=str(tmp_path / "u.txt")).column("text").to_pylist() == [odd, "next"]
+    (tmp_path / "u.de").write_text("eins\nzwei\n", encoding="utf-8")
+    pairs = read(tmp_path, files={"en": str(tmp_path / "u.txt"), "de": str(tmp_path / "u.de")}, text_column="en")
+    assert pairs.column("de").to_pylist() == ["eins", "zwei"]
+
+
 def test_hf_datasets_from_a_saved_dataset_and_a_local_data_dir(tmp_path):
     import datasets
 
@@ -85,12 +99,20 @@ def test_shuffle_and_limit_are_deterministic(files):
 @pytest.mark.parametrize("content,fix", [
     (b"sentence\tlabel\ncaf\xe9\t1\n", "not UTF-8"),
     (b"", "empty"),
+    (b"sentence\tlabel\nok\t1\na\rb\t1\n", "bad.tsv:3: not a tab-separated line"),
 ])
 def test_bad_files_are_reported_before_compute(tmp_path, content, fix):
     (tmp_path / "bad.tsv").write_bytes(content)
     problems = ReadStage(config=ReadStage.Config(path=str(tmp_path / "bad.tsv"), text_column="sentence",
                                                  label_column="label")).validate(input_columns={})
     assert len(problems) == 1 and problems[0].loc == "config.path" and fix in problems[0].message
+
+
+def test_a_non_utf8_byte_after_a_bom_is_named_where_it_is(tmp_path):
+    """The byte and line named are the file's own, not shifted by the 3-byte BOM."""
+    (tmp_path / "bom.txt").write_bytes(b"\xef\xbb\xbfone\ntwo \xc3\xa9\nthr\xe9e\n")
+    with pytest.raises(ReadError, match=r"not UTF-8 \(byte 0xe9 at line 3\)"):
+        ReadStage(config=ReadStage.Config(path=str(tmp_path / "bom.txt"))).build_table()
 
 
 def test_duplicate_ids_are_an_error(tmp_path):
@@ -117,9 +139,19 @@ def test_plan_checks_only_the_head_of_a_large_corpus(tmp_path, monkeypatch):
 
 
 def test_read_tasks_on_a_source_that_cannot_be_split_is_refused(files):
-    stage = ReadStage(config=ReadStage.Config(path=str(files / "c.tsv"), text_column="sentence", read_tasks=2))
+    stage = ReadStage(config=ReadStage.Config(path=str(files / "c.csv"), text_column="sentence", read_tasks=2))
     problems = stage.validate(input_columns={})
-    assert [p.loc for p in problems] == ["config.read_tasks"] and "only parquet" in problems[0].message
+    assert [p.loc for p in problems] == ["config.read_tasks"] and "format 'csv'" in problems[0].message
+    for field, value in (("shuffle", True), ("limit", 2), ("id_column", "src"), ("columns", ["src"])):
+        stage = ReadStage(config=ReadStage.Config(path=str(files / "c.jsonl"), text_column="sentence",
+                                                  read_tasks=2, **{field: value}))
+        problems = stage.validate(input_columns={})
+        assert problems[0].loc == "config.read_tasks" and f"`{field}` is set" in problems[0].message
+    (files / "p.en").write_text("one\ntwo\n")
+    (files / "p.de").write_text("eins\nzwei\n")
+    parallel = ReadStage(config=ReadStage.Config(files={"en": str(files / "p.en"), "de": str(files / "p.de")},
+                                                 text_column="en", read_tasks=2))
+    assert "format 'parallel' (it is not one file" in parallel.validate(input_columns={})[0].message
     parquet = ReadStage(config=ReadStage.Config(path=str(files / "c.parquet"), text_column="sentence",
                                                 label_column="y", read_tasks=2))
     assert "not an integer" in parquet.validate(input_columns={})[0].message  # string labels: typed by all rows
