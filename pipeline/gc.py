@@ -46,6 +46,10 @@ def _remove(loc: str, result: GcResult, *, dry_run: bool, log: Callable[[str], N
     size = sum(storage.list_files(loc, hidden=True).values())
     log(f"{'would remove' if dry_run else 'removing'} {loc} ({size / 1e6:.1f} MB)")
     if not dry_run:
+        # manifest.json marks an artifact or a stored model complete: it goes first, so a gc
+        # interrupted mid-delete leaves something incomplete (recomputed / stored again), never a
+        # complete-looking copy with files missing
+        storage.delete(storage.join(loc, "manifest.json"))
         storage.delete_tree(loc)
     result.removed.append(loc)
     result.freed += size

@@ -108,3 +108,22 @@ def test_a_kept_artifact_that_cannot_say_what_it_loaded_keeps_every_model(tmp_pa
     (Path(wd) / "runs" / "old" / "label").unlink()
     assert sorted(collect_garbage(wd, dry_run=False, log=_quiet).removed) == sorted([legacy.loc, b])
     assert _models(wd) == [_digest(a)]
+
+
+def test_a_gc_killed_mid_delete_leaves_no_complete_looking_model(tmp_path, teachers, monkeypatch):
+    """The delete of a model's files fails (a crash at that moment): its manifest.json is already
+    gone, so the next run stores the teacher again instead of loading a copy with files missing."""
+    wd = str(tmp_path / "wd")
+    b = store_model(teachers["b"], wd)
+
+    def crash(loc):
+        raise OSError("killed mid-delete")
+
+    monkeypatch.setattr(storage, "delete_tree", crash)
+    with pytest.raises(OSError, match="killed mid-delete"):
+        collect_garbage(wd, dry_run=False, log=_quiet)
+    monkeypatch.undo()
+    assert storage.is_file(storage.join(b, "files", "model.safetensors")), "the files are still there"
+    assert not storage.is_file(storage.join(b, "manifest.json"))
+    assert store_model(teachers["b"], wd) == b
+    assert verify_model(b) == ([], 2)
