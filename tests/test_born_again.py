@@ -117,6 +117,9 @@ def test_born_again_manifest_runs_three_generations(tmp_path, sentiment_tsv, enc
     for student, teacher in (("labels_teacher", "teacher"), ("labels_gen1", "gen1")):
         used = Artifact(by_name[student]["path"]).manifest["inputs"]["teacher"][0]["key"]
         assert used == Artifact(by_name[teacher]["path"]).key
+    for gen, labels in (("gen1", "labels_teacher"), ("gen2", "labels_gen1")):  # each reads the labels it claims
+        assert [i["key"] for i in Artifact(by_name[gen]["path"]).manifest["inputs"]["labels"]] == \
+            [Artifact(by_name[labels]["path"]).key], gen
     configs = [json.loads((Path(by_name[g]["path"]) / "files" / "model" / "config.json").read_text())
                for g in ("teacher", "gen1", "gen2")]
     assert len({(c["model_type"], c["hidden_size"], c["num_hidden_layers"]) for c in configs}) == 1
