@@ -9,6 +9,11 @@ still run; the exit code is 1 if any failed.
     .venv/bin/python bench/run_all.py --scale 0.05 --out results.json --render
     .venv/bin/python bench/run_all.py --scale 0.05 --out r.json --only label,augment
     .venv/bin/python bench/run_all.py --from results.json --render      # render only, run nothing
+    .venv/bin/python bench/run_all.py --from all.json rerun.json --render   # later files win per bench
+
+Each bench's entry carries the commit, scale, start time and machine of the run that made it, so
+a bench rerun alone (--only) at another commit is merged with --from and each table still names
+its own commit and scale.
 """
 from __future__ import annotations
 
@@ -23,19 +28,22 @@ import time
 from pathlib import Path
 from typing import Any
 
-from _env import REPO, scale_fraction, write_json
+from _env import REPO, scale_fraction, scaled, write_json
 from _render import render_into
 
-# name -> (script, extra arguments). Order: the quick ones first.
+# name -> (script, extra arguments at every scale). Order: the quick ones first.
 BENCHES: dict[str, tuple[str, list[str]]] = {
     "train": ("train.py", []),
     "label": ("label.py", []),
     "augment": ("augment.py", []),
     "sst2_kd": ("sst2_kd.py", []),
     "multi30k_seqkd": ("multi30k_seqkd.py", []),
-    "storage": ("storage.py", []),
+    "storage": ("storage.py", ["--rounds", "2"]),
     "lm_distill": ("lm_distill.py", []),
 }
+SEEDED = ("sst2_kd", "multi30k_seqkd", "lm_distill")
+FULL_SEEDS, SMALL_SEEDS, SMALL_SCALE = 3, 2, 0.1  # below --scale 0.1: 2 seeds (a spread at 2/3 of the time)
+STORAGE_PLAN = (1_000_000, 1000)  # storage.py's plan part at --scale 1: rows, shards
 LIBRARIES = ("torch", "transformers", "tokenizers", "ray", "pyarrow", "spacy", "numpy", "sacrebleu")
 
 
@@ -52,13 +60,23 @@ def select(only: str | None, skip: str | None) -> list[str]:
     return [n for n in BENCHES if (not keep or n in keep) and n not in drop]
 
 
+def scaled_arguments(name: str, scale: float) -> list[str]:
+    """Arguments that follow --scale (the command line the tables name): seeds, storage's plan size."""
+    out = list(BENCHES[name][1])
+    if name in SEEDED:
+        out += ["--seeds", str(FULL_SEEDS if scale >= SMALL_SCALE else SMALL_SEEDS)]
+    if name == "storage":
+        rows, shards = STORAGE_PLAN
+        out += ["--plan-rows", str(scaled(rows, scale)), "--plan-shards", str(scaled(shards, scale))]
+    return out
+
+
 def command(name: str, scale: float, json_path: Path, workdir: Path) -> list[str]:
-    script, extra = BENCHES[name]
-    cmd = [sys.executable, str(REPO / "bench" / script), "--scale", f"{scale:g}", "--json", str(json_path), *extra]
-    if name == "sst2_kd":
-        cmd += ["--workdir", str(workdir / "sst2_kd")]
-    if name == "multi30k_seqkd":
-        cmd += ["--workdir", str(workdir / "multi30k")]
+    script = BENCHES[name][0]
+    cmd = [sys.executable, str(REPO / "bench" / script), "--scale", f"{scale:g}", "--json", str(json_path),
+           *scaled_arguments(name, scale)]
+    if name in SEEDED:  # artifacts in run_all's temporary folder, removed at the end
+        cmd += ["--workdir", str(workdir / name)]
     return cmd
 
 
@@ -89,7 +107,8 @@ def versions() -> dict[str, str | None]:
     return out
 
 
-def run_benches(names: list[str], scale: float) -> dict[str, Any]:
+def run_benches(names: list[str], scale: float, out: Path) -> dict[str, Any]:
+    """Run the benches in turn; `out` is rewritten after each one, so a stopped run keeps what finished."""
     commit, dirty = git_state()
     results: dict[str, Any] = {"commit": commit, "dirty": dirty, "scale": scale,
                                "started_at": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
@@ -100,15 +119,33 @@ def run_benches(names: list[str], scale: float) -> dict[str, Any]:
             json_path = tmp / f"{name}.json"
             cmd = command(name, scale, json_path, tmp)
             print(f"== {name}: {' '.join(cmd)}", flush=True)
+            load_start, started_at = round(os.getloadavg()[0], 2), time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
             start = time.perf_counter()
             proc = subprocess.run(cmd, cwd=REPO)
             seconds = time.perf_counter() - start
             result = json.loads(json_path.read_text()) if proc.returncode == 0 and json_path.is_file() else None
-            script, extra = BENCHES[name]
-            results["benches"][name] = {"command": [f"bench/{script}", "--scale", f"{scale:g}", *extra],
-                                        "returncode": proc.returncode, "seconds": round(seconds, 1), "result": result}
+            results["benches"][name] = {
+                "commit": commit, "dirty": dirty, "scale": scale, "started_at": started_at,
+                "machine": {**results["machine"], "loadavg_start": load_start,
+                            "loadavg_end": round(os.getloadavg()[0], 2)},
+                "command": [f"bench/{BENCHES[name][0]}", "--scale", f"{scale:g}", *scaled_arguments(name, scale)],
+                "returncode": proc.returncode, "seconds": round(seconds, 1), "result": result}
+            print(f"== {name}: exit {proc.returncode} after {seconds:.0f} s", flush=True)
+            write_json(out, results)
     results["machine"]["loadavg_end"] = round(os.getloadavg()[0], 2)
     return results
+
+
+RUN_FIELDS = ("commit", "dirty", "scale", "started_at", "machine")
+
+
+def merge(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """One results dict from several run_all outputs; per bench, the last file that has it wins."""
+    merged: dict[str, Any] = {**runs[-1], "benches": {}}
+    for run in runs:
+        for name, bench in run["benches"].items():
+            merged["benches"][name] = {**{k: run[k] for k in RUN_FIELDS if k in run}, **bench}
+    return merged
 
 
 def render(results: dict[str, Any], target: Path) -> None:
@@ -123,7 +160,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--scale", type=scale_fraction, help="fraction in (0, 1] of every bench's full-size run")
     p.add_argument("--out", type=Path, help="results JSON to write")
-    p.add_argument("--from", dest="source", type=Path, help="render an existing results JSON (runs nothing)")
+    p.add_argument("--from", dest="source", type=Path, nargs="+",
+                   help="render existing results JSON(s) (runs nothing); with several, the last one per bench wins")
     p.add_argument("--render", action="store_true", help="rewrite the marked tables in --benchmarks")
     p.add_argument("--benchmarks", type=Path, default=REPO / "BENCHMARKS.md")
     p.add_argument("--only", help="comma-separated benches to run (" + ", ".join(BENCHES) + ")")
@@ -139,9 +177,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.source is not None:
-        results = json.loads(args.source.read_text(encoding="utf-8"))
+        results = merge([json.loads(path.read_text(encoding="utf-8")) for path in args.source])
     else:
-        results = run_benches(select(args.only, args.skip), args.scale)
+        results = run_benches(select(args.only, args.skip), args.scale, args.out)
         write_json(args.out, results)
         print(f"results in {args.out}")
     if args.render:

@@ -8,6 +8,7 @@
                (re-hashes every shard)
 
     .venv/bin/python bench/storage.py --scale 0.03 --plan-rows 1000000 --plan-shards 1000
+    .venv/bin/python bench/storage.py --scale 0.075 --rounds 3 --plan-rows 0   # label only, interleaved
     .venv/bin/python bench/storage.py --validate-rows 1000000    # read's plan-time validation only
 
 --scale is a fraction of 67,349 sentences (the size of SST-2 train) for the label part.
@@ -21,6 +22,7 @@ import argparse
 import importlib
 import os
 import socket
+import statistics
 import sys
 import tempfile
 import time
@@ -78,25 +80,31 @@ def bench_label(tmp: Path, workdirs: dict[str, str], args) -> dict[str, float]:
     teacher = as_classifier(model, tmp / "teacher")
     rows = scaled(FULL_SENTENCES, args.scale)
     tsv = write_tsv(tmp / "label.tsv", rows)
-    out = {}
-    for where, wd in workdirs.items():
-        m = {"name": "bench", "workdir": wd, "ray": {"num_cpus": os.cpu_count()}, "stages": [
-            {"name": "read", "type": "read", "config": {"path": str(tsv), "text_column": "sentence",
-                                                        "rows_per_shard": args.rows_per_shard}},
-            {"name": "label", "type": "label", "inputs": {"data": "read"}, "config": {"teacher": str(teacher)}}]}
-        summary = run(m)
-        out[where] = rows / summary["label"]["seconds"]
-        print(f"label, {where} workdir: {summary['label']['seconds']:.1f} s, {out[where]:.0f} rows/s", flush=True)
-    return out
+    seconds: dict[str, list[float]] = {where: [] for where in workdirs}
+    for round_ in range(args.rounds):
+        # Local and S3 in turn, each round in fresh workdirs (nothing cached): on a shared machine
+        # both arms then see the same load.
+        for where, wd in workdirs.items():
+            m = {"name": "bench", "workdir": f"{wd}/round{round_}", "ray": {"num_cpus": os.cpu_count()}, "stages": [
+                {"name": "read", "type": "read", "config": {"path": str(tsv), "text_column": "sentence",
+                                                            "rows_per_shard": args.rows_per_shard}},
+                {"name": "label", "type": "label", "inputs": {"data": "read"}, "config": {"teacher": str(teacher)}}]}
+            seconds[where].append(run(m)["label"]["seconds"])
+            print(f"label, {where} workdir, round {round_ + 1}: {seconds[where][-1]:.1f} s, "
+                  f"{rows / seconds[where][-1]:.0f} rows/s", flush=True)
+    ratios = [seconds["local"][r] / seconds["s3"][r] for r in range(args.rounds)]
+    return {"rows": rows, "seconds": seconds, "rows_per_s": {w: rows / statistics.median(s) for w, s in seconds.items()},
+            "s3_over_local_per_round": ratios, "s3_over_local": statistics.median(ratios)}
 
 
-def bench_plan(tmp: Path, workdirs: dict[str, str], args) -> None:
+def bench_plan(tmp: Path, workdirs: dict[str, str], args) -> dict:
     from pipeline.graph import build_graph
     from pipeline.manifest import parse_manifest
     from pipeline.plan import make_plan
 
     tsv = write_tsv(tmp / "plan.tsv", args.plan_rows)
     per = max(1, args.plan_rows // args.plan_shards)
+    figures: dict = {"rows": args.plan_rows, "rows_per_shard": per}
     for where, wd in workdirs.items():
         m = {"name": "planbench", "workdir": wd, "stages": [
             {"name": "read", "type": "read", "config": {"path": str(tsv), "text_column": "sentence",
@@ -104,6 +112,7 @@ def bench_plan(tmp: Path, workdirs: dict[str, str], args) -> None:
         start = time.perf_counter()
         summary = run(m)
         made = time.perf_counter() - start
+        figures[where] = {"shards": summary["read"]["shards_total"], "write_seconds": made}
         for verify in (False, True):
             # What `kdpipe plan` does: validate the manifest (build_graph), then key and check each stage.
             start = time.perf_counter()
@@ -112,10 +121,13 @@ def bench_plan(tmp: Path, workdirs: dict[str, str], args) -> None:
             (plan,) = make_plan(graph, verify=verify)
             end = time.perf_counter()
             assert plan.status == "cached", plan.reason
+            figures[where]["verify" if verify else "default"] = {"seconds": end - start,
+                                                                 "validation_seconds": validated - start}
             print(f"plan, {where} workdir, cached {summary['read']['rows']} rows in {summary['read']['shards_total']} "
                   f"shards, {'--verify (re-hash)' if verify else 'default (stored digests)'}: {end - start:.3f} s "
                   f"(validation {validated - start:.3f} s, keys + shard check {end - validated:.3f} s; "
                   f"writing it took {made:.1f} s)", flush=True)
+    return figures
 
 
 def bench_validate(tmp: Path, rows: int) -> None:
@@ -138,6 +150,8 @@ def main() -> None:
     add_bench_args(p, default_scale=0.03, full=f"{FULL_SENTENCES:,} sentences to label", full_rows=FULL_SENTENCES)
     p.add_argument("--no-label", action="store_true", help="skip the label comparison")
     p.add_argument("--rows-per-shard", type=int, default=250)
+    p.add_argument("--rounds", type=int, default=1,
+                   help="label: local and S3 in turn, this many times (median ratio; same load for both arms)")
     p.add_argument("--model", help="teacher checkpoint (default: the packaged MiniLM)")
     p.add_argument("--plan-rows", type=int, default=1_000_000, help="rows of the cached artifact (0: skip)")
     p.add_argument("--plan-shards", type=int, default=1000)
@@ -154,13 +168,18 @@ def main() -> None:
             tmp = Path(tmp_name)
             os.environ.setdefault("KDPIPE_RAY_TMPDIR", str(tmp / "ray"))
             workdirs = {"local": str(tmp / "wd"), "s3": f"s3://kdpipe-bench/{uuid.uuid4().hex[:8]}"}
+            result: dict = {"bench": "storage", "scale": args.scale, "rounds": args.rounds}
             if not args.no_label:
-                speed = bench_label(tmp, workdirs, args)
-                print(f"label throughput, S3 / local: {speed['s3'] / speed['local']:.2f}", flush=True)
-                write_json(args.json, {"bench": "storage", "scale": args.scale, "label_rows_per_s": speed,
-                                       "s3_over_local": speed["s3"] / speed["local"]})
+                label = bench_label(tmp, workdirs, args)
+                print(f"label throughput, S3 / local: median {label['s3_over_local']:.2f} over {args.rounds} "
+                      f"round(s) (per round: {', '.join(f'{r:.2f}' for r in label['s3_over_local_per_round'])}); "
+                      f"load average {os.getloadavg()[0]:.1f}", flush=True)
+                result.update(label_rows=label["rows"], label_rows_per_s=label["rows_per_s"],
+                              label_seconds=label["seconds"], s3_over_local_per_round=label["s3_over_local_per_round"],
+                              s3_over_local=label["s3_over_local"])
             if args.plan_rows:
-                bench_plan(tmp, workdirs, args)
+                result["plan"] = bench_plan(tmp, workdirs, args)
+            write_json(args.json, result)
             import ray
 
             ray.shutdown()

@@ -52,34 +52,28 @@ def bare_loop(cfg, data_art, lab_art, threads: int) -> tuple[float, int]:
     the ceiling for the stage."""
     import torch
 
-    from stages.train import TrainStage, _loss, _student_module, _optimizer, derive_seed
-    from kd.train_data import ShardStream, label_sources, resolve_label_names
+    from kd.training import derive_seed
     from pipeline.testing import make_context
+    from stages.train import TrainStage, _loss, _optimizer
 
     torch.set_num_threads(threads)
     stage = TrainStage(config=cfg)
     ctx = make_context(Path(tempfile.mkdtemp(prefix="kdbare")), inputs={"data": [data_art], "labels": [lab_art]})
     seed = derive_seed(ctx.seed, cfg.seed)
-    sources = label_sources([lab_art])
-    names = resolve_label_names(data_art, sources, cfg.label_column)
-    vocab = stage._build_tokenizer(ctx, data_art)
-    meta = {"type": cfg.student.type, "task": cfg.task, "num_labels": len(names), "label_names": names,
-            "pair": False, "max_length": cfg.max_length, "student_column": cfg.student_column,
-            "student_pair_column": None, "hyperparameters": cfg.student.model_dump(mode="json", exclude_none=True)}
-    torch.manual_seed(derive_seed(seed, "init"))
-    module = _student_module(cfg.student.type, cfg.task).create(meta=meta, tokenizer=vocab)
+    job = stage._prepare(ctx, seed)  # the stage's own tokenizer, seeded student and shard stream
+    module, stream = job["module"], job["stream"]
     optimizer = _optimizer(cfg, module)
-    stream = ShardStream(data=data_art, sources=sources, label_names=names, cfg=cfg, use_gold_on_augmented=False)
     batches = list(stream.batches(epoch=0, seed=seed, module=module, prefetch=0))
-    temperature = cfg.temperature or 1.0
-    torch.manual_seed(derive_seed(seed, "epoch", 0))
     module.train()
-    start = time.perf_counter()
+    start = None
     for step, (batch, gold, teacher) in enumerate(batches):
-        loss, _ = _loss(cfg, module(**batch), gold, teacher, temperature, step / max(1, len(batches) - 1))
+        torch.manual_seed(derive_seed(seed, "dropout", step))  # as kd.training.fit seeds each update
+        loss, _ = _loss(cfg, module(**batch), gold, teacher, job["temperature"], step / max(1, len(batches) - 1))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
+        if start is None:  # the stage's epoch clock (kd.training) also starts after the first update
+            start = time.perf_counter()
     return time.perf_counter() - start, sum(len(g) for _, g, _ in batches)
 
 
@@ -142,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
               "shards": -(-rows // args.rows_per_shard), "repeat": args.repeat,
               "bare_examples_per_s": [n / s for s, _ in bare_runs],
               "stage_examples_per_s": [r["examples"] / r["epoch_seconds"] for r in stage_runs],
-              "bare_seconds": bare_s, "stage_epoch_seconds": stage["epoch_seconds"],
+              "examples": {"bare": n, "stage": stage["examples"]}, "bare_seconds": bare_s, "stage_epoch_seconds": stage["epoch_seconds"],
               "stage_total_seconds": stage["total_seconds"]}
     result["best_bare_examples_per_s"] = n / bare_s
     result["best_stage_examples_per_s"] = stage["examples"] / stage["epoch_seconds"]

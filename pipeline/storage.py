@@ -62,7 +62,9 @@ def _remote_fs(scheme: str, bucket: str, endpoint: str | None):
     uri = f"{scheme}://{bucket}"
     if scheme in ("s3", "s3a"):
         # New buckets: a fresh `s3://bucket/prefix` workdir needs no manual bucket creation.
-        uri += "?allow_bucket_creation=true"
+        # Delayed open: a write under 5 MiB (markers, manifests, claims, most shards) is one PUT
+        # on close instead of a multipart upload's three requests; errors still raise on close.
+        uri += "?allow_bucket_creation=true&allow_delayed_open=true"
     fs, _ = pafs.FileSystem.from_uri(uri)
     return fs
 

@@ -74,6 +74,24 @@ def test_write_over_5_mib_is_a_complete_multipart_object(root):
     assert storage.read_parquet(ploc).equals(big)
 
 
+def test_small_s3_writes_are_one_put_and_large_ones_multipart(s3_server, s3_workdir):
+    """Markers, manifests, claims and small shards are one PUT each, not a three-request multipart
+    upload (create, part, complete): an S3 multipart object's ETag ends in -<parts>."""
+    import boto3
+    import numpy as np
+
+    storage.write_json(storage.join(s3_workdir, "m.json"), {"k": 1})
+    storage.write_parquet(_table(), storage.join(s3_workdir, "s.parquet"))
+    storage.write_bytes(storage.join(s3_workdir, "big.bin"), np.random.default_rng(0).bytes(12 * 1024 * 1024))
+    bucket, prefix = s3_workdir[len("s3://"):].split("/", 1)
+    s3 = boto3.client("s3", endpoint_url=s3_server)
+    etag = {name: s3.head_object(Bucket=bucket, Key=f"{prefix}/{name}")["ETag"].strip('"')
+            for name in ("m.json", "s.parquet", "big.bin")}
+    assert "-" not in etag["m.json"] and "-" not in etag["s.parquet"], etag
+    assert "-" in etag["big.bin"], etag  # over the 10 MiB part size: still streamed in parts
+    assert storage.read_json(storage.join(s3_workdir, "m.json")) == {"k": 1}
+
+
 def test_upload_and_download_tree(root, tmp_path):
     src = tmp_path / "src"
     (src / "sub").mkdir(parents=True)
