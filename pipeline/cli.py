@@ -154,35 +154,11 @@ def cmd_ls(args: argparse.Namespace) -> int:
 
 
 def cmd_gc(args: argparse.Namespace) -> int:
-    """Delete artifacts that no run alias points to and no live run uses (claims.py)."""
-    from pipeline import storage
-    from pipeline.artifact import list_aliases
-    from pipeline.claims import Claims, artifact_id, live_uses
+    """Delete artifacts that no run alias points to and no live run uses (claims.py), then stored
+    models that no remaining artifact loaded (pipeline/gc.py)."""
+    from pipeline.gc import collect_garbage
 
-    root = storage.normalize(args.workdir)
-    arts_root = storage.join(root, "artifacts")
-    with Claims(root, run="gc") as claims:
-        claims.acquire(claims.gc_loc, what="`kdpipe gc` on this workdir")
-        keep = {artifact_id(a.loc) for stages in list_aliases(root).values() for a in stages.values()}
-        in_use = live_uses(root)  # read after taking the gc claim: see claims.py
-        freed = 0
-        for type_key, kind in storage.list_dir(arts_root).items():
-            if kind != "dir":
-                continue
-            for key, sub in storage.list_dir(storage.join(arts_root, type_key)).items():
-                ident = f"{type_key}/{key}"
-                if sub != "dir" or ident in keep:
-                    continue
-                loc = storage.join(arts_root, type_key, key)
-                if ident in in_use:
-                    print(f"keeping {loc}: in use by running `kdpipe run` {in_use[ident]!r}")
-                    continue
-                size = sum(storage.list_files(loc, hidden=True).values())
-                freed += size
-                print(f"{'would remove' if args.dry_run else 'removing'} {loc} ({size / 1e6:.1f} MB)")
-                if not args.dry_run:
-                    storage.delete_tree(loc)
-    print(f"{'would free' if args.dry_run else 'freed'} {freed / 1e6:.1f} MB")
+    collect_garbage(args.workdir, dry_run=args.dry_run)
     return 0
 
 
@@ -257,7 +233,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workdir", default="data")
     p.set_defaults(func=cmd_ls)
 
-    p = sub.add_parser("gc", help="delete artifacts no run alias points to and no running run uses")
+    p = sub.add_parser("gc", help="delete artifacts no run alias points to and no running run uses, "
+                                  "and stored models no remaining artifact loaded")
     p.add_argument("--workdir", default="data")
     p.add_argument("--dry-run", action="store_true")
     p.set_defaults(func=cmd_gc)

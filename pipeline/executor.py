@@ -523,7 +523,8 @@ class Executor:
             extra, files = result["summary"], result["files"]
             shards, ran = [], 1
         seconds = time.perf_counter() - start
-        self._write_manifest(plan, shards, extra, files, seconds, upstream_dirs, timing=_timing(shards))
+        self._write_manifest(plan, shards, extra, files, seconds, upstream_dirs, timing=_timing(shards),
+                             models=ctx.models)
         return {"shards_run": ran, "shards_total": len(shards) if shards else (1 if stage.kind == "task" else 0),
                 "rows": sum(s["rows"] for s in shards), "seconds": round(seconds, 3), "shards": shards,
                 **({"read_tasks": tasks} if stage.kind == "source" else {})}
@@ -585,7 +586,7 @@ class Executor:
 
     def _write_manifest(self, plan: StagePlan, shards: list[dict[str, Any]], extra: dict[str, Any],
                         files: dict[str, Any], seconds: float, upstream_dirs: dict[str, Any],
-                        timing: dict[str, Any] | None = None) -> None:
+                        timing: dict[str, Any] | None = None, models: dict[str, str] | None = None) -> None:
         manifest = {
             "type": plan.node.type,
             "key": plan.key,
@@ -596,6 +597,8 @@ class Executor:
             "numerics": plan.key_parts.get("numerics"),  # resolved device kind and dtype, if a model stage
             "resources": plan.node.stage.resources(),
             "code_modules": plan.code_modules,  # lets a later plan name the changed file
+            # name -> digest of each stored model (models/<digest>) the stage loaded: gc keeps those
+            "models": {name: storage.basename(loc) for name, loc in (models or {}).items()},
             "inputs": {role: [{"stage": n, "key": storage.basename(upstream_dirs[n]), "path": str(upstream_dirs[n])}
                               for n in names] for role, names in plan.node.inputs.items()},
             "rows": sum(s["rows"] for s in shards),

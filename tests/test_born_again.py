@@ -117,9 +117,25 @@ def test_born_again_manifest_runs_three_generations(tmp_path, sentiment_tsv, enc
     for student, teacher in (("labels_teacher", "teacher"), ("labels_gen1", "gen1")):
         used = Artifact(by_name[student]["path"]).manifest["inputs"]["teacher"][0]["key"]
         assert used == Artifact(by_name[teacher]["path"]).key
+    for gen, labels in (("gen1", "labels_teacher"), ("gen2", "labels_gen1")):  # each reads the labels it claims
+        assert [i["key"] for i in Artifact(by_name[gen]["path"]).manifest["inputs"]["labels"]] == \
+            [Artifact(by_name[labels]["path"]).key], gen
     configs = [json.loads((Path(by_name[g]["path"]) / "files" / "model" / "config.json").read_text())
                for g in ("teacher", "gen1", "gen2")]
     assert len({(c["model_type"], c["hidden_size"], c["num_hidden_layers"]) for c in configs}) == 1
     metrics = json.loads((Path(by_name["evaluate"]["path"]) / "files" / "metrics.json").read_text())
-    assert {m["name"] for m in metrics["models"]} == {"teacher", "gen1", "gen2"}
-    assert all(0 <= m["metrics"]["accuracy"] <= 1 for m in metrics["models"])
+    assert {m["name"]: m["key"] for m in metrics["models"]} == \
+        {g: Artifact(by_name[g]["path"]).key for g in ("teacher", "gen1", "gen2")}
+    # every reported accuracy is that generation's saved model on the saved dev split, recomputed here
+    from kd.students import load_student
+    from stages.evaluate import model_dir
+
+    assert metrics["data"] == Artifact(by_name["dev"]["path"]).key
+    dev = Artifact(by_name["dev"]["path"]).read_table()
+    texts, gold = dev["text"].to_pylist(), dev["label"].to_pylist()
+    for m in metrics["models"]:
+        model = load_student(model_dir(Path(by_name[m["name"]]["path"])))
+        assert model.label_names == ["negative", "positive"]  # gold 0/1 index these names
+        pred = model.predict(texts, batch_size=64, return_names=False)
+        assert m["metrics"]["accuracy"] == pytest.approx(sum(int(p) == int(g) for p, g in zip(pred, gold)) / len(gold),
+                                                         abs=1e-4), m["name"]

@@ -86,6 +86,7 @@ def test_gc_during_a_run_keeps_what_the_running_stage_writes(tmp_path):
 
     from crash_helpers import crash_manifest_file
     from pipeline.cli import main
+    from pipeline.model_store import folder_digest, store_model
 
     wd = tmp_path / "wd"
     manifest = crash_manifest_file(tmp_path, wd)
@@ -105,14 +106,24 @@ def test_gc_during_a_run_keeps_what_the_running_stage_writes(tmp_path):
         stale = wd / "artifacts" / "read" / ("0" * 20)
         stale.mkdir(parents=True)  # an unreferenced artifact gc must still remove
         (stale / "manifest.json").write_text("{}")
+        orphan = tmp_path / "orphan"  # a stored model no artifact loaded
+        orphan.mkdir()
+        (orphan / "config.json").write_text("{}")
+        orphan_loc = store_model(orphan, wd)
         assert main(["gc", "--workdir", str(wd)]) == 0
         assert label_art.is_dir() and (label_art / "completions").is_dir(), "gc deleted the running stage's artifact"
         assert not stale.exists()
+        assert Path(orphan_loc).is_dir(), "gc removed a stored model while a run was live"
         assert proc.wait(timeout=600) == 0, log.read_text()[-3000:]
     finally:
         if proc.poll() is None:
             proc.kill()
         shutil.rmtree(env["KDPIPE_RAY_TMPDIR"], ignore_errors=True)
+    teacher = folder_digest(tmp_path / "teacher")
+    assert json.loads((label_art / "manifest.json").read_text())["models"] == {"teacher teacher": teacher}
+    assert main(["gc", "--workdir", str(wd)]) == 0
+    assert sorted(p.name for p in (wd / "models").iterdir()) == [teacher], \
+        "gc must remove the model no artifact loaded and keep the teacher the aliased label artifact loaded"
     assert main(["verify", "--workdir", str(wd)]) == 0
 
 

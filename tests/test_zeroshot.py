@@ -163,8 +163,22 @@ def test_zeroshot_manifest_runs_end_to_end(tmp_path, ray_session):
     metrics = json.loads((Path(by_name["evaluate"]["path"]) / "files" / "metrics.json").read_text())
     names = {m["name"]: m for m in metrics["models"]}
     assert set(names) == {"student_zeroshot", "pivot", "ceiling_fr_de"} and metrics["rows"] == 16
-    for m in names.values():
-        assert m["task"] == "seq2seq" and 0 <= m["metrics"]["bleu"] <= 100
+    # evaluate read the test artifact and the three models it names, and every BLEU is
+    # sacrebleu's on that model's own translations of it, recomputed here
+    import sacrebleu
+
+    from kd.students import load_student
+    from stages.evaluate import model_dir
+
+    evaluated = Artifact(by_name["evaluate"]["path"])
+    assert [i["key"] for i in evaluated.manifest["inputs"]["data"]] == [Artifact(by_name["test"]["path"]).key]
+    assert metrics["data"] == Artifact(by_name["test"]["path"]).key
+    test = Artifact(by_name["test"]["path"]).read_table().slice(0, metrics["rows"])
+    src, refs = test["fr"].to_pylist(), test["de"].to_pylist()
+    for name, m in names.items():
+        assert m["task"] == "seq2seq" and m["key"] == Artifact(by_name[name]["path"]).key, name
+        hyps = load_student(model_dir(Path(by_name[name]["path"]))).predict(src, batch_size=64)
+        assert m["metrics"]["bleu"] == pytest.approx(sacrebleu.corpus_bleu(hyps, [refs]).score, abs=1e-3), name
     assert names["pivot"]["type"] == "chain"
     teacher = json.loads((Path(by_name["evaluate_teacher"]["path"]) / "files" / "metrics.json").read_text())
     assert teacher["models"][0]["is_teacher"]
