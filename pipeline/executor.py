@@ -471,17 +471,10 @@ class Executor:
         """One Ray task for a source/task stage, in a placement group reserved first: waiting for
         the reservation is bounded by placement_timeout; the work itself is not."""
         import ray
-        from ray.util.placement_group import placement_group, remove_placement_group
-        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+        from ray.util.placement_group import remove_placement_group
 
-        bundle = {{"num_cpus": "CPU", "num_gpus": "GPU"}.get(k, k): v for k, v in res.items() if v}
-        pg = placement_group([bundle])
+        pg, strategy = self._reserve(plan, res)
         try:
-            ready, _ = ray.wait([pg.ready()], timeout=self.placement_timeout)
-            if not ready:
-                raise PlacementError(timed_out(plan.name, res, kind=plan.node.stage.kind,
-                                               timeout=self.placement_timeout, available=ray.available_resources()))
-            strategy = PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=0)
             task = ray.remote(fn).options(max_retries=MAX_SHARD_ATTEMPTS, scheduling_strategy=strategy, **res)
             try:
                 return ray.get(task.remote(*args))
@@ -491,6 +484,22 @@ class Executor:
                 raise
         finally:
             remove_placement_group(pg)
+
+    def _reserve(self, plan: StagePlan, res: dict[str, float]) -> tuple[Any, Any]:
+        """A one-bundle placement group for the stage's (first) task, ready within placement_timeout,
+        and the scheduling strategy that puts a task in it; PlacementError naming what is missing."""
+        import ray
+        from ray.util.placement_group import placement_group, remove_placement_group
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+        bundle = {{"num_cpus": "CPU", "num_gpus": "GPU"}.get(k, k): v for k, v in res.items() if v}
+        pg = placement_group([bundle])
+        ready, _ = ray.wait([pg.ready()], timeout=self.placement_timeout)
+        if not ready:
+            remove_placement_group(pg)
+            raise PlacementError(timed_out(plan.name, res, kind=plan.node.stage.kind,
+                                           timeout=self.placement_timeout, available=ray.available_resources()))
+        return pg, PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=0)
 
     def run_stage(self, plan: StagePlan, upstream_dirs: dict[str, Any]) -> dict[str, Any]:
         stage = plan.node.stage
@@ -534,6 +543,7 @@ class Executor:
         """A source read by read_tasks() tasks, each writing a run of consecutive missing shards
         (check_placement has made sure one task fits a node; the others queue behind it)."""
         import ray
+        from ray.util.placement_group import remove_placement_group
 
         per = max(1, stage.rows_per_shard())
         index = stage.index_rows(rows_per_shard=per)
@@ -548,15 +558,21 @@ class Executor:
         parts = [pending[len(pending) * k // n: len(pending) * (k + 1) // n] for k in range(n)]
         # A part's shards may be non-consecutive after a resume: split it at the gaps.
         runs = [run for part in parts for run in _consecutive(part)]
-        task = ray.remote(_read_rows_impl).options(max_retries=MAX_SHARD_ATTEMPTS, **res)
-        refs = [task.remote(stage, ctx, provenance, self.cwd, ctx.artifact_loc, run, per, total,
-                            index.starts[run[0]:run[-1] + 1] or None) for run in runs]
+        # The first task runs in a reservation (bounded by placement_timeout); the others queue
+        # behind it and start as CPUs free up.
+        pg, first = self._reserve(plan, res)
+        task = ray.remote(_read_rows_impl)
+        refs = [task.options(max_retries=MAX_SHARD_ATTEMPTS, **res, **({"scheduling_strategy": first} if i == 0 else {}))
+                .remote(stage, ctx, provenance, self.cwd, ctx.artifact_loc, run, per, total,
+                        index.starts[run[0]:run[-1] + 1] or None) for i, run in enumerate(runs)]
         try:
             return [s for stats in ray.get(refs) for s in stats], len(runs)
         except ray.exceptions.RayTaskError as e:
             if _user_error(e) is not None:
                 raise _user_error(e) from None
             raise
+        finally:
+            remove_placement_group(pg)
 
     @staticmethod
     def _merge(done: dict[int, dict[str, Any]], new: list[dict[str, Any]]) -> list[dict[str, Any]]:

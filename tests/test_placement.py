@@ -200,6 +200,42 @@ def test_busy_cluster_waits_at_most_placement_timeout(tmp_path, sentiment_tsv, t
     assert (tmp_path / "work" / "runs" / "place" / "keep" / "manifest.json").exists()
 
 
+def test_a_source_read_in_parts_waits_at_most_placement_timeout(tmp_path, sentiment_tsv, ray_session):
+    """read_tasks > 1 launched its tasks without a reservation: on a busy cluster they queued
+    with no deadline, while every other stage fails after placement_timeout."""
+    from pipeline.placement import PlacementError
+    from pipeline.runner import run_graph
+
+    raw = {"name": "parts", "workdir": str(tmp_path / "work"), "ray": {"placement_timeout": 3}, "stages": [
+        {"name": "read", "type": "read", "config": {"path": str(sentiment_tsv), "text_column": "sentence",
+                                                    "label_column": "label", "rows_per_shard": 10, "read_tasks": 2}}]}
+    ray = ray_session
+    hold = ray.remote(num_cpus=ray.cluster_resources()["CPU"])(type("Hold", (), {})).remote()
+    ray.get(hold.__ray_ready__.remote())
+    outcome: dict = {}
+
+    def run() -> None:
+        try:
+            run_graph(build_graph(parse_manifest(raw)), progress=False, log=lambda *a: None)
+            outcome["ok"] = True
+        except Exception as e:  # noqa: BLE001 - the test inspects it
+            outcome["error"] = e
+
+    try:
+        thread = threading.Thread(target=run, daemon=True)
+        thread.start()
+        thread.join(120)
+        assert not thread.is_alive(), "the read tasks waited for placement without a deadline"
+    finally:
+        ray.kill(hold)
+    assert isinstance(outcome.get("error"), PlacementError), outcome
+    assert "read" in str(outcome["error"]) and "placement_timeout = 3 s" in str(outcome["error"])
+    assert not (tmp_path / "work" / "runs" / "parts" / "read").exists()
+    run_graph(build_graph(parse_manifest({**raw, "ray": {"placement_timeout": 300}})), progress=False,
+              log=lambda *a: None)
+    assert (tmp_path / "work" / "runs" / "parts" / "read" / "manifest.json").exists()
+
+
 # --- ray:// ---------------------------------------------------------------------------------
 def test_ray_client_address_is_refused_up_front(tmp_path, sentiment_tsv, teacher):
     manifest = tmp_path / "m.yaml"
