@@ -87,14 +87,10 @@ def _unlocate(value: Any, dumped: Any) -> Any:
 
 def _placeholder(value: Any, dumped: Any) -> Any:
     if isinstance(value, str):
-        return LOCATED if value and not is_uri(value) and Path(value).exists() else dumped
+        return LOCATED if value and Path(value).exists() else dumped
     if isinstance(value, dict):  # name -> path (e.g. read's parallel `files`)
         return {k: _placeholder(v, dumped[k]) for k, v in value.items()}
     return dumped
-
-
-def is_uri(value: str) -> bool:
-    return "://" in value
 
 
 def located_fields(config_cls: type[StageConfig]) -> set[str]:

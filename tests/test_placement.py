@@ -162,54 +162,11 @@ def test_gpu_request_without_gpus_exits_at_once_and_writes_nothing(tmp_path, sen
     assert not (work / "artifacts").exists() and not (work / "runs").exists()
 
 
-@pytest.mark.ray
-@pytest.mark.timeout(300)
-def test_busy_cluster_waits_at_most_placement_timeout(tmp_path, sentiment_tsv, teacher, ray_session):
-    from pipeline.placement import PlacementError
+def _run_with_every_cpu_held(ray, raw: dict, hang_message: str) -> dict:
+    """Run the manifest in a thread while an actor holds every CPU; {"ok": True} or {"error": e}.
+    The run must end (with an error, or done) within 120 s."""
     from pipeline.runner import run_graph
 
-    raw = _manifest(tmp_path, sentiment_tsv, teacher, ray={"placement_timeout": 3})
-    raw["stages"][1] = {"name": "keep", "type": "split", "inputs": {"data": "read"}, "config": {"fraction": 0.5}}
-    run_graph(build_graph(parse_manifest(raw)), only=["read"], progress=False, log=lambda *a: None)
-
-    ray = ray_session
-    hold = ray.remote(num_cpus=ray.cluster_resources()["CPU"])(type("Hold", (), {})).remote()
-    ray.get(hold.__ray_ready__.remote())  # every CPU busy: the split actor can be placed later, not now
-    outcome: dict = {}
-
-    def run() -> None:
-        try:
-            run_graph(build_graph(parse_manifest(raw)), progress=False, log=lambda *a: None)
-            outcome["ok"] = True
-        except Exception as e:  # noqa: BLE001 - the test inspects it
-            outcome["error"] = e
-
-    try:
-        thread = threading.Thread(target=run, daemon=True)
-        thread.start()
-        thread.join(120)
-        assert not thread.is_alive(), "the stage waited for placement without a deadline"
-    finally:
-        ray.kill(hold)
-    assert isinstance(outcome.get("error"), PlacementError), outcome
-    assert "keep: no actor was placed within ray.placement_timeout = 3 s" in str(outcome["error"])
-    assert not (tmp_path / "work" / "runs" / "place" / "keep").exists()
-    # Free again: it runs (a worker process takes seconds to start, more than the 3 s above).
-    run_graph(build_graph(parse_manifest({**raw, "ray": {"placement_timeout": 300}})), progress=False,
-              log=lambda *a: None)
-    assert (tmp_path / "work" / "runs" / "place" / "keep" / "manifest.json").exists()
-
-
-def test_a_source_read_in_parts_waits_at_most_placement_timeout(tmp_path, sentiment_tsv, ray_session):
-    """read_tasks > 1 launched its tasks without a reservation: on a busy cluster they queued
-    with no deadline, while every other stage fails after placement_timeout."""
-    from pipeline.placement import PlacementError
-    from pipeline.runner import run_graph
-
-    raw = {"name": "parts", "workdir": str(tmp_path / "work"), "ray": {"placement_timeout": 3}, "stages": [
-        {"name": "read", "type": "read", "config": {"path": str(sentiment_tsv), "text_column": "sentence",
-                                                    "label_column": "label", "rows_per_shard": 10, "read_tasks": 2}}]}
-    ray = ray_session
     hold = ray.remote(num_cpus=ray.cluster_resources()["CPU"])(type("Hold", (), {})).remote()
     ray.get(hold.__ray_ready__.remote())
     outcome: dict = {}
@@ -225,9 +182,45 @@ def test_a_source_read_in_parts_waits_at_most_placement_timeout(tmp_path, sentim
         thread = threading.Thread(target=run, daemon=True)
         thread.start()
         thread.join(120)
-        assert not thread.is_alive(), "the read tasks waited for placement without a deadline"
+        assert not thread.is_alive(), hang_message
     finally:
         ray.kill(hold)
+    return outcome
+
+
+@pytest.mark.ray
+@pytest.mark.timeout(300)
+def test_busy_cluster_waits_at_most_placement_timeout(tmp_path, sentiment_tsv, teacher, ray_session):
+    from pipeline.placement import PlacementError
+    from pipeline.runner import run_graph
+
+    raw = _manifest(tmp_path, sentiment_tsv, teacher, ray={"placement_timeout": 3})
+    raw["stages"][1] = {"name": "keep", "type": "split", "inputs": {"data": "read"}, "config": {"fraction": 0.5}}
+    run_graph(build_graph(parse_manifest(raw)), only=["read"], progress=False, log=lambda *a: None)
+
+    # every CPU busy: the split actor can be placed later, not now
+    outcome = _run_with_every_cpu_held(ray_session, raw, "the stage waited for placement without a deadline")
+    assert isinstance(outcome.get("error"), PlacementError), outcome
+    assert "keep: no actor was placed within ray.placement_timeout = 3 s" in str(outcome["error"])
+    assert not (tmp_path / "work" / "runs" / "place" / "keep").exists()
+    # Free again: it runs (a worker process takes seconds to start, more than the 3 s above).
+    run_graph(build_graph(parse_manifest({**raw, "ray": {"placement_timeout": 300}})), progress=False,
+              log=lambda *a: None)
+    assert (tmp_path / "work" / "runs" / "place" / "keep" / "manifest.json").exists()
+
+
+@pytest.mark.ray
+@pytest.mark.timeout(300)
+def test_a_source_read_in_parts_waits_at_most_placement_timeout(tmp_path, sentiment_tsv, ray_session):
+    """read_tasks > 1 launched its tasks without a reservation: on a busy cluster they queued
+    with no deadline, while every other stage fails after placement_timeout."""
+    from pipeline.placement import PlacementError
+    from pipeline.runner import run_graph
+
+    raw = {"name": "parts", "workdir": str(tmp_path / "work"), "ray": {"placement_timeout": 3}, "stages": [
+        {"name": "read", "type": "read", "config": {"path": str(sentiment_tsv), "text_column": "sentence",
+                                                    "label_column": "label", "rows_per_shard": 10, "read_tasks": 2}}]}
+    outcome = _run_with_every_cpu_held(ray_session, raw, "the read tasks waited for placement without a deadline")
     assert isinstance(outcome.get("error"), PlacementError), outcome
     assert "read" in str(outcome["error"]) and "placement_timeout = 3 s" in str(outcome["error"])
     assert not (tmp_path / "work" / "runs" / "parts" / "read").exists()
