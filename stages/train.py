@@ -2,7 +2,9 @@
 
 Inputs: `data` (shards with id, the student's text column(s), gold `label`), `labels` (label
 artifacts, optional and possibly several: without them this is the no-KD baseline), `tokenizer`
-(an `spm` artifact, optional), `dev` (optional, for epoch selection; never the test set).
+(an `spm` artifact, optional), `dev` (optional, for epoch selection; never the test set),
+`unlabeled` (target-domain text, only with `domain_adversarial`: adversarial feature adaptation
+after Xu & Yang 2017, see kd/domain_adversarial.py; its rows are held in memory).
 
 Streaming: one data shard is in memory at a time. Shards are visited in a seeded order per epoch,
 rows within a shard are ordered by a hash of (seed, epoch, id), and a batch never crosses a shard
@@ -66,6 +68,16 @@ class EnsembleSpec(StageConfig):
     weights: list[float] | None = None
 
 
+class DomainAdversarialSpec(StageConfig):
+    weight: float = Field(0.1, ge=0, description="scale of the reversed domain gradient the student gets "
+                          "(0: the discriminator only measures the domain gap, a control)")
+    hidden_dim: int = Field(64, gt=0, description="the discriminator's hidden layer")
+    lr: float = Field(1e-3, gt=0, description="the discriminator's learning rate")
+    schedule: Literal["ganin", "constant"] = Field(
+        "ganin", description="reversal strength: ganin = 2/(1+exp(-10p))-1 over training progress p; constant = 1")
+    column: str | None = Field(None, description="text column of the `unlabeled` input; default: student_column")
+
+
 class TrainConfig(NumericsConfig):
     task: Literal["classification", "token_classification"] = Field(
         "classification", description="token_classification: a bilstm tagger over a word-list "
@@ -87,6 +99,9 @@ class TrainConfig(NumericsConfig):
     batch_size: int = Field(32, gt=0, description="semantic: changes the result")
     max_length: int = Field(64, gt=0)
     patience: int | None = Field(None, gt=0, description="stop after this many epochs without dev gain")
+    domain_adversarial: DomainAdversarialSpec | None = Field(
+        None, description="Xu & Yang 2017: make the student's features on `data` and on the `unlabeled` "
+        "target-domain text indistinguishable to a discriminator (gradient reversal)")
     seed: int = 0
 
 
@@ -99,6 +114,7 @@ class TrainStage(TaskStage):
         "labels": InputRole(required=False, many=True, doc="teacher label artifact(s)"),
         "tokenizer": InputRole(required=False, kind="files", doc="an spm stage"),
         "dev": InputRole(required=False, doc="dev set for epoch selection"),
+        "unlabeled": InputRole(required=False, doc="target-domain text for domain_adversarial (no labels read)"),
     }
     config: TrainConfig
     model_folder = "student"
@@ -146,6 +162,7 @@ class TrainStage(TaskStage):
             if st.architecture_from and not (Path(st.architecture_from) / "config.json").is_file():
                 problems.append(Problem("config.student.architecture_from",
                                         f"{st.architecture_from!r} holds no config.json; give an HF model dir"))
+        problems += self._validate_domain_adversarial(input_columns)
         if cfg.ensemble.mode == "weighted" and not cfg.ensemble.weights:
             problems.append(Problem("config.ensemble.weights", "mode 'weighted' needs one weight per teacher"))
         for role, cols_list in (("data", input_columns.get("data")), ("dev", input_columns.get("dev"))):
@@ -159,6 +176,26 @@ class TrainStage(TaskStage):
                     if c not in cols:
                         problems.append(Problem(f"inputs.{role}", f"column {c!r} missing (it has {', '.join(cols)}); "
                                                 "set student_column/student_pair_column/label_column"))
+        return problems
+
+    def _validate_domain_adversarial(self, input_columns) -> list[Problem]:
+        cfg, spec = self.config, self.config.domain_adversarial
+        unlabeled = input_columns.get("unlabeled")
+        if spec is None:
+            return [Problem("inputs.unlabeled", "an `unlabeled` input is read only by domain_adversarial; "
+                            "set `domain_adversarial: {weight: 0.1}` or drop the input")] if unlabeled else []
+        problems = []
+        if not unlabeled:
+            problems.append(Problem("inputs.unlabeled", "domain_adversarial needs target-domain text: add "
+                                    "`unlabeled: <stage>` (e.g. a read stage of in-domain sentences)"))
+        if cfg.task != "classification" or cfg.student_pair_column:
+            problems.append(Problem("config.domain_adversarial", "domain_adversarial adapts single-text "
+                                    "classification students; drop it, student_pair_column or task"))
+        column = spec.column or cfg.student_column
+        for cols in unlabeled or []:
+            if cols is not None and column not in cols:
+                problems.append(Problem("inputs.unlabeled", f"column {column!r} missing (it has {', '.join(cols)}); "
+                                        "set domain_adversarial.column"))
         return problems
 
     def fingerprint(self) -> dict[str, str]:
@@ -185,18 +222,27 @@ class TrainStage(TaskStage):
         def batches(epoch: int, skip: int):
             return itertools.islice(stream.batches(epoch=epoch, seed=seed, module=module), skip, None)
 
+        adapt = _DomainAdaptation(self, ctx, job, seed=seed, total_steps=total_steps) \
+            if cfg.domain_adversarial else None
+
         def loss_fn(item, step: int):
             batch, gold, teacher = (move(x, device) for x in item)
-            return _loss(cfg, module(**batch), gold, teacher, job["temperature"], step / max(1, total_steps - 1))
+            loss = _loss(cfg, module(**batch), gold, teacher, job["temperature"], step / max(1, total_steps - 1))
+            return adapt.add_to(loss, step=step, rows=len(gold)) if adapt else loss
 
         dev_table = job["dev_table"]
+        optimizer = _optimizer(cfg, module)
+        if adapt:
+            optimizer.add_param_group({"params": list(adapt.adversary.parameters()), "lr": cfg.domain_adversarial.lr})
         result = training.fit(
-            module, optimizer=_optimizer(cfg, module), loss_fn=loss_fn, batches=batches, steps_per_epoch=per_epoch,
+            adapt.model if adapt else module, optimizer=optimizer, loss_fn=loss_fn, batches=batches, steps_per_epoch=per_epoch,
             total_steps=total_steps, scratch=ctx.scratch_dir, seed=seed, device=device, dtype=job["dtype"],
             evaluate=(lambda epoch: _dev_metrics(job["student"], dev_table)) if dev_table is not None else None,
             select=(lambda record: record["dev_accuracy"]) if dev_table is not None else None,
             patience=cfg.patience, identity=job["identity"], count=lambda item: len(item[1]),
             on_epoch_end=on_epoch_end, desc=ctx.stage_name)
+        if adapt:
+            adapt.close()
         return self._write_outputs(ctx, job, result)
 
     def _prepare(self, ctx: StageContext, seed: int) -> dict[str, Any]:
@@ -249,10 +295,14 @@ class TrainStage(TaskStage):
                    "dev_accuracy": best.get("dev_accuracy") if best else None,
                    "dev_macro_f1": best.get("dev_macro_f1") if best else None,
                    "train_examples_per_s": history[-1]["examples_per_s"] if history else None}
+        if cfg.domain_adversarial and history:  # epoch means: they survive a resume
+            metrics["discriminator_accuracy_first"] = round(history[0]["discriminator_accuracy"], 4)
+            metrics["discriminator_accuracy_last"] = round(history[-1]["discriminator_accuracy"], 4)
         write_json(ctx.out_dir / "metrics.json", metrics)
         _plot_curves(history, ctx.out_dir / "curves.png", title=f"{ctx.stage_name} ({cfg.student.type})")
         return {k: metrics[k] for k in ("student", "parameters", "best_epoch", "labels", "dev_accuracy",
-                                        "resumed_from_epoch", "train_examples_per_s")} | {
+                                        "resumed_from_epoch", "train_examples_per_s", "discriminator_accuracy_first",
+                                        "discriminator_accuracy_last") if k in metrics} | {
             "epochs_run": len(history), "student_dir": str(student_dir), "device": job["device"].type,
             "dtype": str(job["dtype"]).removeprefix("torch.")}
 
@@ -276,9 +326,58 @@ class TrainStage(TaskStage):
             for table in data.iter_shards(columns=cols):
                 for col in cols:
                     yield from (t or "" for t in table[col].to_pylist())
+            if cfg.domain_adversarial:  # the student reads the target domain's words too
+                yield from _unlabeled_texts(ctx, cfg)
 
         return WordVocab.build(texts(), max_size=cfg.tokenizer.vocab_size, min_freq=cfg.tokenizer.min_freq,
                                lowercase=cfg.tokenizer.lowercase)
+
+
+def _unlabeled_texts(ctx: StageContext, cfg: TrainConfig) -> list[str]:
+    column = cfg.domain_adversarial.column or cfg.student_column
+    table = ctx.input("unlabeled").read_table(["id", column])
+    return [t or "" for t in table.sort_by("id")[column].to_pylist()]
+
+
+class _DomainAdaptation:
+    """The `domain_adversarial` term of each update: the student's features on its batch (the
+    source) and on as many unlabeled target rows, drawn by a seeded per-step choice (so a resumed
+    run draws the same rows), into kd.domain_adversarial.DomainAdversary."""
+
+    def __init__(self, stage: "TrainStage", ctx: StageContext, job: dict[str, Any], *, seed: int, total_steps: int):
+        import torch
+
+        from kd.domain_adversarial import DomainAdversary, FeatureTap, feature_layer
+        from kd.training import derive_seed
+
+        spec, module = stage.config.domain_adversarial, job["module"]
+        layer = feature_layer(module)
+        self.tap = FeatureTap(layer)
+        self.rows = module.tokenize_rows(_unlabeled_texts(ctx, stage.config), None)
+        if not self.rows:
+            raise ValueError("the `unlabeled` input has no rows; domain_adversarial needs target-domain text")
+        torch.manual_seed(derive_seed(seed, "discriminator-init"))
+        self.adversary = DomainAdversary(feature_dim=module.feature_dim(), hidden_dim=spec.hidden_dim,
+                                         weight=spec.weight, schedule=spec.schedule).to(job["device"])
+        # Student and discriminator checkpoint and resume together.
+        self.model = torch.nn.ModuleDict({"student": module, "adversary": self.adversary})
+        self.module, self.device, self.seed, self.total = module, job["device"], seed, total_steps
+
+    def add_to(self, loss, *, step: int, rows: int):
+        import numpy as np
+
+        from kd.training import derive_seed
+
+        source = self.tap.take()
+        rng = np.random.default_rng(derive_seed(self.seed, "unlabeled", step))
+        pick = rng.choice(len(self.rows), size=min(rows, len(self.rows)), replace=False)
+        self.module(**move(self.module.collate([self.rows[i] for i in pick]), self.device))
+        domain, parts = self.adversary(source, self.tap.take(), progress=step / max(1, self.total - 1))
+        loss, loss_parts = loss if isinstance(loss, tuple) else (loss, {})
+        return loss + domain, {**loss_parts, **parts}
+
+    def close(self) -> None:
+        self.tap.close()
 
 
 def _student_module(kind: str, task: str = "classification"):

@@ -45,6 +45,13 @@ class BiLSTMClassifier(SiameseTokenization, nn.Module):
             h = pair_features(h, self.encode(ids2, lengths2))
         return self.head(h)
 
+    def feature_layer(self) -> nn.Module:
+        """Its input is the sentence features (domain_adversarial reads them there)."""
+        return self.head
+
+    def feature_dim(self) -> int:
+        return self.head[1].in_features
+
 
 class BiLSTMTagger(nn.Module):
     """Token-level student: embeddings, one BiLSTM layer, a linear layer per word. Trained by

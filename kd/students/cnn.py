@@ -52,6 +52,13 @@ class CNNClassifier(SiameseTokenization, nn.Module):
             h = pair_features(h, self.encode(ids2, lengths2))
         return self.out(self.dropout(h))
 
+    def feature_layer(self) -> nn.Module:
+        """Its input is the sentence features (domain_adversarial reads them there)."""
+        return self.dropout
+
+    def feature_dim(self) -> int:
+        return self.out.in_features
+
 
 def load(path: str | Path):
     return load_classifier(path, CNNClassifier)

@@ -53,6 +53,18 @@ class TransformerClassifier(nn.Module):
         return cls(tokenizer=tokenizer, config=config, pair=bool(meta.get("pair")),
                    max_length=meta.get("max_length", 64))
 
+    def feature_layer(self) -> nn.Module:
+        """The HF classification head (`classifier`); its input is the pooled sentence features."""
+        head = getattr(self.model, "classifier", None)
+        if head is None:
+            raise ValueError(f"{type(self.model).__name__} has no `classifier` head to read features from")
+        return head
+
+    def feature_dim(self) -> int:
+        head = self.feature_layer()
+        first = head if isinstance(head, nn.Linear) else next(m for m in head.modules() if isinstance(m, nn.Linear))
+        return first.in_features
+
     def save_extra(self, directory: Path) -> None:
         self.config.save_pretrained(str(directory))  # config.json, so loading needs no manifest
 
