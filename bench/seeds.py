@@ -23,8 +23,9 @@ from _env import write_json  # first: _env sets the offline environment
 
 
 def evaluate_metrics(summary: list[dict]) -> dict[str, dict[str, float]]:
-    """model name -> metrics, from every evaluate stage of a finished run, and from every
-    train_multitask stage (its per-task dev accuracy as STAGE[TASK], discriminator accuracy)."""
+    """model name -> metrics, from every evaluate stage of a finished run, from every
+    train_multitask stage (its per-task dev accuracy as STAGE[TASK], discriminator accuracy), and
+    from every train stage with domain_adversarial (STAGE[discriminator])."""
     out: dict[str, dict[str, float]] = {}
     for stage in summary:
         if stage["type"] == "train_multitask":
@@ -35,6 +36,12 @@ def evaluate_metrics(summary: list[dict]) -> dict[str, dict[str, float]]:
             for key in ("discriminator_accuracy_first", "discriminator_accuracy_last"):
                 if key in metrics:
                     out.setdefault(f"{stage['name']}[discriminator]", {})[key.rsplit("_", 1)[1]] = metrics[key]
+            continue
+        if stage["type"] == "train":  # a domain_adversarial student's discriminator, first and last epoch
+            metrics = json.loads((Path(stage["path"]) / "files" / "metrics.json").read_text())
+            if "discriminator_accuracy_last" in metrics:
+                out[f"{stage['name']}[discriminator]"] = {
+                    "first": metrics["discriminator_accuracy_first"], "last": metrics["discriminator_accuracy_last"]}
             continue
         if stage["type"] != "evaluate":
             continue
