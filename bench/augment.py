@@ -250,11 +250,14 @@ def report(r: dict) -> str:
         parts = []
         for name, st in run["stages"].items():
             detail = ""
-            if "compute_seconds" in st:
+            if "compute_seconds" in st and int(w) == 1:
                 setup = st.get("slowest_setup_seconds", 0.0)
                 rest = st["seconds"] - st["compute_seconds"] - st["write_seconds"] - setup
                 detail = (f" = actor setup {setup:.1f} + model {st['compute_seconds']:.1f} + write "
                           f"{st['write_seconds']:.1f} + start-up/hand-off {rest:.1f}")
+            elif "compute_seconds" in st:  # the workers overlap: their sums do not add up to the wall time
+                detail = (f" (summed over {st.get('actors', w)} workers: model {st['compute_seconds']:.1f}, "
+                          f"write {st['write_seconds']:.1f})")
             parts.append(f"{name} {st['seconds']:.1f}s{detail}")
         lines.append(f"kdpipe end to end, {w} worker(s):       {n / run['seconds']:8.1f} sentences/s "
                      f"({run['seconds']:.1f}s: {'; '.join(parts)})")

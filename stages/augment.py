@@ -347,25 +347,29 @@ def dedup_across_shards(art_dir, shard_stats: list[dict[str, Any]]) -> tuple[lis
 
 
 def summarize_output(art_dir, data, *, n_iter: int) -> dict[str, Any]:
-    """Size, growth and per-op rates of a finished augment artifact, and the empty inputs."""
+    """Size, growth and per-op rates of a finished augment artifact, and the empty inputs.
+    Counted with Arrow compute, shard by shard: a full-size transfer set has a million rows."""
+    import numpy as np
+    import pyarrow.compute as pc
+
     from pipeline.artifact import Artifact
 
     input_rows = empty = 0
     pos_cols = [c for c in ("pos", "pos_pair") if c in (data.columns() or [])]
     for shard in data.iter_shards(columns=pos_cols):
         input_rows += shard.num_rows
-        tags = [shard.column(c).to_pylist() for c in pos_cols]
-        empty += sum(not all(has_words(t[i]) for t in tags) for i in range(shard.num_rows))
+        with_words = [_rows_with_words(shard.column(c)) for c in pos_cols]
+        empty += shard.num_rows - int(np.logical_and.reduce(with_words).sum()) if with_words else 0
     originals = samples = 0
     fired = dict.fromkeys(OPS, 0)
     for shard in Artifact(art_dir).iter_shards(columns=["aug_index", "ops"]):
-        aug = shard.column("aug_index").to_pylist()
-        originals += sum(a < 0 for a in aug)
-        for a, ops in zip(aug, shard.column("ops").to_pylist()):
-            if a >= 0:
-                samples += 1
-                for op in ops:
-                    fired[op] += 1
+        is_sample = pc.greater_equal(shard.column("aug_index"), 0)
+        n = int(pc.sum(is_sample).as_py() or 0)
+        samples += n
+        originals += shard.num_rows - n
+        ops = pc.list_flatten(shard.filter(is_sample).column("ops"))
+        for entry in pc.value_counts(ops).to_pylist():
+            fired[entry["values"]] += entry["counts"]
     drawn = (input_rows - empty) * n_iter
     return {
         "input_rows": input_rows,
@@ -378,3 +382,17 @@ def summarize_output(art_dir, data, *, n_iter: int) -> dict[str, Any]:
         "samples_dropped": drawn - samples,  # duplicates and samples that came out empty
         "op_rates": {op: round(n / samples, 4) if samples else 0.0 for op, n in fired.items()},
     }
+
+
+def _rows_with_words(column) -> "np.ndarray":
+    """Per row of a list<string> POS column: has_words(row), as a numpy bool array."""
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    column = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
+    tags = pc.list_flatten(column)
+    is_word = pc.fill_null(pc.invert(pc.is_in(tags, value_set=pa.array(sorted(SKIP_TAGS)))), True)
+    out = np.zeros(len(column), dtype=bool)
+    out[pc.filter(pc.list_parent_indices(column), is_word).to_numpy(zero_copy_only=False)] = True
+    return out

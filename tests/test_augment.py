@@ -332,3 +332,28 @@ def test_sst2_manifest_validates_with_the_default_path(monkeypatch):
     graph = build_graph(load_manifest(REPO / "manifests" / "sst2-augment.yaml"))
     assert [n.type for n in graph.nodes.values()] == ["read", "pos_tag", "unigram", "augment"]
     assert graph.nodes["augment"].stage.config == AugmentStage.Config()  # the issue's defaults
+
+
+def test_the_summary_counts_what_a_row_by_row_count_gives(tmp_path):
+    """summarize_output counts with Arrow compute; a plain loop over the same rows (pairs, empty
+    and SPACE-only sides, null lists, several shards) gives the same figures."""
+    from pipeline.testing import make_artifact
+    from stages.augment import OPS, has_words, summarize_output
+
+    pos = [["NOUN"], ["SPACE"], [], None, ["SPACE", "VERB"], ["ADJ", "NOUN"]] * 3
+    pos_pair = [["DET"], ["NOUN"], ["NOUN"], ["NOUN"], ["SPACE"], ["X"]] * 3
+    data = make_artifact(tmp_path / "in", pa.table({"id": [f"r{i:02d}" for i in range(len(pos))],
+                                                    "pos": pa.array(pos, pa.list_(pa.string())),
+                                                    "pos_pair": pa.array(pos_pair, pa.list_(pa.string()))}),
+                         rows_per_shard=4)
+    aug = [-1, 0, 3, -1, 1, 2, 5, -1, 0]
+    ops = [[], ["mask"], ["mask", "pos"], [], ["ngram"], ["pos", "ngram"], ["mask", "pos", "ngram"], [], ["pos"]]
+    out = make_artifact(tmp_path / "out", pa.table({"aug_index": pa.array(aug, pa.int32()),
+                                                    "ops": pa.array(ops, pa.list_(pa.string()))}), rows_per_shard=2)
+    summary = summarize_output(out.loc, data, n_iter=7)
+    empty = sum(not (has_words(p) and has_words(q)) for p, q in zip(pos, pos_pair))
+    samples = [o for a, o in zip(aug, ops) if a >= 0]
+    assert summary["empty_inputs"] == empty == 12 and summary["input_rows"] == 18
+    assert (summary["originals"], summary["samples"], summary["rows"]) == (3, 6, 9)
+    assert summary["samples_drawn"] == (18 - 12) * 7 and summary["samples_dropped"] == 42 - 6
+    assert summary["op_rates"] == {op: round(sum(op in o for o in samples) / 6, 4) for op in OPS}
