@@ -269,7 +269,9 @@ class TrainStage(TaskStage):
                 "max_length": cfg.max_length, "student_column": cfg.student_column,
                 "student_pair_column": cfg.student_pair_column,
                 "hyperparameters": cfg.student.model_dump(mode="json", exclude_none=True)}
-        tokenizer = self._build_tokenizer(ctx, data)
+        # Read once: the target domain's words join the vocabulary, its rows feed the adversary.
+        unlabeled = _unlabeled_texts(ctx, cfg) if cfg.domain_adversarial else None
+        tokenizer = self._build_tokenizer(ctx, data, extra_texts=unlabeled or [])
         # As planned (num_gpus > 0 -> CUDA), or DeviceUnavailable naming this node.
         device, dtype = worker_device(self.numerics(), stage=ctx.stage_name)
         torch.manual_seed(derive_seed(seed, "init"))
@@ -281,6 +283,7 @@ class TrainStage(TaskStage):
                 "stream": ShardStream(data=data, sources=sources, label_names=label_names, cfg=cfg,
                                       use_gold_on_augmented=cfg.gold_on_augmented or not sources),
                 "dev_table": read_eval_table(dev, cfg, label_names) if dev is not None else None,
+                "unlabeled_texts": unlabeled,
                 "identity": hash_obj([semantic, seed, [a.key for a in labels], data.key])}
 
     def _write_outputs(self, ctx: StageContext, job: dict[str, Any], result) -> dict[str, Any]:
@@ -306,7 +309,7 @@ class TrainStage(TaskStage):
             "epochs_run": len(history), "student_dir": str(student_dir), "device": job["device"].type,
             "dtype": str(job["dtype"]).removeprefix("torch.")}
 
-    def _build_tokenizer(self, ctx: StageContext, data):
+    def _build_tokenizer(self, ctx: StageContext, data, *, extra_texts: list[str]):
         from kd.students.common import HFTokenizer, SpmTokenizer, WordVocab
 
         cfg = self.config
@@ -326,8 +329,7 @@ class TrainStage(TaskStage):
             for table in data.iter_shards(columns=cols):
                 for col in cols:
                     yield from (t or "" for t in table[col].to_pylist())
-            if cfg.domain_adversarial:  # the student reads the target domain's words too
-                yield from _unlabeled_texts(ctx, cfg)
+            yield from extra_texts  # domain_adversarial: the student reads the target domain's words too
 
         return WordVocab.build(texts(), max_size=cfg.tokenizer.vocab_size, min_freq=cfg.tokenizer.min_freq,
                                lowercase=cfg.tokenizer.lowercase)
@@ -353,7 +355,7 @@ class _DomainAdaptation:
         spec, module = stage.config.domain_adversarial, job["module"]
         layer = feature_layer(module)
         self.tap = FeatureTap(layer)
-        self.rows = module.tokenize_rows(_unlabeled_texts(ctx, stage.config), None)
+        self.rows = module.tokenize_rows(job["unlabeled_texts"], None)
         if not self.rows:
             raise ValueError("the `unlabeled` input has no rows; domain_adversarial needs target-domain text")
         torch.manual_seed(derive_seed(seed, "discriminator-init"))
@@ -368,12 +370,12 @@ class _DomainAdaptation:
 
         from kd.training import derive_seed
 
+        loss, loss_parts = loss  # distillation_loss: (total, parts)
         source = self.tap.take()
         rng = np.random.default_rng(derive_seed(self.seed, "unlabeled", step))
         pick = rng.choice(len(self.rows), size=min(rows, len(self.rows)), replace=False)
         self.module(**move(self.module.collate([self.rows[i] for i in pick]), self.device))
         domain, parts = self.adversary(source, self.tap.take(), progress=step / max(1, self.total - 1))
-        loss, loss_parts = loss if isinstance(loss, tuple) else (loss, {})
         return loss + domain, {**loss_parts, **parts}
 
     def close(self) -> None:
