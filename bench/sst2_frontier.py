@@ -3,6 +3,11 @@ bench/run_all.py results JSON holding one): one point per model, x = parameters 
 accuracy (mean over seeds, bars = std), colour = sentences/s (log), the teacher marked.
 
     .venv/bin/python bench/sst2_frontier.py --from sst2.json --out docs/sst2_frontier.png
+    .venv/bin/python bench/sst2_frontier.py --from n10.json n20.json --out docs/sst2_frontier.png
+
+Several results (runs of one workdir at other --n-iter) draw into one plot: the students that
+train on the augmented transfer set get ", n_iter N" in their names; the teacher and the students
+that do not depend on augmentation are the same cached artifacts, drawn once (first file wins).
 """
 from __future__ import annotations
 
@@ -15,20 +20,41 @@ from typing import Any
 LABELS = {"student_kd_aug": "BiLSTM, KD + aug (MSE)", "student_kd": "BiLSTM, KD, no aug", "student_nokd": "BiLSTM, no KD"}
 
 
-def points(result: dict[str, Any]) -> list[dict[str, Any]]:
+def _inner(result: dict[str, Any]) -> dict[str, Any]:
+    return result["benches"]["sst2_kd"]["result"] if "benches" in result else result  # run_all JSON or not
+
+
+def _on_augmented(key: str) -> bool:
+    """Trained on the augmented transfer set (so its numbers depend on n_iter)."""
+    return key == "student_kd_aug" or key.startswith("variant_")
+
+
+def points(result: dict[str, Any], *, name_n_iter: bool = False) -> list[dict[str, Any]]:
     """(name, params, accuracy mean/std in %, sentences/s, is_teacher) per model of one sst2_kd result."""
-    if "benches" in result:  # a run_all results JSON
-        result = result["benches"]["sst2_kd"]["result"]
+    result = _inner(result)
     res = result["results"]
     t = res["teacher"]
     out = [{"name": "teacher (MiniLM-L6, fine-tuned)", "parameters": t["parameters"], "accuracy": 100 * t["accuracy"],
             "std": 0.0, "sentences_per_s": t["sentences_per_s"], "teacher": True}]
     for key, s in res.items():
         if isinstance(s, dict) and "accuracy_mean" in s:
-            out.append({"name": s.get("label") or LABELS.get(key, key), "parameters": s["parameters"],
+            name = s.get("label") or LABELS.get(key, key)
+            if name_n_iter and _on_augmented(key):
+                name += f", n_iter {result['n_iter']}"
+            out.append({"name": name, "parameters": s["parameters"],
                         "accuracy": 100 * s["accuracy_mean"], "std": 100 * s["accuracy_std"],
                         "sentences_per_s": s["sentences_per_s"], "teacher": False})
     return out
+
+
+def merged_points(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The points of several results of one workdir: a model that appears twice is drawn once."""
+    several = len({_inner(r)["n_iter"] for r in results}) > 1
+    seen: dict[str, dict[str, Any]] = {}
+    for r in results:
+        for pt in points(r, name_n_iter=several):
+            seen.setdefault(pt["name"], pt)
+    return list(seen.values())
 
 
 def plot(pts: list[dict[str, Any]], path: Path, *, title: str) -> None:
@@ -70,15 +96,17 @@ def plot(pts: list[dict[str, Any]], path: Path, *, title: str) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--from", dest="source", type=Path, required=True, help="sst2_kd.py --json output or run_all JSON")
+    p.add_argument("--from", dest="sources", type=Path, nargs="+", required=True,
+                   help="sst2_kd.py --json output(s) or run_all JSON(s) of one workdir")
     p.add_argument("--out", type=Path, default=Path("docs/sst2_frontier.png"))
     p.add_argument("--title", default=None)
     args = p.parse_args(argv)
-    result = json.loads(args.source.read_text(encoding="utf-8"))
-    inner = result["benches"]["sst2_kd"]["result"] if "benches" in result else result
+    results = [json.loads(path.read_text(encoding="utf-8")) for path in args.sources]
+    inner = _inner(results[0])
+    n_iters = "/".join(str(n) for n in dict.fromkeys(_inner(r)["n_iter"] for r in results))
     title = args.title or (f"SST-2: {inner['rows']:,} training sentences (--scale {inner['scale']:g}), "
-                           f"n_iter {inner['n_iter']}, seeds {len(inner['seeds'])}")
-    pts = points(result)
+                           f"n_iter {n_iters}, seeds {len(inner['seeds'])}")
+    pts = merged_points(results)
     plot(pts, args.out, title=title)
     for pt in sorted(pts, key=lambda q: -q["accuracy"]):
         print(f"{pt['name']:<45} {pt['parameters']:>12,} {pt['accuracy']:6.2f} ± {pt['std']:4.2f} "

@@ -193,6 +193,25 @@ def test_sst2_frontier_plots_every_model_with_the_teacher_marked(tmp_path):
     assert matplotlib.image.imread(tmp_path / "f.png").ndim == 3
 
 
+def test_sst2_frontier_draws_runs_at_two_n_iters_once_per_model(tmp_path):
+    import sst2_frontier
+
+    n10, n20 = fake_sst2(), fake_sst2()
+    n20["n_iter"] = 20
+    n20["results"]["student_kd_aug"]["accuracy_mean"] = 0.81
+    n20["results"]["student_nokd"]["sentences_per_s"] = 1.0  # the same cached student, measured again
+    pts = {p["name"]: p for p in sst2_frontier.merged_points([n10, n20])}
+    assert pts["BiLSTM, KD + aug (MSE), n_iter 10"]["accuracy"] == pytest.approx(78.0)
+    assert pts["BiLSTM, KD + aug (MSE), n_iter 20"]["accuracy"] == pytest.approx(81.0)
+    assert "CNN (Kim 2014), MSE, n_iter 20" in pts and "BiLSTM, KD + aug (MSE)" not in pts
+    assert pts["BiLSTM, no KD"]["sentences_per_s"] == 2500.0 and len(pts) == 7  # first file wins
+    assert [p["name"] for p in sst2_frontier.merged_points([n10, n10])] == [p["name"] for p in sst2_frontier.points(n10)]
+    files = [tmp_path / "a.json", tmp_path / "b.json"]
+    for f, r in zip(files, (n10, n20)):
+        f.write_text(json.dumps(r))
+    assert sst2_frontier.main(["--from", *map(str, files), "--out", str(tmp_path / "f.png")]) == 0
+
+
 def fake_every_bench() -> dict:
     """fake_results() plus a small result for every other bench run_all runs."""
     results = fake_results()
