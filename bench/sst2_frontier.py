@@ -71,19 +71,25 @@ def plot(pts: list[dict[str, Any]], path: Path, *, title: str) -> None:
         ax.errorbar(p["parameters"], p["accuracy"], yerr=p["std"], fmt="none", ecolor="grey", capsize=3, zorder=1)
     sc = ax.scatter([p["parameters"] for p in pts], [p["accuracy"] for p in pts], c=speeds, cmap="viridis", norm=norm,
                     s=[260 if p["teacher"] else 70 for p in pts], marker="o", edgecolors="black", zorder=2)
-    # neighbours in accuracy get their labels on alternate sides, so close points stay readable
+    # neighbours in accuracy get their labels on alternate sides, and labels on one side are pushed
+    # apart vertically, so close points stay readable
+    accs = [p["accuracy"] for p in pts]
+    span = max(accs) - min(accs) + 4
+    points_per_unit = 5.5 * 72 * 0.8 / span  # the axes' height in points over its accuracy range
+    last = {True: -math.inf, False: -math.inf}  # the highest label so far, per side (in accuracy units)
     for rank, p in enumerate(sorted(pts, key=lambda q: q["accuracy"])):
         if p["teacher"]:
             ax.scatter([p["parameters"]], [p["accuracy"]], marker="*", s=420, facecolors="none",
                        edgecolors="red", linewidths=1.5, zorder=3)
         right = rank % 2 == 0 or p["teacher"]
+        at = max(p["accuracy"], last[right] + 12 / points_per_unit)
+        last[right] = at
         ax.annotate(f"{p['name']} ({p['sentences_per_s']:,.0f} sent/s)", (p["parameters"], p["accuracy"]),
-                    textcoords="offset points", xytext=(8 if right else -8, -3), fontsize=7,
-                    ha="left" if right else "right")
+                    textcoords="offset points", xytext=(8 if right else -8, -3 + (at - p["accuracy"]) * points_per_unit),
+                    fontsize=7, ha="left" if right else "right")
     ax.set_xscale("log")
     lo, hi = min(p["parameters"] for p in pts), max(p["parameters"] for p in pts)
-    ax.set_xlim(lo / 8, hi * 8)
-    accs = [p["accuracy"] for p in pts]
+    ax.set_xlim(lo / 20, hi * 8)  # room for the labels left of the smallest model
     ax.set_ylim(min(accs) - 2, max(accs) + 2)
     ax.set(xlabel="parameters (log scale)", ylabel="SST-2 dev accuracy (%)", title=title)
     fig.colorbar(sc, ax=ax, label="sentences/s on this machine (log)")
