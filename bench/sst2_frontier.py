@@ -74,8 +74,9 @@ def plot(pts: list[dict[str, Any]], path: Path, *, title: str) -> None:
     # neighbours in accuracy get their labels on alternate sides, and labels on one side are pushed
     # apart vertically, so close points stay readable
     accs = [p["accuracy"] for p in pts]
-    span = max(accs) - min(accs) + 4
-    points_per_unit = 5.5 * 72 * 0.8 / span  # the axes' height in points over its accuracy range
+    ax.set_ylim(min(accs) - 2, max(accs) + 2)
+    bottom, top = ax.get_ylim()
+    points_per_unit = ax.get_position().height * fig.get_figheight() * 72 / (top - bottom)
     last = {True: -math.inf, False: -math.inf}  # the highest label so far, per side (in accuracy units)
     for rank, p in enumerate(sorted(pts, key=lambda q: q["accuracy"])):
         if p["teacher"]:
@@ -90,7 +91,6 @@ def plot(pts: list[dict[str, Any]], path: Path, *, title: str) -> None:
     ax.set_xscale("log")
     lo, hi = min(p["parameters"] for p in pts), max(p["parameters"] for p in pts)
     ax.set_xlim(lo / 20, hi * 8)  # room for the labels left of the smallest model
-    ax.set_ylim(min(accs) - 2, max(accs) + 2)
     ax.set(xlabel="parameters (log scale)", ylabel="SST-2 dev accuracy (%)", title=title)
     fig.colorbar(sc, ax=ax, label="sentences/s on this machine (log)")
     ax.grid(True, which="major", alpha=0.3)
