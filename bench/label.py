@@ -267,10 +267,11 @@ def run_profile(args, sentences: list[str], model: Path, tmp: Path, tsv: Path) -
 
 
 def run_interleaved(args, sentences: list[str], model: Path, tmp: Path, tsv: Path) -> dict:
-    """--rounds R: the fair loop, the label stage, and the stage handing each actor one shard at
-    a time (executor SHARDS_PER_ACTOR = 1, the hand-off before prefetching), in turn R times
-    (ABCABC...), on one Ray session started first and timed apart: on a shared machine the arms
-    then see the same load. Each stage run reads into a fresh workdir."""
+    """--rounds R: the fair loop, the label stage (a CPU actor holds one shard at a time), and the
+    stage prefetching as GPU actors do (executor CPU_SHARDS_PER_ACTOR = 2: each actor holds two
+    shards, the next one read while the model works), in turn R times (ABCABC...), on one Ray
+    session started first and timed apart: on a shared machine the arms then see the same load.
+    Each stage run reads into a fresh workdir."""
     import statistics
 
     import pipeline.executor as executor
@@ -280,20 +281,20 @@ def run_interleaved(args, sentences: list[str], model: Path, tmp: Path, tsv: Pat
     start = time.perf_counter()
     init_ray(address=None, num_cpus=None, temp_dir=Path(tempfile.mkdtemp(prefix="kdlr", dir="/tmp")))
     ray_init = time.perf_counter() - start
-    default_depth = executor.SHARDS_PER_ACTOR
-    arms = {"fair": [], "stage": [], "stage_one_shard_at_a_time": []}
-    timings: dict[str, list] = {"stage": [], "stage_one_shard_at_a_time": []}
+    default_depth = executor.CPU_SHARDS_PER_ACTOR
+    arms = {"fair": [], "stage": [], "stage_prefetching": []}
+    timings: dict[str, list] = {"stage": [], "stage_prefetching": []}
     gflops, tokens = [], 0
     for r in range(args.rounds):
         fair, tokens = bench_fair(sentences, model, args)
         arms["fair"].append(fair)
         gflops.append(matmul_gflops(int(args.num_cpus)))
-        for arm, depth in (("stage", default_depth), ("stage_one_shard_at_a_time", 1)):
-            executor.SHARDS_PER_ACTOR = depth
+        for arm, depth in (("stage", default_depth), ("stage_prefetching", executor.GPU_SHARDS_PER_ACTOR)):
+            executor.CPU_SHARDS_PER_ACTOR = depth
             try:
                 seconds, _, summary = bench_stage(tmp / f"r{r}_{arm}", tsv, model, args)
             finally:
-                executor.SHARDS_PER_ACTOR = default_depth
+                executor.CPU_SHARDS_PER_ACTOR = default_depth
             arms[arm].append(seconds)
             timings[arm].append(summary["timing"])
         write_json(args.json, {"bench": "label_rounds", "partial": True, "arms": arms, "timings": timings})
@@ -332,7 +333,9 @@ def rounds_report(r: dict) -> str:
              f"tokens/s; fair loop useful tokens/s / ceiling "
              f"{p['fair_tokens_over_ceiling']:.2f}"]
     for arm, a in p["arms"].items():
-        lines += [f"  {arm}: median {a['seconds']:.1f}s (runs " + ", ".join(f"{x:.1f}" for x in a["runs"]) + ")",
+        held = sorted({t.get("most_shards_held_by_an_actor", "?") for t in a["timing_runs"]}, key=str)
+        lines += [f"  {arm}: median {a['seconds']:.1f}s (runs " + ", ".join(f"{x:.1f}" for x in a["runs"])
+                  + f"); most shards held by an actor: {'/'.join(map(str, held))}",
                   f"    stage wall / fair = {a['stage_over_fair']:.2f} (per round: "
                   + ", ".join(f"{x:.2f}" for x in a["stage_over_fair_runs"]) + f"); model time / fair = "
                   f"{a['model_time_over_fair']:.2f}; useful tokens/s / ceiling = {a['tokens_over_ceiling']:.2f}",

@@ -27,9 +27,17 @@ MAX_SHARD_ATTEMPTS = 3
 # The first ready actor waits this long for its peers before taking work alone, so that actors
 # set up at different speeds (other nodes, model loads) all share a stage's shards.
 STARTUP_GRACE_S = 30.0
-# Shards handed to one map actor at a time: the second one's read and the first one's write
-# overlap the model (see _ShardWorkerImpl).
-SHARDS_PER_ACTOR = 2
+# Shards handed to one map actor at a time. A GPU actor gets two: the second one's read and the
+# first one's write overlap the device's work (see _ShardWorkerImpl). A CPU actor gets one: there
+# read and write would run on the model's own cores, and measured (bench/label.py --rounds, BENCHMARKS.md)
+# the second shard in flight slowed the forward passes 5-8% while saving ~0.1% in I/O.
+GPU_SHARDS_PER_ACTOR = 2
+CPU_SHARDS_PER_ACTOR = 1
+
+
+def shards_per_actor(res: dict[str, float]) -> int:
+    """How many shards one actor of a map stage with these Ray resources holds at once."""
+    return GPU_SHARDS_PER_ACTOR if res.get("num_gpus", 0) > 0 else CPU_SHARDS_PER_ACTOR
 
 
 def _enter_worker(cwd: str, num_cpus: float) -> None:
@@ -111,10 +119,11 @@ def make_context(plan: StagePlan, graph: Graph, upstream_dirs: dict[str, Any]) -
 class _ShardWorkerImpl:
     """Ray actor body for map stages: setup once, then one shard per call.
 
-    The actor runs SHARDS_PER_ACTOR calls at once (a threaded actor), but the stage's `process`
-    one at a time: while the model works on one shard, the next shard's input is read and the
-    previous one's Parquet written, so neither read nor write stalls the model (which matters
-    most for a GPU worker). Each call returns only after its own shard's marker is written."""
+    A GPU actor runs shards_per_actor() calls at once (a threaded actor), but the stage's
+    `process` one at a time: while the device works on one shard, the next shard's input is read
+    and the previous one's Parquet written, so neither read nor write stalls it. Each call returns
+    only after its own shard's marker is written. Each shard reports how many shards its actor
+    held when it arrived (the timing's most_shards_held_by_an_actor)."""
 
     def __init__(self, stage: Stage, ctx: StageContext, provenance: dict[str, str], cwd: str):
         import threading
@@ -125,6 +134,8 @@ class _ShardWorkerImpl:
         self.stage, self.ctx, self.provenance = stage, ctx, provenance
         self.setup_seconds: float | None = None
         self.compute_lock = threading.Lock()
+        self.count_lock = threading.Lock()
+        self.held = 0
 
     def setup(self) -> None:
         start = time.perf_counter()
@@ -135,14 +146,21 @@ class _ShardWorkerImpl:
     def process(self, index: int, input_path: str, art_dir: str) -> dict[str, Any]:
         import ray
 
-        table = storage.read_parquet(input_path)
-        with self.compute_lock:
-            start = time.perf_counter()
-            out = self.stage.process(table, self.ctx, shard_index=index)
-            compute = time.perf_counter() - start
-            setup_seconds, self.setup_seconds = self.setup_seconds, None
-        stats = write_shard(art_dir, index, out, self.metadata)
-        stats.update(input_rows=table.num_rows, compute_seconds=round(compute, 4),
+        with self.count_lock:
+            self.held += 1
+            held = self.held
+        try:
+            table = storage.read_parquet(input_path)
+            with self.compute_lock:
+                start = time.perf_counter()
+                out = self.stage.process(table, self.ctx, shard_index=index)
+                compute = time.perf_counter() - start
+                setup_seconds, self.setup_seconds = self.setup_seconds, None
+            stats = write_shard(art_dir, index, out, self.metadata)
+        finally:
+            with self.count_lock:
+                self.held -= 1
+        stats.update(input_rows=table.num_rows, compute_seconds=round(compute, 4), shards_held=held,
                      node_id=ray.get_runtime_context().get_node_id())
         if setup_seconds is not None:
             stats["setup_seconds"] = setup_seconds
@@ -255,7 +273,7 @@ class _MapRun:
         self.cwd, self.placement_timeout, self.bar = cwd, placement_timeout, bar
         self.data = ctx.input("data")
         self.worker_cls = ray.remote(_ShardWorkerImpl).options(max_restarts=0, max_task_retries=0,
-                                                               max_concurrency=SHARDS_PER_ACTOR, **res)
+                                                               max_concurrency=shards_per_actor(res), **res)
         self.actors: list[Any] = []
         self.starting: dict[Any, Any] = {}  # setup ref -> actor still running setup
         self.placing: dict[Any, Any] = {}  # ready ref -> actor not yet known to be placed
@@ -387,7 +405,7 @@ class _MapRun:
             return
         if self.barrier_until is None:
             self.barrier_until = time.monotonic() + STARTUP_GRACE_S
-        self.idle += [actor] * SHARDS_PER_ACTOR
+        self.idle += [actor] * shards_per_actor(self.res)
         if not self._barrier_up():
             self._hand_out()
 
@@ -638,7 +656,8 @@ def _timing(shards: list[dict[str, Any]]) -> dict[str, Any]:
     setups = [s["setup_seconds"] for s in timed if "setup_seconds" in s]
     return {"shards_timed": len(timed), "compute_seconds": round(sum(s["compute_seconds"] for s in timed), 3),
             "write_seconds": round(sum(s["seconds"] for s in timed), 3),
-            "actors": len(setups), "slowest_setup_seconds": max(setups, default=0.0)}
+            "actors": len(setups), "slowest_setup_seconds": max(setups, default=0.0),
+            "most_shards_held_by_an_actor": max((s.get("shards_held", 1) for s in timed), default=1)}
 
 
 def update_alias(workdir, run_name: str, stage_name: str, art_dir) -> None:

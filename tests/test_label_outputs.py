@@ -58,4 +58,6 @@ def test_label_shards_equal_a_reference_whatever_the_throughput_settings(tmp_pat
         timing = art.manifest["timing"]  # where the stage's time went, for bench/label.py --profile
         assert timing["shards_timed"] == shards and 1 <= timing["actors"] <= 2
         assert set(timing) >= {"compute_seconds", "write_seconds", "slowest_setup_seconds"}
+        # A CPU actor holds one shard at a time: a prefetched second shard slows its forward passes.
+        assert timing["most_shards_held_by_an_actor"] == 1
     np.testing.assert_allclose(tables[0], tables[1], atol=1e-6)

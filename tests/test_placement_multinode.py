@@ -94,3 +94,25 @@ def test_without_a_gpu_request_label_runs_on_cpus(gpu_cluster, tmp_path):
     md = pq.read_schema(next(shards.glob("*.parquet"))).metadata
     assert md[b"kdpipe.device"] == b"cpu" and md[b"kdpipe.dtype"] == b"float32"
     assert yaml.safe_load(md[b"kdpipe.numerics"]) == {"device": "cpu", "dtype": "float32"}
+
+
+def test_a_gpu_actor_prefetches_its_next_shard_and_a_cpu_actor_does_not(gpu_cluster, tmp_path):
+    """While a GPU actor works on a shard it already holds the next one (read, then written, while
+    the device computes); a CPU actor holds one, as prefetching would take the model's cores."""
+    corpus = tmp_path / "corpus.tsv"
+    corpus.write_text("sentence\tlabel\n" + "".join(f"row {i}\t{i % 2}\n" for i in range(40)))
+    held = {}
+    for num_gpus in (1, 0):
+        path = tmp_path / f"split{num_gpus}.yaml"
+        work = tmp_path / f"split_work{num_gpus}"
+        path.write_text(yaml.safe_dump({"name": "split", "workdir": str(work), "stages": [
+            {"name": "read", "type": "read", "config": {"path": str(corpus), "text_column": "sentence",
+                                                        "label_column": "label", "rows_per_shard": 4}},
+            {"name": "keep", "type": "split", "inputs": {"data": "read"},
+             "config": {"fraction": 0.5, "num_gpus": num_gpus, "concurrency": 1}},
+        ]}))
+        code, out = _run(path, gpu_cluster)
+        assert code == 0, out[-3000:]
+        manifest = yaml.safe_load((work / "runs" / "split" / "keep" / "manifest.json").read_text())
+        held[num_gpus] = manifest["timing"]["most_shards_held_by_an_actor"]
+    assert held == {1: 2, 0: 1}
