@@ -529,7 +529,7 @@ def translate(model, tok, texts: list[str], *, cfg: LabelConfig, device: str,
     ref_ids = reference_ids(tok, references, cfg.max_new_tokens) if references is not None else None
     ref_top_ids, ref_top_lp = list(top_ids), list(top_lp)
     batches = length_batches(lengths, token_budget=cfg.token_budget, batch_size=cfg.batch_size,
-                             extra_per_row=cfg.max_new_tokens, rows_factor=cfg.num_beams)
+                             extra_per_row=cfg.max_new_tokens, rows_factor=cfg.num_beams, max_padding=None)
     with torch.inference_mode():
         for rows in batches:
             batch = pad_batch(enc, rows, pad_id=pad_id, device=device)

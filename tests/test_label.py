@@ -65,6 +65,29 @@ def test_length_batches_respect_budget_and_cover_every_row_once():
     assert batches[0] == [4]  # longest first: an out-of-memory shows on the first batch
 
 
+
+def test_length_batches_cut_a_batch_before_padding_passes_the_cap():
+    """A long tail of lengths under one token budget pads short rows to a long row's width
+    (a third of the forward pass wasted on SST-2 before the cap). A batch that already holds
+    MIN_BATCH_TOKENS padded tokens takes no row shorter than (1 - MAX_PADDING) x its longest."""
+    from kd.teachers import MAX_PADDING, MIN_BATCH_TOKENS
+
+    lengths = [3 + (i * 37) % 58 for i in range(1000)]  # 3..60 tokens, like one SST-2 shard
+    batches = length_batches(lengths, token_budget=8192, batch_size=256)
+    assert sorted(i for b in batches for i in b) == list(range(len(lengths)))
+    for b in batches:
+        longest = lengths[b[0]]
+        assert len(b) * longest <= 8192 and len(b) <= 256
+        for k, i in enumerate(b):
+            if k * longest >= MIN_BATCH_TOKENS:
+                assert lengths[i] >= (1 - MAX_PADDING) * longest, (k, lengths[i], longest)
+    useful = sum(lengths)
+    padded = sum(len(b) * lengths[b[0]] for b in batches)
+    assert useful / padded >= 0.85
+    # Generation keeps the budget-only batches (max_padding=None): its cost is mostly generated tokens.
+    plain = length_batches(lengths, token_budget=8192, batch_size=256, max_padding=None)
+    assert len(plain) < len(batches) and useful / sum(len(b) * lengths[b[0]] for b in plain) < 0.85
+
 def test_throughput_knobs_stay_out_of_the_cache_key():
     assert {"token_budget", "batch_size", "num_cpus", "num_gpus", "memory", "concurrency"} <= throughput_fields(LabelConfig)
     # device and dtype change the numbers: their resolved values enter the key (tests/test_placement.py)
