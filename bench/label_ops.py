@@ -8,6 +8,8 @@ time into groups: matrix products (with the FLOPs the profiler counts for them),
 normalisation and activations, other element-wise work, and the rest. The matmul probe of
 `bench/label.py` runs in the same process, so the matmuls' GFLOP/s can be read against it.
 The profiler adds its own cost per op call; the unprofiled loop over the same rows is timed too.
+It runs twice: with batches cut by the token budget alone, and with the label stage's padding cap
+(kd/teachers.py: MAX_PADDING), so the padding the cap removes shows beside its effect.
 
     .venv/bin/python bench/label_ops.py --scale 0.03 --json label_ops.json
 """
@@ -21,6 +23,7 @@ import time
 from pathlib import Path
 
 from _env import SST2_TRAIN, add_bench_args, write_json
+from kd.teachers import MAX_PADDING  # noqa: E402  (bench/_env puts the repo on sys.path)
 from label import SST2_TRAIN_ROWS, as_classifier, default_model, flops_per_token, matmul_gflops, read_sentences
 
 GROUPS = {
@@ -37,21 +40,22 @@ def group_of(op: str) -> str:
     return next((g for g, ops in GROUPS.items() if op in ops), "the rest (embeddings, views, dispatch)")
 
 
-def fair_batches(sentences: list[str], tok, rows_per_shard: int, token_budget: int, batch_size: int, limit: int):
+def fair_batches(sentences: list[str], tok, rows_per_shard: int, token_budget: int, batch_size: int, limit: int,
+                 max_padding: float | None):
     """The label stage's batches, as bench/label.py's fair loop makes them."""
     from kd.teachers import length_batches, pad_batch
 
     for lo in range(0, len(sentences), rows_per_shard):
         enc = tok(sentences[lo:lo + rows_per_shard], truncation=True, max_length=limit, return_attention_mask=False)
         lengths = [len(x) for x in enc["input_ids"]]
-        for rows in length_batches(lengths, token_budget=token_budget, batch_size=batch_size):
+        for rows in length_batches(lengths, token_budget=token_budget, batch_size=batch_size, max_padding=max_padding):
             yield sum(lengths[i] for i in rows), pad_batch(enc, rows, pad_id=tok.pad_token_id or 0, device="cpu")
 
 
 def op_breakdown(sentences: list[str], model_dir: Path, *, threads: int, rows_per_shard: int = 1000,
-                 token_budget: int = 8192, batch_size: int = 256) -> dict:
+                 token_budget: int = 8192, batch_size: int = 256, max_padding: float | None = MAX_PADDING) -> dict:
     """Self CPU seconds per op group over the fair loop, the matmuls' FLOPs, and the same loop's
-    unprofiled wall time."""
+    unprofiled wall time. max_padding=None: batches cut by the token budget alone."""
     import torch
     from torch.profiler import ProfilerActivity, profile
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
@@ -60,7 +64,7 @@ def op_breakdown(sentences: list[str], model_dir: Path, *, threads: int, rows_pe
     tok = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForSequenceClassification.from_pretrained(model_dir).eval()
     limit = min(model.config.max_position_embeddings, tok.model_max_length)
-    batches = list(fair_batches(sentences, tok, rows_per_shard, token_budget, batch_size, limit))
+    batches = list(fair_batches(sentences, tok, rows_per_shard, token_budget, batch_size, limit, max_padding))
     tokens = sum(n for n, _ in batches)
     padded = sum(int(b["input_ids"].numel()) for _, b in batches)
     with torch.inference_mode():
@@ -136,16 +140,18 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="kdops") as tmp:
         model = as_classifier(args.model, Path(tmp) / "teacher")
         probe = matmul_gflops(args.num_cpus)
-        b = op_breakdown(sentences, model, threads=args.num_cpus, rows_per_shard=args.rows_per_shard,
-                         token_budget=args.token_budget, batch_size=args.label_batch_size)
-        per_token = flops_per_token(model, b["useful_tokens"] / len(sentences))
-    result = {"bench": "label_ops", "sentences": len(sentences), "scale": args.scale, "data": str(args.data),
-              "model": str(args.model), "threads": args.num_cpus, "matmul_probe_gflops": probe,
-              "flops_per_token": per_token, "breakdown": b,
-              "fair_tokens_over_ceiling": b["useful_tokens"] / b["plain_seconds"] / (probe * 1e9 / per_token),
-              "loadavg": [load, round(os.getloadavg()[0], 1)]}
-    print(report(result))
-    write_json(args.json, result)
+        runs = {name: op_breakdown(sentences, model, threads=args.num_cpus, rows_per_shard=args.rows_per_shard,
+                                   token_budget=args.token_budget, batch_size=args.label_batch_size, max_padding=cap)
+                for name, cap in (("budget only", None), (f"padding cap {MAX_PADDING:g} (default)", MAX_PADDING))}
+        per_token = flops_per_token(model, next(iter(runs.values()))["useful_tokens"] / len(sentences))
+    ceiling = probe * 1e9 / per_token
+    results = {name: {"bench": "label_ops", "batching": name, "sentences": len(sentences), "scale": args.scale,
+                      "data": str(args.data), "model": str(args.model), "threads": args.num_cpus,
+                      "matmul_probe_gflops": probe, "flops_per_token": per_token, "breakdown": b,
+                      "fair_tokens_over_ceiling": b["useful_tokens"] / b["plain_seconds"] / ceiling,
+                      "loadavg": [load, round(os.getloadavg()[0], 1)]} for name, b in runs.items()}
+    print("\n".join(f"[batches: {name}] " + report(r) for name, r in results.items()))
+    write_json(args.json, {"bench": "label_ops", "runs": results})
     return 0
 
 
