@@ -104,14 +104,26 @@ def bench_bare(sentences: list[str], model_dir: Path, batch_size: int) -> float:
     return time.perf_counter() - start
 
 
+def fair_batches(sentences: list[str], tok, rows_per_shard: int, token_budget: int, batch_size: int, limit: int,
+                 max_padding: float | None):
+    """(useful tokens, padded batch) for the label stage's batches: each shard of rows_per_shard
+    rows tokenized once, sorted by length, cut by the token budget (and the padding cap)."""
+    from kd.teachers import length_batches, pad_batch
+
+    for lo in range(0, len(sentences), rows_per_shard):
+        enc = tok(sentences[lo:lo + rows_per_shard], truncation=True, max_length=limit, return_attention_mask=False)
+        lengths = [len(x) for x in enc["input_ids"]]
+        for rows in length_batches(lengths, token_budget=token_budget, batch_size=batch_size, max_padding=max_padding):
+            yield sum(lengths[i] for i in rows), pad_batch(enc, rows, pad_id=tok.pad_token_id or 0, device="cpu")
+
+
 def bench_fair(sentences: list[str], model_dir: Path, args) -> tuple[float, int]:
-    """The fair baseline: the same model and exactly the label stage's batches (each shard of
-    --rows-per-shard rows tokenized once, sorted by length, cut by the same token budget),
+    """The fair baseline: the same model and exactly the label stage's batches (fair_batches),
     with no Ray, no Arrow and no Parquet. Returns (seconds, useful tokens)."""
     import torch
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    from kd.teachers import length_batches, pad_batch
+    from kd.teachers import MAX_PADDING
 
     torch.set_num_threads(int(args.num_cpus))
     tok = AutoTokenizer.from_pretrained(model_dir)
@@ -120,13 +132,10 @@ def bench_fair(sentences: list[str], model_dir: Path, args) -> tuple[float, int]
     tokens = 0
     start = time.perf_counter()
     with torch.inference_mode():
-        for lo in range(0, len(sentences), args.rows_per_shard):
-            enc = tok(sentences[lo:lo + args.rows_per_shard], truncation=True, max_length=limit,
-                      return_attention_mask=False)
-            lengths = [len(x) for x in enc["input_ids"]]
-            tokens += sum(lengths)
-            for rows in length_batches(lengths, token_budget=args.token_budget, batch_size=args.label_batch_size):
-                model(**pad_batch(enc, rows, pad_id=tok.pad_token_id or 0, device="cpu")).logits.numpy()
+        for useful, batch in fair_batches(sentences, tok, args.rows_per_shard, args.token_budget,
+                                          args.label_batch_size, limit, MAX_PADDING):
+            tokens += useful
+            model(**batch).logits.numpy()
     return time.perf_counter() - start, tokens
 
 

@@ -24,7 +24,8 @@ from pathlib import Path
 
 from _env import write_json
 from kd.teachers import MAX_PADDING  # noqa: E402  (bench/_env puts the repo on sys.path)
-from label import add_teacher_args, check_teacher_args, as_classifier, flops_per_token, matmul_gflops, read_sentences
+from label import (add_teacher_args, as_classifier, check_teacher_args, fair_batches, flops_per_token, matmul_gflops,
+                   read_sentences)
 
 GROUPS = {
     "matrix products": ("aten::addmm", "aten::mm", "aten::bmm", "aten::baddbmm"),
@@ -38,18 +39,6 @@ GROUPS = {
 
 def group_of(op: str) -> str:
     return next((g for g, ops in GROUPS.items() if op in ops), "the rest (embeddings, views, dispatch)")
-
-
-def fair_batches(sentences: list[str], tok, rows_per_shard: int, token_budget: int, batch_size: int, limit: int,
-                 max_padding: float | None):
-    """The label stage's batches, as bench/label.py's fair loop makes them."""
-    from kd.teachers import length_batches, pad_batch
-
-    for lo in range(0, len(sentences), rows_per_shard):
-        enc = tok(sentences[lo:lo + rows_per_shard], truncation=True, max_length=limit, return_attention_mask=False)
-        lengths = [len(x) for x in enc["input_ids"]]
-        for rows in length_batches(lengths, token_budget=token_budget, batch_size=batch_size, max_padding=max_padding):
-            yield sum(lengths[i] for i in rows), pad_batch(enc, rows, pad_id=tok.pad_token_id or 0, device="cpu")
 
 
 def op_breakdown(sentences: list[str], model_dir: Path, *, threads: int, rows_per_shard: int = 1000,
