@@ -279,15 +279,40 @@ class ShardStream:
             rows = module.tokenize_rows(shard["texts"], shard["pairs"])
             # tagging: per-row word arrays are concatenated, matching the student's flattened output
             cat = (lambda parts: np.concatenate(parts)) if isinstance(shard["gold"], list) else (lambda x: x)
-            for start in range(0, len(rows), b):
-                batch = module.collate(rows[start:start + b])
-                gold = torch.from_numpy(cat(shard["gold"][start:start + b]))
+            if getattr(self.cfg, "group_by_length", False):
+                picks = length_grouped_batches([len(r[0]) for r in rows], b,
+                                               np.random.default_rng([seed & 0xFFFFFFFF, epoch, int(index)]))
+            else:
+                picks = [slice(start, start + b) for start in range(0, len(rows), b)]
+            for pick in picks:
+                batch = module.collate(_take(rows, pick))
+                gold = torch.from_numpy(cat(_take(shard["gold"], pick)))
                 teacher = None
                 if shard["teachers"]:
                     ens = self.cfg.ensemble
-                    teacher = combine_teachers([torch.from_numpy(cat(t[start:start + b])) for t in shard["teachers"]],
+                    teacher = combine_teachers([torch.from_numpy(cat(_take(t, pick))) for t in shard["teachers"]],
                                                mode=ens.mode, weights=ens.weights)
                 yield batch, gold, teacher
+
+
+def length_grouped_batches(lengths: list[int], batch_size: int, rng) -> list[list[int]]:
+    """Row indices of batches of similar length: the (already shuffled) rows are sorted by length
+    within windows of 50 batches, cut into batches, and the batches shuffled (as finetune's
+    group_by_length). Phrase corpora such as SST-2 mix 2- and 50-token rows; random batches of
+    them mostly compute padding. As many batches as plain slicing gives."""
+    window = batch_size * 50
+    batches = []
+    for start in range(0, len(lengths), window):
+        chunk = sorted(range(start, min(start + window, len(lengths))), key=lambda i: lengths[i])
+        batches += [chunk[k:k + batch_size] for k in range(0, len(chunk), batch_size)]
+    return [batches[i] for i in rng.permutation(len(batches))]
+
+
+def _take(rows, pick):
+    """rows[pick] for a slice, or the rows at a list of indices (numpy arrays or lists)."""
+    if isinstance(pick, slice):
+        return rows[pick]
+    return rows[pick] if hasattr(rows, "shape") else [rows[i] for i in pick]
 
 
 def read_eval_table(art: "Artifact", cfg, label_names: list[str]) -> dict[str, Any]:

@@ -399,14 +399,11 @@ class _Trainer:
         order = rng.permutation(len(examples["labels"])).tolist()
         if not self.cfg.group_by_length:
             return [order[k:k + bs] for k in range(0, len(order), bs)]
+        from kd.train_data import length_grouped_batches
+
         lengths = [len(t) + (len(examples["pairs"][i]) if examples["pairs"] else 0)
                    for i, t in enumerate(examples["texts"])]
-        window = bs * 50
-        batches = []
-        for start in range(0, len(order), window):
-            chunk = sorted(order[start:start + window], key=lambda i: lengths[i])
-            batches += [chunk[k:k + bs] for k in range(0, len(chunk), bs)]
-        return [batches[i] for i in rng.permutation(len(batches))]
+        return [[order[p] for p in batch] for batch in length_grouped_batches([lengths[i] for i in order], bs, rng)]
 
     def evaluate(self, dev: dict[str, list]) -> dict[str, float]:
         import torch

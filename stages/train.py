@@ -2,7 +2,9 @@
 
 Inputs: `data` (shards with id, the student's text column(s), gold `label`), `labels` (label
 artifacts, optional and possibly several: without them this is the no-KD baseline), `tokenizer`
-(an `spm` artifact, optional), `dev` (optional, for epoch selection; never the test set),
+(an `spm` artifact, optional), `init` (a fine-tuned teacher's artifact, optional: a transformer
+student starts from its embeddings, `student.init_layers` of its layers and its head, and reads
+its tokenizer), `dev` (optional, for epoch selection; never the test set),
 `unlabeled` (target-domain text, only with `domain_adversarial`: adversarial feature adaptation
 after Xu & Yang 2017, see kd/domain_adversarial.py; its rows are held in memory).
 
@@ -46,6 +48,9 @@ class StudentSpec(StageConfig):
     filter_sizes: list[int] = Field(default_factory=lambda: [3, 4, 5], description="cnn: filter widths")
     hf_config: dict[str, Any] | None = Field(None, description="transformer: {model_type: bert, hidden_size: ...}")
     architecture_from: str | None = Field(None, description="transformer: HF dir whose architecture to copy (born-again)")
+    init_layers: list[int] | None = Field(
+        None, description="transformer with an `init` input: which of its layers the student keeps, in order "
+        "(DistilBERT: every other one, [0, 2, 4]); default all")
 
 
 class TokenizerSpec(StageConfig):
@@ -97,6 +102,8 @@ class TrainConfig(NumericsConfig):
     optimizer: Literal["adam", "adamw", "sgd", "adadelta"] = "adam"
     weight_decay: float = Field(0.0, ge=0)
     batch_size: int = Field(32, gt=0, description="semantic: changes the result")
+    group_by_length: bool = Field(False, description="batches of rows of similar length, still shuffled (less "
+                                  "padding: a transformer student on SST-2 phrases trains faster); changes the result")
     max_length: int = Field(64, gt=0)
     patience: int | None = Field(None, gt=0, description="stop after this many epochs without dev gain")
     domain_adversarial: DomainAdversarialSpec | None = Field(
@@ -113,6 +120,8 @@ class TrainStage(TaskStage):
         "data": InputRole(required=True, doc="transfer set with id, text and gold label"),
         "labels": InputRole(required=False, many=True, doc="teacher label artifact(s)"),
         "tokenizer": InputRole(required=False, kind="files", doc="an spm stage"),
+        "init": InputRole(required=False, kind="files", doc="a fine-tuned HF model (finetune stage) the "
+                          "transformer student is initialised from: embeddings, init_layers, head, tokenizer"),
         "dev": InputRole(required=False, doc="dev set for epoch selection"),
         "unlabeled": InputRole(required=False, doc="target-domain text for domain_adversarial (no labels read)"),
     }
@@ -134,8 +143,8 @@ class TrainStage(TaskStage):
         return ReportSection([row], [(f"Training curves: {name}", curves)] if curves.is_file() else [])
 
     # --- planning --------------------------------------------------------------------------
-    def tokenizer_kind(self, has_spm_input: bool) -> str:
-        return self.config.tokenizer.kind or ("spm" if has_spm_input else "word")
+    def tokenizer_kind(self, has_spm_input: bool, has_init_input: bool = False) -> str:
+        return self.config.tokenizer.kind or ("spm" if has_spm_input else "hf" if has_init_input else "word")
 
     def validate(self, *, input_columns) -> list[Problem]:
         cfg, problems = self.config, []
@@ -145,17 +154,19 @@ class TrainStage(TaskStage):
         if (cfg.losses.mse or cfg.losses.kl or cfg.anneal) and not has_labels:
             problems.append(Problem("inputs.labels", "losses.mse/kl and anneal need teacher logits: add "
                                     "`labels: <label stage>` or set them to 0 for a gold-only baseline"))
-        kind = self.tokenizer_kind(bool(input_columns.get("tokenizer")))
+        has_init = bool(input_columns.get("init"))
+        kind = self.tokenizer_kind(bool(input_columns.get("tokenizer")), has_init)
         if kind == "spm" and not input_columns.get("tokenizer"):
             problems.append(Problem("config.tokenizer.kind", "spm needs `inputs: {tokenizer: <spm stage>}`"))
-        if kind == "hf" and not (cfg.tokenizer.path and Path(cfg.tokenizer.path).is_dir()):
+        problems += self._validate_init(has_init, kind)
+        if kind == "hf" and not has_init and not (cfg.tokenizer.path and Path(cfg.tokenizer.path).is_dir()):
             problems.append(Problem("config.tokenizer.path", f"hf tokenizer needs a local directory; "
                                     f"{cfg.tokenizer.path!r} is not one"))
         st = cfg.student
         if cfg.task == "token_classification" and (st.type != "bilstm" or kind != "word" or cfg.student_pair_column):
             problems.append(Problem("config.task", "token_classification trains a bilstm tagger on a word vocab "
                                     "without pairs: set student.type: bilstm, tokenizer.kind: word, no pair column"))
-        if st.type == "transformer":
+        if st.type == "transformer" and not has_init:
             if not st.hf_config and not st.architecture_from:
                 problems.append(Problem("config.student", "a transformer student needs `hf_config: {model_type: "
                                         "bert, hidden_size: 64, ...}` or `architecture_from: <HF dir>`"))
@@ -176,6 +187,27 @@ class TrainStage(TaskStage):
                     if c not in cols:
                         problems.append(Problem(f"inputs.{role}", f"column {c!r} missing (it has {', '.join(cols)}); "
                                                 "set student_column/student_pair_column/label_column"))
+        return problems
+
+    def _validate_init(self, has_init: bool, tokenizer_kind: str) -> list[Problem]:
+        st, tok = self.config.student, self.config.tokenizer
+        if not has_init:
+            return [Problem("config.student.init_layers", "init_layers picks layers of an `init` model: add "
+                            "`init: <finetune stage>` to inputs or drop init_layers")] if st.init_layers is not None else []
+        problems = []
+        if st.type != "transformer" or self.config.task != "classification":
+            problems.append(Problem("inputs.init", "only a transformer classification student starts from an "
+                                    "`init` model: set student.type: transformer or drop the input"))
+        if st.hf_config or st.architecture_from:
+            problems.append(Problem("config.student", "the `init` model gives the architecture: drop "
+                                    "hf_config/architecture_from (init_layers picks its depth)"))
+        if tokenizer_kind != "hf" or tok.path:
+            problems.append(Problem("config.tokenizer", "a student initialised from a model reads that model's "
+                                    "tokenizer: drop tokenizer.kind/path"))
+        if st.init_layers is not None and (not st.init_layers or len(set(st.init_layers)) != len(st.init_layers)
+                                           or min(st.init_layers) < 0):
+            problems.append(Problem("config.student.init_layers", f"{st.init_layers}: give distinct layer "
+                                    "indices >= 0, e.g. [0, 2, 4]"))
         return problems
 
     def _validate_domain_adversarial(self, input_columns) -> list[Problem]:
@@ -275,7 +307,13 @@ class TrainStage(TaskStage):
         # As planned (num_gpus > 0 -> CUDA), or DeviceUnavailable naming this node.
         device, dtype = worker_device(self.numerics(), stage=ctx.stage_name)
         torch.manual_seed(derive_seed(seed, "init"))
-        module = _student_module(cfg.student.type, cfg.task).create(meta=meta, tokenizer=tokenizer).to(device)
+        init_art, initialised = ctx.optional_input("init"), None
+        if init_art is not None:
+            module, initialised = _student_module(cfg.student.type).from_teacher(
+                init_art.files_dir / "model", layers=cfg.student.init_layers, meta=meta, tokenizer=tokenizer)
+            module = module.to(device)
+        else:
+            module = _student_module(cfg.student.type, cfg.task).create(meta=meta, tokenizer=tokenizer).to(device)
         student = (ClassifierStudent if cfg.task == "classification" else _tagger_student())(module=module, meta=meta)
         semantic = cfg.model_dump(mode="json", exclude=throughput_fields(TrainConfig))
         return {"sources": sources, "module": module, "student": student, "device": device, "dtype": dtype,
@@ -283,8 +321,9 @@ class TrainStage(TaskStage):
                 "stream": ShardStream(data=data, sources=sources, label_names=label_names, cfg=cfg,
                                       use_gold_on_augmented=cfg.gold_on_augmented or not sources),
                 "dev_table": read_eval_table(dev, cfg, label_names) if dev is not None else None,
-                "unlabeled_texts": unlabeled,
-                "identity": hash_obj([semantic, seed, [a.key for a in labels], data.key])}
+                "unlabeled_texts": unlabeled, "initialised_from": initialised,
+                "identity": hash_obj([semantic, seed, [a.key for a in labels], data.key]
+                                     + ([init_art.key] if init_art is not None else []))}
 
     def _write_outputs(self, ctx: StageContext, job: dict[str, Any], result) -> dict[str, Any]:
         cfg, history = self.config, result.history
@@ -295,6 +334,7 @@ class TrainStage(TaskStage):
         metrics = {"student": cfg.student.type, "parameters": job["student"].num_parameters(), "history": history,
                    "best_epoch": result.best_epoch, "labels": consumed,
                    "temperature": job["temperature"], "resumed_from_epoch": resumed or None,
+                   "initialised_from": job["initialised_from"],
                    "dev_accuracy": best.get("dev_accuracy") if best else None,
                    "dev_macro_f1": best.get("dev_macro_f1") if best else None,
                    "train_examples_per_s": history[-1]["examples_per_s"] if history else None}
@@ -313,12 +353,12 @@ class TrainStage(TaskStage):
         from kd.students.common import HFTokenizer, SpmTokenizer, WordVocab
 
         cfg = self.config
-        spm_art = ctx.optional_input("tokenizer")
-        kind = self.tokenizer_kind(spm_art is not None)
+        spm_art, init_art = ctx.optional_input("tokenizer"), ctx.optional_input("init")
+        kind = self.tokenizer_kind(spm_art is not None, init_art is not None)
         if kind == "spm":
             return SpmTokenizer(spm_art.files_dir / "spm.model")
         if kind == "hf":
-            return HFTokenizer(cfg.tokenizer.path)
+            return HFTokenizer(init_art.files_dir / "model" if init_art is not None else cfg.tokenizer.path)
         cols = [cfg.student_column] + ([cfg.student_pair_column] if cfg.student_pair_column else [])
         if cfg.task == "token_classification":
             words = (w or [] for table in data.iter_shards(columns=cols) for w in table[cfg.student_column].to_pylist())

@@ -293,3 +293,111 @@ def test_token_level_kd_trains_a_tagger_that_evaluate_scores(tmp_path):
     summary = EvaluateStage(config=EvaluateStage.Config(text_column="words", label_column="tags", speed_rows=8)).run(ev_ctx)
     # gold has 3*3*2 + 3 = 21 entity tokens; 3 "hello" tokens are wrongly tagged B-LOC (fp)
     assert summary["models"]["art"]["metrics"]["token_f1"] == pytest.approx(2 * 21 / (2 * 21 + 3), abs=1e-4)
+
+
+def _model_artifact(path: Path, model_dir: Path):
+    """A finetune-like artifact holding `model_dir` as files/model/."""
+    return make_artifact(path, files={f"model/{f.name}": f.read_bytes() for f in model_dir.iterdir() if f.is_file()})
+
+
+@pytest.mark.slow
+def test_a_student_initialised_from_the_teacher_keeps_the_chosen_layers_and_its_function(tmp_path):
+    import torch
+
+    from factories import tiny_bert_classifier
+    from kd.students.common import HFTokenizer
+    from kd.students.transformer import TransformerClassifier
+    from transformers import AutoModelForSequenceClassification
+
+    _, texts, _ = corpus()
+    teacher_dir = tiny_bert_classifier(tmp_path / "teacher", label_names=["neg", "pos"], sentences=texts)
+    teacher = AutoModelForSequenceClassification.from_pretrained(str(teacher_dir)).eval()
+    tok = HFTokenizer(teacher_dir)
+    meta = {"num_labels": 2, "label_names": ["neg", "pos"], "max_length": 64}
+    whole, copied = TransformerClassifier.from_teacher(teacher_dir, layers=None, meta=meta, tokenizer=tok)
+    assert copied == {"layers": [0, 1], "of": 2, "head": "teacher's"}
+    batch = whole.collate(whole.tokenize_rows(texts, None))
+    with torch.no_grad():  # all layers and the head: the teacher's function exactly
+        assert torch.allclose(whole.eval()(**batch), teacher(**batch).logits, atol=1e-6)
+    upper, copied = TransformerClassifier.from_teacher(teacher_dir, layers=[1], meta=meta, tokenizer=tok)
+    assert upper.config.num_hidden_layers == 1 and copied["layers"] == [1]
+    assert torch.equal(upper.model.bert.encoder.layer[0].output.dense.weight,
+                       teacher.bert.encoder.layer[1].output.dense.weight)
+    assert torch.equal(upper.model.bert.embeddings.word_embeddings.weight, teacher.bert.embeddings.word_embeddings.weight)
+    swapped, copied = TransformerClassifier.from_teacher(teacher_dir, layers=[0], meta={**meta, "label_names": ["pos", "neg"]},
+                                                         tokenizer=tok)
+    assert copied["head"] == "fresh"  # the teacher's head orders the labels otherwise: not copied
+    assert not torch.equal(swapped.model.classifier.weight, teacher.classifier.weight)
+    with pytest.raises(ValueError, match=r"layers 0\.\.1"):
+        TransformerClassifier.from_teacher(teacher_dir, layers=[0, 2], meta=meta, tokenizer=tok)
+
+
+@pytest.mark.slow
+def test_train_initialises_a_transformer_student_from_an_init_artifact(tmp_path, data_art):
+    from factories import tiny_bert_classifier
+    from transformers import AutoConfig
+
+    ids, texts, labels = corpus()
+    teacher_dir = tiny_bert_classifier(tmp_path / "teacher", label_names=["neg", "pos"], sentences=texts)
+    init_art = _model_artifact(tmp_path / "init", teacher_dir)
+    labels_art = label_artifact(tmp_path / "labels", ids, teacher_logits(labels), rows_per_shard=10)
+    cfg = TrainStage.Config(student={"type": "transformer", "init_layers": [1]}, losses={"ce": 0.0, "mse": 1.0},
+                            epochs=8, lr=1e-3, batch_size=8)
+    columns = {"data": [["id", "text", "label"]], "labels": [["id", "logits"]], "init": [None]}
+    assert TrainStage(config=cfg).validate(input_columns=columns) == []
+    ctx = make_context(tmp_path, inputs={"data": [data_art], "labels": [labels_art], "init": [init_art]}, name="init")
+    TrainStage(config=cfg).run(ctx)
+    assert metrics_of(ctx)["initialised_from"] == {"layers": [1], "of": 2, "head": "teacher's"}
+    assert AutoConfig.from_pretrained(str(ctx.out_dir / "student")).num_hidden_layers == 1
+    student = load_student(ctx.out_dir / "student")  # self-contained: the teacher's tokenizer went with it
+    assert student.meta["tokenizer"]["kind"] == "hf"
+    assert student.predict(texts, return_names=False) == labels
+
+
+def test_validate_names_what_an_init_input_cannot_go_with():
+    columns = {"data": [["id", "text", "label"]], "labels": [["id", "logits"]], "init": [None]}
+
+    def problems(**cfg):
+        base = {"losses": {"ce": 0.0, "mse": 1.0}}
+        return {p.loc: p.message for p in TrainStage(config=TrainStage.Config(**{**base, **cfg})).validate(
+            input_columns=columns)}
+
+    assert "transformer" in problems(student={"type": "bilstm"})["inputs.init"]
+    assert "hf_config" in problems(student={"type": "transformer", "hf_config": {"hidden_size": 8}})["config.student"]
+    assert "tokenizer" in problems(student={"type": "transformer"}, tokenizer={"kind": "word"})["config.tokenizer"]
+    assert "distinct" in problems(student={"type": "transformer", "init_layers": [1, 1]})["config.student.init_layers"]
+    assert problems(student={"type": "transformer", "init_layers": [0, 2]}) == {}
+    no_init = {p.loc: p.message for p in TrainStage(config=TrainStage.Config(
+        student={"type": "transformer", "hf_config": {"hidden_size": 8}, "init_layers": [0]})).validate(
+        input_columns={"data": [["id", "text", "label"]]})}
+    assert "init" in no_init["config.student.init_layers"]
+
+
+@pytest.mark.parametrize("grouped", [False, True])
+def test_batches_keep_rows_their_labels_and_group_by_length_pads_less(tmp_path, grouped):
+    rng = np.random.default_rng(0)
+    n = 600
+    words = [int(k) for k in rng.integers(1, 40, size=n)]
+    ids = [f"r{i:04d}" for i in range(n)]
+    texts = [" ".join(f"w{j}" for j in range(k)) for k in words]
+    data = make_artifact(tmp_path / "data", pa.table({"id": ids, "text": texts, "label": [k % 2 for k in words]}),
+                         rows_per_shard=250, metadata={"kdpipe.label_names": '["neg", "pos"]'})
+    # The teacher's first logit is the row's word count, so each batch shows whether its rows kept their labels.
+    labels = label_artifact(tmp_path / "labels", ids, [[float(k), 0.0] for k in words], rows_per_shard=300)
+    cfg = student_cfg(losses={"ce": 0.0, "mse": 1.0}, batch_size=16, group_by_length=grouped)
+    job = TrainStage(config=cfg)._prepare(make_context(tmp_path, inputs={"data": [data], "labels": [labels]}), seed=0)
+    batches = list(job["stream"].batches(epoch=1, seed=0, module=job["module"]))
+    assert len(batches) == job["stream"].batches_per_epoch()
+    seen = []
+    for batch, gold, teacher in batches:
+        assert batch["lengths"].tolist() == teacher[:, 0].long().tolist()
+        assert gold.tolist() == [k % 2 for k in batch["lengths"].tolist()]
+        seen += batch["lengths"].tolist()
+    assert sorted(seen) == sorted(words)
+    padded = sum(b["ids"].numel() for b, _, _ in batches)
+    if grouped:
+        assert padded < 1.1 * sum(words)  # sorted within windows: nearly no padding
+        again = list(job["stream"].batches(epoch=1, seed=0, module=job["module"]))
+        assert [b["ids"].tolist() for b, _, _ in again] == [b["ids"].tolist() for b, _, _ in batches]
+    else:
+        assert padded > 1.5 * sum(words)  # random batches of 1..39-word rows
