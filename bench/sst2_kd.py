@@ -22,7 +22,7 @@ Scale 1.0 (sized for about an hour on 2 CPU cores, not shared with other work):
 --variants adds students from the literature that try to close more of the gap, each trained on
 the same augmented transfer set and teacher labels as the KD+aug BiLSTM (VARIANTS below: KL at a
 temperature instead of MSE, a CNN, a small transformer, a sentencepiece vocabulary from the `spm`
-stage instead of words); --n-iter sets the augmentation samples per sentence. bench/sst2_frontier.py
+stage instead of words, a transformer started from 2 or 3 of the teacher's layers); --n-iter sets the augmentation samples per sentence. bench/sst2_frontier.py
 draws params vs accuracy vs sentences/s of every model from the --json output.
 
     .venv/bin/python bench/sst2_kd.py --scale 1 [--data ../shared/data/sst2] [--seeds 3] [--json out.json]
@@ -44,7 +44,8 @@ TEMPLATE = REPO / "manifests" / "sst2-tang.yaml"
 TRAIN_ROWS = 5000
 STUDENTS = {"student_kd_aug": "KD + augmentation", "student_kd": "KD, no augmentation", "student_nokd": "no KD"}
 GOALS = {"kd_aug_minus_nokd_points": 4.0, "gap_closed": 0.5, "speedup": 20.0}
-# name -> (label, config changes to the KD+aug BiLSTM). All train on `augment` with the same labels.
+# name -> (label, config changes to the KD+aug BiLSTM; an "inputs" entry adds inputs). All train on
+# `augment` with the same labels.
 VARIANTS: dict[str, tuple[str, dict]] = {
     "kl_t2": ("BiLSTM, KL at T = 2 (Hinton)", {"losses": {"ce": 0.0, "mse": 0.0, "kl": 1.0}, "temperature": 2.0}),
     "kl_t4": ("BiLSTM, KL at T = 4 (Hinton)", {"losses": {"ce": 0.0, "mse": 0.0, "kl": 1.0}, "temperature": 4.0}),
@@ -55,7 +56,16 @@ VARIANTS: dict[str, tuple[str, dict]] = {
                     "hf_config": {"model_type": "bert", "hidden_size": 128, "num_hidden_layers": 2,
                                   "num_attention_heads": 2, "intermediate_size": 256, "max_position_embeddings": 128}},
         "lr": 5.0e-4}),
-    "spm": ("BiLSTM, 8k sentencepiece vocabulary, MSE", {"tokenizer": {"kind": "spm", "lowercase": True}}),
+    "spm": ("BiLSTM, 8k sentencepiece vocabulary, MSE", {"tokenizer": {"kind": "spm", "lowercase": True},
+                                                         "inputs": {"tokenizer": "spm"}}),
+    # Sanh et al. 2019 / Sun et al. 2019: the teacher's embeddings, 2 or 3 of its 6 layers (evenly spaced) and
+    # its head start the student; lr as the teacher's own fine-tuning, batches grouped by length as its.
+    "teacher_l2": ("transformer from the teacher's layers 0 and 3, MSE", {
+        "student": {"type": "transformer", "init_layers": [0, 3]}, "tokenizer": {"kind": "hf"},
+        "lr": 5.0e-5, "group_by_length": True, "inputs": {"init": "teacher"}}),
+    "teacher_l3": ("transformer from the teacher's layers 0, 2 and 4, MSE", {
+        "student": {"type": "transformer", "init_layers": [0, 2, 4]}, "tokenizer": {"kind": "hf"},
+        "lr": 5.0e-5, "group_by_length": True, "inputs": {"init": "teacher"}}),
 }
 
 
@@ -88,9 +98,8 @@ def build_manifest(*, scale: float, data: str, seeds: list[int], n_iter: int, wo
             spec["name"] = f"variant_{variant}_seed{seed}"
             changes = copy.deepcopy(VARIANTS[variant][1])
             spec["config"]["losses"] = changes.pop("losses", spec["config"]["losses"])
+            spec["inputs"] = {**spec["inputs"], **changes.pop("inputs", {})}
             spec["config"].update(changes, seed=seed, epochs=kd_aug_epochs)
-            if variant == "spm":
-                spec["inputs"] = {**spec["inputs"], "tokenizer": "spm"}
             out.append(spec)
             models.append(spec["name"])
     evaluate = copy.deepcopy(stages["evaluate"])
