@@ -44,8 +44,8 @@ TEMPLATE = REPO / "manifests" / "sst2-tang.yaml"
 TRAIN_ROWS = 5000
 STUDENTS = {"student_kd_aug": "KD + augmentation", "student_kd": "KD, no augmentation", "student_nokd": "no KD"}
 GOALS = {"kd_aug_minus_nokd_points": 4.0, "gap_closed": 0.5, "speedup": 20.0}
-# name -> (label, config changes to the KD+aug BiLSTM; an "inputs" entry adds inputs). All train on
-# `augment` with the same labels.
+# name -> (label, config changes to the KD+aug BiLSTM; an "inputs" entry replaces inputs, None drops
+# one). All but the gold-only control train on `augment` with the same labels.
 VARIANTS: dict[str, tuple[str, dict]] = {
     "kl_t2": ("BiLSTM, KL at T = 2 (Hinton)", {"losses": {"ce": 0.0, "mse": 0.0, "kl": 1.0}, "temperature": 2.0}),
     "kl_t4": ("BiLSTM, KL at T = 4 (Hinton)", {"losses": {"ce": 0.0, "mse": 0.0, "kl": 1.0}, "temperature": 4.0}),
@@ -63,6 +63,12 @@ VARIANTS: dict[str, tuple[str, dict]] = {
     "teacher_l2": ("transformer from the teacher's layers 0 and 3, MSE", {
         "student": {"type": "transformer", "init_layers": [0, 3]}, "tokenizer": {"kind": "hf"},
         "lr": 5.0e-5, "group_by_length": True, "inputs": {"init": "teacher"}}),
+    # Its control: the same start, gold labels of the 4,761 original sentences only (no KD, no
+    # augmentation), epochs as the no-KD BiLSTM.
+    "teacher_l2_nokd": ("transformer from the teacher's layers 0 and 3, no KD (gold only)", {
+        "student": {"type": "transformer", "init_layers": [0, 3]}, "tokenizer": {"kind": "hf"},
+        "lr": 5.0e-5, "group_by_length": True, "losses": {"ce": 1.0}, "gold_only": True,
+        "inputs": {"init": "teacher", "data": "train", "labels": None}}),
     "teacher_l3": ("transformer from the teacher's layers 0, 2 and 4, MSE", {
         "student": {"type": "transformer", "init_layers": [0, 2, 4]}, "tokenizer": {"kind": "hf"},
         "lr": 5.0e-5, "group_by_length": True, "inputs": {"init": "teacher"}}),
@@ -98,8 +104,10 @@ def build_manifest(*, scale: float, data: str, seeds: list[int], n_iter: int, wo
             spec["name"] = f"variant_{variant}_seed{seed}"
             changes = copy.deepcopy(VARIANTS[variant][1])
             spec["config"]["losses"] = changes.pop("losses", spec["config"]["losses"])
-            spec["inputs"] = {**spec["inputs"], **changes.pop("inputs", {})}
-            spec["config"].update(changes, seed=seed, epochs=kd_aug_epochs)
+            inputs = {**spec["inputs"], **changes.pop("inputs", {})}
+            spec["inputs"] = {role: ref for role, ref in inputs.items() if ref is not None}
+            epochs = student_epochs if changes.pop("gold_only", False) else kd_aug_epochs
+            spec["config"].update(changes, seed=seed, epochs=epochs)
             out.append(spec)
             models.append(spec["name"])
     evaluate = copy.deepcopy(stages["evaluate"])
