@@ -58,21 +58,24 @@ VARIANTS: dict[str, tuple[str, dict]] = {
         "lr": 5.0e-4}),
     "spm": ("BiLSTM, 8k sentencepiece vocabulary, MSE", {"tokenizer": {"kind": "spm", "lowercase": True},
                                                          "inputs": {"tokenizer": "spm"}}),
-    # Sanh et al. 2019 / Sun et al. 2019: the teacher's embeddings, 2 or 3 of its 6 layers (evenly spaced) and
-    # its head start the student; lr as the teacher's own fine-tuning, batches grouped by length as its.
-    "teacher_l2": ("transformer from the teacher's layers 0 and 3, MSE", {
-        "student": {"type": "transformer", "init_layers": [0, 3]}, "tokenizer": {"kind": "hf"},
-        "lr": 5.0e-5, "group_by_length": True, "inputs": {"init": "teacher"}}),
-    # Its control: the same start, gold labels of the 4,761 original sentences only (no KD, no
-    # augmentation), epochs as the no-KD BiLSTM.
-    "teacher_l2_nokd": ("transformer from the teacher's layers 0 and 3, no KD (gold only)", {
-        "student": {"type": "transformer", "init_layers": [0, 3]}, "tokenizer": {"kind": "hf"},
-        "lr": 5.0e-5, "group_by_length": True, "losses": {"ce": 1.0}, "gold_only": True,
-        "inputs": {"init": "teacher", "data": "train", "labels": None}}),
-    "teacher_l3": ("transformer from the teacher's layers 0, 2 and 4, MSE", {
-        "student": {"type": "transformer", "init_layers": [0, 2, 4]}, "tokenizer": {"kind": "hf"},
-        "lr": 5.0e-5, "group_by_length": True, "inputs": {"init": "teacher"}}),
 }
+
+
+def _from_teacher(layers: list[int]) -> dict[str, tuple[str, dict]]:
+    """Sanh et al. 2019 / Sun et al. 2019: the teacher's embeddings, some of its 6 layers (evenly
+    spaced) and its head start a transformer student; lr as the teacher's own fine-tuning, batches
+    grouped by length as its. With its control: the same start trained on the gold labels of the
+    4,761 original sentences only (no KD, no augmentation; epochs as the no-KD BiLSTM)."""
+    name, shown = f"teacher_l{len(layers)}", f"transformer from the teacher's layers {', '.join(map(str, layers))}"
+    start = {"student": {"type": "transformer", "init_layers": layers}, "tokenizer": {"kind": "hf"},
+             "lr": 5.0e-5, "group_by_length": True}
+    return {name: (f"{shown}, MSE", {**start, "inputs": {"init": "teacher"}}),
+            f"{name}_nokd": (f"{shown}, no KD (gold only)", {
+                **start, "losses": {"ce": 1.0}, "gold_only": True,
+                "inputs": {"init": "teacher", "data": "train", "labels": None}})}
+
+
+VARIANTS |= _from_teacher([0, 3]) | _from_teacher([0, 2, 4])
 
 
 def build_manifest(*, scale: float, data: str, seeds: list[int], n_iter: int, workdir: str,
