@@ -25,8 +25,9 @@ def _inner(result: dict[str, Any]) -> dict[str, Any]:
 
 
 def _on_augmented(key: str) -> bool:
-    """Trained on the augmented transfer set (so its numbers depend on n_iter)."""
-    return key == "student_kd_aug" or key.startswith("variant_")
+    """Trained on the augmented transfer set (so its numbers depend on n_iter); a variant's gold-only
+    control (`*_nokd`) trains on the original sentences."""
+    return key == "student_kd_aug" or (key.startswith("variant_") and not key.endswith("_nokd"))
 
 
 def points(result: dict[str, Any], *, name_n_iter: bool = False) -> list[dict[str, Any]]:
@@ -78,11 +79,13 @@ def plot(pts: list[dict[str, Any]], path: Path, *, title: str) -> None:
     bottom, top = ax.get_ylim()
     points_per_unit = ax.get_position().height * fig.get_figheight() * 72 / (top - bottom)
     last = {True: -math.inf, False: -math.inf}  # the highest label so far, per side (in accuracy units)
+    largest = max(p["parameters"] for p in pts)
     for rank, p in enumerate(sorted(pts, key=lambda q: q["accuracy"])):
         if p["teacher"]:
             ax.scatter([p["parameters"]], [p["accuracy"]], marker="*", s=420, facecolors="none",
                        edgecolors="red", linewidths=1.5, zorder=3)
-        right = rank % 2 == 0 or p["teacher"]
+        # labels of the largest models go left, where the plot has room for them
+        right = (rank % 2 == 0 or p["teacher"]) and p["parameters"] < largest / 4
         at = max(p["accuracy"], last[right] + 12 / points_per_unit)
         last[right] = at
         ax.annotate(f"{p['name']} ({p['sentences_per_s']:,.0f} sent/s)", (p["parameters"], p["accuracy"]),
