@@ -279,7 +279,7 @@ class ShardStream:
             rows = module.tokenize_rows(shard["texts"], shard["pairs"])
             # tagging: per-row word arrays are concatenated, matching the student's flattened output
             cat = (lambda parts: np.concatenate(parts)) if isinstance(shard["gold"], list) else (lambda x: x)
-            if getattr(self.cfg, "group_by_length", False):
+            if self.cfg.group_by_length:
                 picks = length_grouped_batches([len(r[0]) for r in rows], b,
                                                np.random.default_rng([seed & 0xFFFFFFFF, epoch, int(index)]))
             else:
